@@ -1,0 +1,167 @@
+"""One error tree for the whole mesh.
+
+Every error a user can see is a :class:`MeshError`. Each class knows the HTTP
+status it maps to and whether a caller may retry it, so the node's HTTP
+middleware is the only place that turns errors into responses and the SDK is
+the only place that turns responses back into errors::
+
+    MeshError                       500  base; never raised bare
+    ├── InvalidInput                400  bad shapes, dtypes, fields, msgpack
+    │   ├── PayloadTooLarge         413  body or tensor over the node's cap
+    │   └── UnknownTask             404  no variant anywhere serves this task
+    ├── TopologyError               ---  a topology file failed validation (CLI only)
+    ├── Overloaded                  429  queue full here; retry after a pause
+    ├── Unavailable                 503  node or variant not ready; retry elsewhere
+    │   └── NoRoute                 503  nothing reachable can serve the query
+    ├── DeadlineExceeded            504  the query's deadline passed in flight
+    ├── UpstreamError               502  a forwarded hop failed
+    └── ClientError                 ---  raised only by the SDK, never sent
+        ├── MeshConnectionError         also a ConnectionError
+        └── MeshTimeout                 also a TimeoutError
+
+Messages name the field, the value and the fix. They never include another
+tenant's names or internal file paths.
+"""
+
+from __future__ import annotations
+
+from typing import Any, ClassVar
+
+__all__ = [
+    "MeshError",
+    "InvalidInput",
+    "PayloadTooLarge",
+    "UnknownTask",
+    "TopologyError",
+    "Overloaded",
+    "Unavailable",
+    "NoRoute",
+    "DeadlineExceeded",
+    "UpstreamError",
+    "ClientError",
+    "MeshConnectionError",
+    "MeshTimeout",
+    "error_from_payload",
+]
+
+
+class MeshError(Exception):
+    """Base of every Tiermesh error."""
+
+    status: ClassVar[int] = 500
+    retryable: ClassVar[bool] = False
+
+    def __init__(self, message: str, *, retry_after_s: float | None = None) -> None:
+        super().__init__(message)
+        self.message = message
+        self.retry_after_s = retry_after_s
+
+    def to_payload(self) -> dict[str, Any]:
+        """The wire form: ``{"type": ..., "message": ..., "retryable": ...}``."""
+        payload: dict[str, Any] = {
+            "type": type(self).__name__,
+            "message": self.message,
+            "retryable": self.retryable,
+        }
+        if self.retry_after_s is not None:
+            payload["retry_after_s"] = self.retry_after_s
+        return payload
+
+
+class InvalidInput(MeshError):
+    status = 400
+
+
+class PayloadTooLarge(InvalidInput):
+    status = 413
+
+
+class UnknownTask(InvalidInput):
+    status = 404
+
+
+class TopologyError(MeshError):
+    """A topology file is invalid; ``errors`` holds one line per problem."""
+
+    status = 400
+
+    def __init__(self, source: str, errors: list[str]) -> None:
+        self.source = source
+        self.errors = errors
+        lines = "\n".join(f"  {e}" for e in errors)
+        super().__init__(f"{source}: {len(errors)} error(s)\n{lines}")
+
+
+class Overloaded(MeshError):
+    status = 429
+    retryable = True
+
+
+class Unavailable(MeshError):
+    status = 503
+    retryable = True
+
+
+class NoRoute(Unavailable):
+    pass
+
+
+class DeadlineExceeded(MeshError):
+    status = 504
+
+
+class UpstreamError(MeshError):
+    status = 502
+    retryable = True
+
+
+class ClientError(MeshError):
+    """Raised by the SDK itself (the request never got an answer)."""
+
+
+class MeshConnectionError(ClientError, ConnectionError):
+    retryable = True
+
+
+class MeshTimeout(ClientError, TimeoutError):
+    retryable = True
+
+
+_BY_NAME: dict[str, type[MeshError]] = {
+    cls.__name__: cls
+    for cls in (
+        MeshError,
+        InvalidInput,
+        PayloadTooLarge,
+        UnknownTask,
+        Overloaded,
+        Unavailable,
+        NoRoute,
+        DeadlineExceeded,
+        UpstreamError,
+    )
+}
+
+_BY_STATUS: dict[int, type[MeshError]] = {
+    400: InvalidInput,
+    404: UnknownTask,
+    413: PayloadTooLarge,
+    429: Overloaded,
+    503: Unavailable,
+    504: DeadlineExceeded,
+    502: UpstreamError,
+}
+
+
+def error_from_payload(status: int, payload: Any) -> MeshError:
+    """Rebuild the error a node sent; unknown shapes fall back on the status."""
+    if isinstance(payload, dict):
+        err = payload.get("error", payload)
+        if isinstance(err, dict):
+            cls = _BY_NAME.get(str(err.get("type")), _BY_STATUS.get(status, MeshError))
+            retry = err.get("retry_after_s")
+            return cls(
+                str(err.get("message", f"HTTP {status}")),
+                retry_after_s=float(retry) if isinstance(retry, (int, float)) else None,
+            )
+    return _BY_STATUS.get(status, MeshError)(f"HTTP {status}: {str(payload)[:200]}")

@@ -1,0 +1,163 @@
+"""The variant registry: tasks -> variants, each with accuracy and profiles.
+
+Every number in an entry was measured: accuracy on the family's held-out
+split, latency per hardware class at several batch sizes. The registry is a
+JSON file beside the artifact store (``<home>/registry.json``) and is written
+atomically, so it survives restarts and concurrent readers.
+"""
+
+from __future__ import annotations
+
+import bisect
+import json
+import os
+import tempfile
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+from mesh.errors import UnknownTask
+
+__all__ = ["TensorSpec", "Profile", "Variant", "Registry"]
+
+REGISTRY_FILE = "registry.json"
+SCHEMA_VERSION = 1
+
+
+@dataclass(frozen=True, slots=True)
+class TensorSpec:
+    """One model input or output. ``-1`` in ``shape`` is the batch (or any) dimension."""
+
+    name: str
+    dtype: str
+    shape: tuple[int, ...]
+
+    @classmethod
+    def from_json(cls, obj: dict[str, Any]) -> TensorSpec:
+        return cls(obj["name"], obj["dtype"], tuple(obj["shape"]))
+
+
+@dataclass(frozen=True, slots=True)
+class Profile:
+    """Latency of one variant on one hardware class, measured at several batch sizes."""
+
+    batch_ms: dict[int, float]
+    cold_start_ms: float = 0.0
+
+    def latency_ms(self, batch: int) -> float:
+        """Latency for ``batch`` items: measured points, linear in between and beyond."""
+        sizes = sorted(self.batch_ms)
+        if batch in self.batch_ms:
+            return self.batch_ms[batch]
+        if len(sizes) == 1:
+            return self.batch_ms[sizes[0]] * max(batch, 1) / sizes[0]
+        i = bisect.bisect_left(sizes, batch)
+        lo, hi = (sizes[0], sizes[1]) if i == 0 else (
+            (sizes[-2], sizes[-1]) if i >= len(sizes) else (sizes[i - 1], sizes[i]))
+        slope = (self.batch_ms[hi] - self.batch_ms[lo]) / (hi - lo)
+        return max(self.batch_ms[lo] + slope * (batch - lo), 0.0)
+
+    def to_json(self) -> dict[str, Any]:
+        return {"batch_ms": {str(k): v for k, v in sorted(self.batch_ms.items())},
+                "cold_start_ms": self.cold_start_ms}
+
+    @classmethod
+    def from_json(cls, obj: dict[str, Any]) -> Profile:
+        return cls({int(k): float(v) for k, v in obj["batch_ms"].items()},
+                   float(obj.get("cold_start_ms", 0.0)))
+
+
+@dataclass(frozen=True, slots=True)
+class Variant:
+    """One runnable artifact of a model family."""
+
+    name: str
+    task: str
+    family: str
+    arch: str
+    format: str
+    precision: str
+    sha256: str
+    size_bytes: int
+    accuracy: float
+    accuracy_metric: str
+    macs: int
+    inputs: tuple[TensorSpec, ...]
+    outputs: tuple[TensorSpec, ...]
+    max_batch: int = 32
+    profiles: dict[str, Profile] = field(default_factory=dict)
+    build_key: str = ""
+
+    def profile_for(self, profile_key: str) -> Profile | None:
+        """The profile for a hardware class; falls back on one of the same kind."""
+        if profile_key in self.profiles:
+            return self.profiles[profile_key]
+        kind = profile_key.split("-", 1)[0]
+        same_kind = sorted(k for k in self.profiles if k.startswith(kind + "-"))
+        return self.profiles[same_kind[0]] if same_kind else None
+
+    def to_json(self) -> dict[str, Any]:
+        out = asdict(self)
+        out["inputs"] = [asdict(t) | {"shape": list(t.shape)} for t in self.inputs]
+        out["outputs"] = [asdict(t) | {"shape": list(t.shape)} for t in self.outputs]
+        out["profiles"] = {k: p.to_json() for k, p in sorted(self.profiles.items())}
+        return out
+
+    @classmethod
+    def from_json(cls, obj: dict[str, Any]) -> Variant:
+        data = dict(obj)
+        data["inputs"] = tuple(TensorSpec.from_json(t) for t in obj["inputs"])
+        data["outputs"] = tuple(TensorSpec.from_json(t) for t in obj["outputs"])
+        data["profiles"] = {k: Profile.from_json(p) for k, p in obj.get("profiles", {}).items()}
+        return cls(**data)
+
+
+class Registry:
+    """Variants by name, persisted as JSON. Not thread-safe; one writer at a time."""
+
+    def __init__(self, variants: dict[str, Variant] | None = None) -> None:
+        self.variants: dict[str, Variant] = dict(variants or {})
+
+    # ---------------------------------------------------------------- queries
+    def tasks(self) -> list[str]:
+        return sorted({v.task for v in self.variants.values()})
+
+    def for_task(self, task: str) -> list[Variant]:
+        found = [v for v in self.variants.values() if v.task == task]
+        if not found:
+            known = ", ".join(self.tasks()) or "none"
+            raise UnknownTask(f"task {task!r} is not registered (known tasks: {known})")
+        return sorted(found, key=lambda v: v.name)
+
+    def get(self, name: str) -> Variant:
+        try:
+            return self.variants[name]
+        except KeyError:
+            raise KeyError(f"variant {name!r} is not registered") from None
+
+    def add(self, variant: Variant) -> None:
+        self.variants[variant.name] = variant
+
+    # ---------------------------------------------------------------- persistence
+    @classmethod
+    def load(cls, home: str | Path) -> Registry:
+        path = Path(home) / REGISTRY_FILE
+        if not path.exists():
+            return cls()
+        data = json.loads(path.read_text())
+        return cls({name: Variant.from_json(v) for name, v in data.get("variants", {}).items()})
+
+    def save(self, home: str | Path) -> Path:
+        home = Path(home)
+        home.mkdir(parents=True, exist_ok=True)
+        path = home / REGISTRY_FILE
+        body = json.dumps(
+            {"schema": SCHEMA_VERSION,
+             "variants": {n: v.to_json() for n, v in sorted(self.variants.items())}},
+            indent=2,
+        )
+        fd, tmp = tempfile.mkstemp(dir=home, prefix=".registry-")
+        with os.fdopen(fd, "w") as fh:
+            fh.write(body)
+        os.replace(tmp, path)
+        return path

@@ -1,0 +1,316 @@
+"""The wire format: msgpack envelopes and the tensor codec. No I/O here.
+
+A tensor travels as ``{"dtype": name, "shape": [ints], "data": bytes}``
+(little-endian, C order). Decoding checks the dtype against an allowlist,
+the byte count against shape x itemsize, and the element count against the
+node's cap, then wraps the bytes with :func:`numpy.frombuffer`. Nothing is
+ever unpickled.
+
+An inference request::
+
+    {"task": "digits", "tensors": [tensor, ...], "request_id": "...",
+     "slo": {"latency_ms": 20, "min_accuracy": 0.95, "policy": "cheapest"},
+     "budget_ms": 19.2,           # what is left of the latency target (set by nodes)
+     "hops": 1,                   # how many nodes the query has crossed
+     "route": {"node": "core-1", "variant": "digits-cnn"}}   # set by the entry node
+
+An answer::
+
+    {"request_id": "...", "outputs": [tensor, ...],
+     "served_by": {"node": ..., "tier": ..., "variant": ...},
+     "timing": {"queue_ms": .., "compute_ms": .., "node_ms": .., "network_ms": ..},
+     "plan": {...},               # the entry node's decision and its prediction
+     "loads": {node: queue_depth}}   # piggybacked load reports
+"""
+
+from __future__ import annotations
+
+import math
+import uuid
+from dataclasses import dataclass, field
+from typing import Any
+
+import msgpack
+import numpy as np
+
+from mesh.errors import InvalidInput, PayloadTooLarge
+
+__all__ = [
+    "ALLOWED_DTYPES",
+    "POLICIES",
+    "SLO",
+    "Route",
+    "ServedBy",
+    "InferRequest",
+    "InferResponse",
+    "encode_tensor",
+    "decode_tensor",
+    "encode_request",
+    "decode_request",
+    "encode_response",
+    "decode_response",
+    "pack",
+    "unpack",
+]
+
+ALLOWED_DTYPES: frozenset[str] = frozenset(
+    {"float16", "float32", "float64", "int8", "uint8", "int16", "int32", "int64", "bool"}
+)
+POLICIES: tuple[str, ...] = ("cheapest", "most-accurate", "fastest")
+DEFAULT_MAX_ELEMENTS = 16 * 1024 * 1024
+MAX_TENSORS = 16
+MAX_HOPS = 8
+
+
+def pack(obj: Any) -> bytes:
+    return msgpack.packb(obj, use_bin_type=True)
+
+
+def unpack(body: bytes) -> Any:
+    """Decode msgpack, turning any decoder failure into :class:`InvalidInput`."""
+    try:
+        return msgpack.unpackb(body, raw=False, strict_map_key=True)
+    except Exception as exc:  # msgpack raises several unrelated types
+        raise InvalidInput(f"body is not valid msgpack: {exc.__class__.__name__}") from None
+
+
+# --------------------------------------------------------------------------- tensors
+
+
+def encode_tensor(array: np.ndarray) -> dict[str, Any]:
+    array = np.asarray(array)
+    name = array.dtype.name
+    if name not in ALLOWED_DTYPES:
+        raise InvalidInput(f"dtype {name!r} is not supported; use one of {sorted(ALLOWED_DTYPES)}")
+    array = np.ascontiguousarray(array, dtype=array.dtype.newbyteorder("<"))
+    return {"dtype": name, "shape": list(array.shape), "data": array.tobytes()}
+
+
+def decode_tensor(
+    obj: Any, *, where: str = "tensor", max_elements: int = DEFAULT_MAX_ELEMENTS
+) -> np.ndarray:
+    """Decode one tensor map; every failure names ``where`` and the problem."""
+    if not isinstance(obj, dict):
+        raise InvalidInput(f"{where}: must be a map with dtype, shape and data")
+    missing = [k for k in ("dtype", "shape", "data") if k not in obj]
+    if missing:
+        raise InvalidInput(f"{where}: missing {', '.join(missing)}")
+    dtype, shape, data = obj["dtype"], obj["shape"], obj["data"]
+    if dtype not in ALLOWED_DTYPES:
+        raise InvalidInput(f"{where}.dtype: {dtype!r} is not one of {sorted(ALLOWED_DTYPES)}")
+    if not isinstance(shape, list) or not all(
+        isinstance(d, int) and not isinstance(d, bool) and d >= 0 for d in shape
+    ):
+        raise InvalidInput(f"{where}.shape: must be a list of non-negative integers, got {shape!r}")
+    if len(shape) > 8:
+        raise InvalidInput(f"{where}.shape: at most 8 dimensions, got {len(shape)}")
+    if not isinstance(data, (bytes, bytearray)):
+        raise InvalidInput(f"{where}.data: must be msgpack bin (raw bytes)")
+    count = math.prod(shape)
+    if count > max_elements:
+        raise PayloadTooLarge(f"{where}: {count} elements exceeds this node's cap of {max_elements}")
+    np_dtype = np.dtype(dtype).newbyteorder("<")
+    expected = count * np_dtype.itemsize
+    if len(data) != expected:
+        raise InvalidInput(
+            f"{where}.data: {len(data)} bytes, but shape {shape} of {dtype} needs {expected}"
+        )
+    return np.frombuffer(data, dtype=np_dtype).reshape(shape)
+
+
+# --------------------------------------------------------------------------- envelopes
+
+
+@dataclass(frozen=True, slots=True)
+class SLO:
+    """What the application asks for. Every field is optional.
+
+    ``latency_ms``: end-to-end target as seen by the client.
+    ``min_accuracy``: minimum measured accuracy of the variant (0..1).
+    ``max_cost_per_1k``: ceiling on hardware cost per 1,000 inferences (USD).
+    ``offline``: throughput work; latency does not matter.
+    ``policy``: how to choose among feasible candidates.
+    """
+
+    latency_ms: float | None = None
+    min_accuracy: float | None = None
+    max_cost_per_1k: float | None = None
+    offline: bool = False
+    policy: str = "cheapest"
+
+    def to_wire(self) -> dict[str, Any]:
+        out: dict[str, Any] = {"policy": self.policy}
+        if self.latency_ms is not None:
+            out["latency_ms"] = self.latency_ms
+        if self.min_accuracy is not None:
+            out["min_accuracy"] = self.min_accuracy
+        if self.max_cost_per_1k is not None:
+            out["max_cost_per_1k"] = self.max_cost_per_1k
+        if self.offline:
+            out["offline"] = True
+        return out
+
+    @classmethod
+    def from_wire(cls, obj: Any) -> SLO:
+        if obj is None:
+            return cls()
+        if not isinstance(obj, dict):
+            raise InvalidInput("slo: must be a map")
+        unknown = set(obj) - {"latency_ms", "min_accuracy", "max_cost_per_1k", "offline", "policy"}
+        if unknown:
+            raise InvalidInput(f"slo: unknown field(s) {sorted(unknown)}")
+        latency = _opt_number(obj, "latency_ms", lo=0.0, hi=3_600_000.0)
+        accuracy = _opt_number(obj, "min_accuracy", lo=0.0, hi=1.0)
+        cost = _opt_number(obj, "max_cost_per_1k", lo=0.0, hi=math.inf)
+        offline = obj.get("offline", False)
+        if not isinstance(offline, bool):
+            raise InvalidInput("slo.offline: must be true or false")
+        policy = obj.get("policy", "cheapest")
+        if policy not in POLICIES:
+            raise InvalidInput(f"slo.policy: {policy!r} is not one of {list(POLICIES)}")
+        return cls(latency, accuracy, cost, offline, policy)
+
+
+def _opt_number(obj: dict[str, Any], key: str, *, lo: float, hi: float) -> float | None:
+    value = obj.get(key)
+    if value is None:
+        return None
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or math.isnan(value):
+        raise InvalidInput(f"slo.{key}: must be a number, got {value!r}")
+    if not lo <= value <= hi:
+        raise InvalidInput(f"slo.{key}: must be between {lo:g} and {hi:g}, got {value!r}")
+    return float(value)
+
+
+@dataclass(frozen=True, slots=True)
+class Route:
+    node: str
+    variant: str
+
+
+@dataclass(frozen=True, slots=True)
+class ServedBy:
+    node: str
+    tier: str
+    variant: str
+
+
+@dataclass(slots=True)
+class InferRequest:
+    task: str
+    tensors: list[np.ndarray]
+    slo: SLO = SLO()
+    request_id: str = field(default_factory=lambda: uuid.uuid4().hex)
+    budget_ms: float | None = None
+    hops: int = 0
+    route: Route | None = None
+
+    @property
+    def payload_bytes(self) -> int:
+        return sum(t.nbytes for t in self.tensors)
+
+
+@dataclass(slots=True)
+class InferResponse:
+    request_id: str
+    outputs: list[np.ndarray]
+    served_by: ServedBy
+    timing: dict[str, float] = field(default_factory=dict)
+    plan: dict[str, Any] = field(default_factory=dict)
+    loads: dict[str, float] = field(default_factory=dict)
+
+
+def encode_request(req: InferRequest) -> bytes:
+    obj: dict[str, Any] = {
+        "task": req.task,
+        "tensors": [encode_tensor(t) for t in req.tensors],
+        "slo": req.slo.to_wire(),
+        "request_id": req.request_id,
+        "hops": req.hops,
+    }
+    if req.budget_ms is not None:
+        obj["budget_ms"] = req.budget_ms
+    if req.route is not None:
+        obj["route"] = {"node": req.route.node, "variant": req.route.variant}
+    return pack(obj)
+
+
+def decode_request(body: bytes, *, max_elements: int = DEFAULT_MAX_ELEMENTS) -> InferRequest:
+    obj = unpack(body)
+    if not isinstance(obj, dict):
+        raise InvalidInput("body: must be a msgpack map")
+    task = obj.get("task")
+    if not isinstance(task, str) or not task:
+        raise InvalidInput("task: required, a non-empty string such as 'digits'")
+    tensors = obj.get("tensors")
+    if not isinstance(tensors, list) or not tensors:
+        raise InvalidInput("tensors: required, a non-empty list of tensors")
+    if len(tensors) > MAX_TENSORS:
+        raise InvalidInput(f"tensors: at most {MAX_TENSORS}, got {len(tensors)}")
+    decoded = [
+        decode_tensor(t, where=f"tensors[{i}]", max_elements=max_elements)
+        for i, t in enumerate(tensors)
+    ]
+    request_id = obj.get("request_id") or uuid.uuid4().hex
+    if not isinstance(request_id, str) or len(request_id) > 128:
+        raise InvalidInput("request_id: must be a string of at most 128 characters")
+    hops = obj.get("hops", 0)
+    if not isinstance(hops, int) or isinstance(hops, bool) or not 0 <= hops <= MAX_HOPS:
+        raise InvalidInput(f"hops: must be an integer between 0 and {MAX_HOPS}")
+    budget = obj.get("budget_ms")
+    if budget is not None and (isinstance(budget, bool) or not isinstance(budget, (int, float))):
+        raise InvalidInput("budget_ms: must be a number")
+    route = obj.get("route")
+    parsed_route = None
+    if route is not None:
+        if not (
+            isinstance(route, dict)
+            and isinstance(route.get("node"), str)
+            and isinstance(route.get("variant"), str)
+        ):
+            raise InvalidInput("route: must be a map with string node and variant")
+        parsed_route = Route(route["node"], route["variant"])
+    return InferRequest(
+        task=task,
+        tensors=decoded,
+        slo=SLO.from_wire(obj.get("slo")),
+        request_id=request_id,
+        budget_ms=float(budget) if budget is not None else None,
+        hops=hops,
+        route=parsed_route,
+    )
+
+
+def encode_response(resp: InferResponse) -> bytes:
+    return pack(
+        {
+            "request_id": resp.request_id,
+            "outputs": [encode_tensor(o) for o in resp.outputs],
+            "served_by": {
+                "node": resp.served_by.node,
+                "tier": resp.served_by.tier,
+                "variant": resp.served_by.variant,
+            },
+            "timing": resp.timing,
+            "plan": resp.plan,
+            "loads": resp.loads,
+        }
+    )
+
+
+def decode_response(body: bytes) -> InferResponse:
+    obj = unpack(body)
+    if not isinstance(obj, dict) or "outputs" not in obj or "served_by" not in obj:
+        raise InvalidInput("response: not a Tiermesh inference answer")
+    sb = obj["served_by"]
+    return InferResponse(
+        request_id=str(obj.get("request_id", "")),
+        outputs=[
+            decode_tensor(o, where=f"outputs[{i}]", max_elements=1 << 30)
+            for i, o in enumerate(obj["outputs"])
+        ],
+        served_by=ServedBy(str(sb["node"]), str(sb["tier"]), str(sb["variant"])),
+        timing={str(k): float(v) for k, v in (obj.get("timing") or {}).items()},
+        plan=dict(obj.get("plan") or {}),
+        loads={str(k): float(v) for k, v in (obj.get("loads") or {}).items()},
+    )
