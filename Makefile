@@ -1,0 +1,45 @@
+# Two commands: `make demo` and `make test`. Both create .venv when it is missing.
+PY      ?= python3.11
+VENV    ?= .venv
+BIN     := $(VENV)/bin
+HOME_DIR ?= .tiermesh
+STAMP   := $(VENV)/.installed
+
+.PHONY: demo test install variants up down status bench lint clean
+
+$(BIN)/python:
+	$(PY) -m venv $(VENV)
+	$(BIN)/pip install -q --upgrade pip
+
+# torch is pinned: an unpinned torch pulls a multi-GB CUDA build.
+$(STAMP): $(BIN)/python pyproject.toml
+	$(BIN)/pip install -q "torch==2.13.0"
+	$(BIN)/pip install -q -e ".[build,dev]"
+	touch $(STAMP)
+
+install: $(STAMP)
+
+variants: install
+	$(BIN)/mesh --home $(HOME_DIR) build
+
+demo: variants
+	$(BIN)/mesh --home $(HOME_DIR) demo --topology topologies/local.yaml
+
+test: variants
+	TIERMESH_HOME=$(abspath $(HOME_DIR)) $(BIN)/python -m pytest -q
+
+up: variants
+	$(BIN)/mesh --home $(HOME_DIR) up topologies/local.yaml
+
+down:
+	$(BIN)/mesh --home $(HOME_DIR) down
+
+status:
+	$(BIN)/mesh --home $(HOME_DIR) status
+
+bench: variants
+	$(BIN)/python benchmarks/run_all.py
+
+clean:
+	-$(BIN)/mesh --home $(HOME_DIR) down
+	rm -rf $(HOME_DIR) .pytest_cache

@@ -1,0 +1,48 @@
+"""Tiermesh: a managed, model-less inference serving mesh from edge to cloud.
+
+Applications name a task and an SLO; the mesh picks the model variant, the
+node and the hardware::
+
+    from mesh import Client
+    with Client("http://127.0.0.1:7101") as mesh:
+        result = mesh.infer("digits", images, latency_ms=20, min_accuracy=0.95)
+    print(result.served_by, result.latency_ms, result.slo_met)
+"""
+
+from mesh.client import AsyncClient, Client, Result
+from mesh.errors import (
+    DeadlineExceeded,
+    InvalidInput,
+    MeshConnectionError,
+    MeshError,
+    MeshTimeout,
+    NoRoute,
+    Overloaded,
+    PayloadTooLarge,
+    TopologyError,
+    Unavailable,
+    UnknownTask,
+    UpstreamError,
+)
+from mesh.wire import SLO, ServedBy
+
+__all__ = [
+    "Client",
+    "AsyncClient",
+    "Result",
+    "SLO",
+    "ServedBy",
+    "MeshError",
+    "InvalidInput",
+    "PayloadTooLarge",
+    "UnknownTask",
+    "TopologyError",
+    "Overloaded",
+    "Unavailable",
+    "NoRoute",
+    "DeadlineExceeded",
+    "UpstreamError",
+    "MeshConnectionError",
+    "MeshTimeout",
+]
+__version__ = "0.1.0"

@@ -1,0 +1,1 @@
+"""Run a whole topology on one machine with emulated links."""

@@ -1,0 +1,1 @@
+"""The node agent process: runtimes, batching, planning and forwarding for one node."""

@@ -1,0 +1,71 @@
+"""Run one node agent: ``python -m nodes --runtime RUN.json --node NAME``.
+
+``RUN.json`` is written by the testbed (``mesh up``): the topology file, the
+home directory (registry + artifact store), and for every node its listen
+address and the URLs that reach its neighbours through the link emulator.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import logging
+import signal
+import sys
+from pathlib import Path
+
+from aiohttp import web
+
+from mesh.errors import TopologyError
+from mesh.topology import load_topology
+from nodes.agent import AgentConfig, NodeAgent
+from nodes.app import make_app
+
+
+async def serve(config: AgentConfig, address: str) -> None:
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop.set)
+    async with NodeAgent(config) as agent:
+        runner = web.AppRunner(make_app(agent, address=address), access_log=None)
+        await runner.setup()
+        site = web.TCPSite(runner, config.host, config.port, reuse_address=True)
+        await site.start()
+        logging.getLogger("tiermesh.node").info(
+            "%s (%s) serving on %s with %s", config.node, agent.spec.tier, address,
+            ", ".join(sorted(agent.loaded)) or "no variants")
+        try:
+            await stop.wait()
+        finally:
+            await runner.cleanup()
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m nodes", description=__doc__)
+    parser.add_argument("--runtime", required=True, type=Path, help="run file written by mesh up")
+    parser.add_argument("--node", required=True, help="which node of the topology to run")
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO,
+                        format=f"%(asctime)s {args.node} %(levelname)s %(name)s: %(message)s")
+    run = json.loads(args.runtime.read_text())
+    try:
+        topology = load_topology(run["topology"])
+    except TopologyError as exc:
+        print(exc, file=sys.stderr)
+        return 2
+    me = run["nodes"].get(args.node)
+    if me is None:
+        print(f"node {args.node!r} is not in {args.runtime}", file=sys.stderr)
+        return 2
+    config = AgentConfig(
+        node=args.node, topology=topology, home=Path(run["home"]),
+        neighbours=me["neighbours"], host=me["host"], port=me["port"],
+    )
+    asyncio.run(serve(config, f"http://{me['host']}:{me['port']}"))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,97 @@
+"""The node's aiohttp application: thin handlers over :class:`NodeAgent`.
+
+Routes::
+
+    POST /v1/infer     msgpack InferRequest -> msgpack InferResponse
+    GET  /v1/status    JSON status (queues, variants, latencies, mesh view)
+    GET  /healthz      200 "ok" once the agent is serving
+
+The error middleware is the only place where errors become responses: a
+:class:`~mesh.errors.MeshError` keeps its status; anything unexpected is
+logged and answered 500 without internals, and the node keeps serving.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from collections.abc import Awaitable, Callable
+
+from aiohttp import web
+
+from mesh.errors import InvalidInput, MeshError, PayloadTooLarge
+from mesh.wire import decode_request, encode_response, pack
+from nodes.agent import NodeAgent
+
+__all__ = ["AGENT", "make_app"]
+
+log = logging.getLogger("tiermesh.app")
+
+AGENT = web.AppKey("agent", NodeAgent)
+ADDRESS = web.AppKey("address", str)
+MSGPACK = "application/msgpack"
+_MSGPACK_TYPES = {MSGPACK, "application/x-msgpack", "application/vnd.msgpack"}
+
+Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
+
+
+def _error_response(request: web.Request, error: MeshError, status: int | None = None
+                    ) -> web.Response:
+    status = status or error.status
+    payload = {"error": error.to_payload()}
+    headers = {}
+    if error.retry_after_s is not None:
+        headers["Retry-After"] = str(max(1, round(error.retry_after_s)))
+    if request.content_type in _MSGPACK_TYPES:
+        return web.Response(body=pack(payload), status=status, content_type=MSGPACK,
+                            headers=headers)
+    return web.json_response(payload, status=status, headers=headers)
+
+
+@web.middleware
+async def error_middleware(request: web.Request, handler: Handler) -> web.StreamResponse:
+    try:
+        return await handler(request)
+    except MeshError as exc:
+        return _error_response(request, exc)
+    except web.HTTPRequestEntityTooLarge as exc:
+        return _error_response(request, PayloadTooLarge(
+            f"body too large: {exc.actual_size} bytes; this node accepts at most "
+            f"{exc.max_size} bytes"))
+    except web.HTTPException as exc:
+        if exc.status < 400:
+            raise
+        return _error_response(request, MeshError(exc.reason), exc.status)
+    except Exception:
+        log.exception("unhandled error on %s %s", request.method, request.path)
+        return _error_response(request, MeshError("internal error on this node; it has been logged"))
+
+
+async def infer(request: web.Request) -> web.Response:
+    if request.content_type not in _MSGPACK_TYPES:
+        raise InvalidInput(f"Content-Type: send {MSGPACK}, got {request.content_type!r}")
+    agent = request.app[AGENT]
+    body = await request.read()
+    req = decode_request(body, max_elements=agent.config.max_elements)
+    response = await agent.infer(req)
+    return web.Response(body=encode_response(response), content_type=MSGPACK)
+
+
+async def status(request: web.Request) -> web.Response:
+    body = request.app[AGENT].status(request.app[ADDRESS])
+    return web.Response(text=json.dumps(body), content_type="application/json")
+
+
+async def healthz(request: web.Request) -> web.Response:
+    return web.Response(text="ok")
+
+
+def make_app(agent: NodeAgent, *, address: str = "") -> web.Application:
+    app = web.Application(middlewares=[error_middleware],
+                          client_max_size=agent.config.max_body_bytes)
+    app[AGENT] = agent
+    app[ADDRESS] = address
+    app.router.add_post("/v1/infer", infer)
+    app.router.add_get("/v1/status", status)
+    app.router.add_get("/healthz", healthz)
+    return app
