@@ -17,9 +17,7 @@ be reached raises :class:`~mesh.errors.MeshConnectionError` (also a
 
 from __future__ import annotations
 
-import asyncio
 import http.client
-import socket
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -164,7 +162,7 @@ class Client:
                                    headers={"Content-Type": MSGPACK, "Accept": MSGPACK})
                 resp = self._conn.getresponse()
                 return resp.status, resp.read()
-            except (socket.timeout, TimeoutError):
+            except TimeoutError:
                 self.close()
                 raise MeshTimeout(
                     f"no answer from {self._urls[self._current]} within {self.timeout_s} s") from None
@@ -220,19 +218,22 @@ class AsyncClient:
         slo = _slo(latency_ms, min_accuracy, max_cost_per_1k, offline, policy)
         body = encode_request(_request(task, inputs, slo, request_id))
         last: MeshError | None = None
-        for _ in range(len(self._urls)):
-            url = self._urls[self._current]
+        start = self._current
+        for step in range(len(self._urls)):
+            index = (start + step) % len(self._urls)
+            url = self._urls[index]
             started = time.perf_counter()
             try:
                 async with self._session.post(url + "/v1/infer", data=body,
                                               headers={"Content-Type": MSGPACK}) as resp:
                     data = await resp.read()
                     status = resp.status
-            except asyncio.TimeoutError:
+            except TimeoutError:
                 raise MeshTimeout(f"no answer from {url} within {self.timeout_s} s") from None
             except aiohttp.ClientError as exc:
                 last = MeshConnectionError(f"cannot reach entry node {url}: {exc}")
-                self._current = (self._current + 1) % len(self._urls)
+                if self._current == index:  # later queries start from the next entry
+                    self._current = (index + 1) % len(self._urls)
                 continue
             return _result(status, data, slo, (time.perf_counter() - started) * 1000)
         assert last is not None

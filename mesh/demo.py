@@ -30,6 +30,7 @@ class SloClass:
 
 SLO_CLASSES: tuple[SloClass, ...] = (
     SloClass("tight latency", {"latency_ms": 10.0}, "served at the edge"),
+    SloClass("balanced", {"latency_ms": 10.0, "min_accuracy": 0.97}, "a better edge variant"),
     SloClass("high accuracy", {"latency_ms": 250.0, "min_accuracy": 0.98}, "served upstream"),
     SloClass("relaxed", {}, "cheapest anywhere"),
 )
@@ -62,7 +63,7 @@ def send_class(client: Client, slo_class: SloClass, images: np.ndarray, labels: 
 
 def run_demo(home: Path, topology: Path, *, queries_per_class: int = 100,
              console: Console | None = None, entry: str = "edge-1") -> list[dict[str, Any]]:
-    from mesh.cli import mesh_status, print_status
+    from mesh.cli.run import mesh_status, print_status
     from mesh.testbed.local import LocalMesh
     from mesh.variants import build_bundled
     from mesh.variants.digits import load_heldout

@@ -222,7 +222,7 @@ class Planner:
         scored = [
             self.score(c, slo, rows=rows, payload_bytes=payload_bytes, view=view, now=now)
             for c in table
-            if not view.is_down(c.node, now)
+            if not view.is_down(c.node, now) and not view.has_failed(c.node, c.variant)
         ]
         if not scored:
             if not table:

@@ -19,6 +19,8 @@ class NodeLoad:
     reported_at: float
     loaded: frozenset[str] | None = None
     healthy: bool = True
+    #: variants the node hosts but cannot run (failed to load); never routed to.
+    failed: frozenset[str] = frozenset()
 
 
 class MeshView:
@@ -34,13 +36,16 @@ class MeshView:
         self.version = 0
 
     def report(self, node: str, queue_depth: int, now: float, *,
-               loaded: frozenset[str] | None = None, healthy: bool = True) -> None:
+               loaded: frozenset[str] | None = None, healthy: bool = True,
+               failed: frozenset[str] | None = None) -> None:
         previous = self._loads.get(node)
         if previous is not None and previous.reported_at > now:
             return  # an older report arriving late must not overwrite a newer one
-        if loaded is None and previous is not None:
-            loaded = previous.loaded
-        self._loads[node] = NodeLoad(max(int(queue_depth), 0), now, loaded, healthy)
+        if previous is not None:
+            loaded = previous.loaded if loaded is None else loaded
+            failed = previous.failed if failed is None else failed
+        self._loads[node] = NodeLoad(max(int(queue_depth), 0), now, loaded, healthy,
+                                     failed or frozenset())
         self.version += 1
 
     def mark_down(self, node: str, now: float) -> None:
@@ -59,6 +64,11 @@ class MeshView:
     def is_down(self, node: str, now: float) -> bool:
         load = self._fresh(node, now)
         return load is not None and not load.healthy
+
+    def has_failed(self, node: str, variant: str) -> bool:
+        """True when ``node`` said it cannot run ``variant`` (this does not age out)."""
+        load = self._loads.get(node)
+        return load is not None and variant in load.failed
 
     def is_loaded(self, node: str, variant: str, now: float) -> bool:
         """Unknown counts as loaded: agents preload what they host."""

@@ -43,11 +43,11 @@ class ArtifactStore:
         return self.path(sha256).is_file()
 
     def put_bytes(self, data: bytes) -> str:
-        """Store ``data``; return its sha256. Storing the same bytes twice is a no-op."""
+        """Store ``data``; return its sha256. Storing intact bytes again is a no-op."""
         sha = sha256_bytes(data)
         target = self.path(sha)
-        if target.is_file():
-            return sha
+        if self.verify(sha):
+            return sha  # an intact copy is already here; a damaged one is replaced below
         target.parent.mkdir(parents=True, exist_ok=True)
         fd, tmp = tempfile.mkstemp(dir=target.parent, prefix=".tmp-")
         try:

@@ -146,7 +146,7 @@ class Topology:
         for target, hops in routes.items():
             latency = 0.0
             bottleneck = math.inf
-            for a, b in zip(hops, hops[1:]):
+            for a, b in zip(hops, hops[1:], strict=False):
                 edge = self.graph.edges[a, b]
                 latency += edge["latency_ms"]
                 bottleneck = min(bottleneck, edge["bandwidth_mbps"])

@@ -30,6 +30,7 @@ from mesh.errors import (
 )
 from mesh.planner import Planner
 from mesh.registry import Registry, TensorSpec, Variant
+from mesh.runtimes import runtime_for
 from mesh.state import MeshView
 from mesh.store import ArtifactStore
 from mesh.topology import Topology
@@ -45,7 +46,6 @@ from mesh.wire import (
     unpack,
 )
 from nodes.batching import Batcher
-from nodes.runtimes import runtime_for
 
 __all__ = ["AgentConfig", "NodeAgent"]
 
@@ -114,6 +114,8 @@ class NodeAgent:
         )
         for variant in self.planner.hosted(self.name):
             await self._load(variant)
+        self.view.report(self.name, 0, self.clock(), loaded=frozenset(self.loaded),
+                         failed=frozenset(self.unavailable))
         return self
 
     async def __aexit__(self, *exc: object) -> None:
@@ -191,13 +193,13 @@ class NodeAgent:
             raise InvalidInput(
                 f"tensors: task {task!r} takes {len(specs)} input tensor(s) ({names}), got {len(tensors)}")
         rows = None
-        for i, (tensor, spec) in enumerate(zip(tensors, specs)):
+        for i, (tensor, spec) in enumerate(zip(tensors, specs, strict=False)):
             want = _shape_text(spec.shape)
             if tensor.dtype.name != spec.dtype:
                 raise InvalidInput(
                     f"tensors[{i}].dtype: task {task!r} takes {spec.dtype} {want}, got {tensor.dtype.name}")
             if tensor.ndim != len(spec.shape) or any(
-                    d != -1 and d != s for d, s in zip(spec.shape, tensor.shape)):
+                    d != -1 and d != s for d, s in zip(spec.shape, tensor.shape, strict=False)):
                 raise InvalidInput(
                     f"tensors[{i}].shape: task {task!r} takes {want}, got {list(tensor.shape)}")
             n = int(tensor.shape[0]) if tensor.ndim else 0
@@ -239,7 +241,7 @@ class NodeAgent:
                                        headers={"Content-Type": "application/msgpack"}) as resp:
                 body = await resp.read()
                 status = resp.status
-        except (aiohttp.ClientError, asyncio.TimeoutError) as exc:
+        except (TimeoutError, aiohttp.ClientError) as exc:
             self.view.mark_down(hop, self.clock())
             raise UpstreamError(f"forwarding to {hop} failed: {type(exc).__name__}") from None
         rtt_ms = (time.perf_counter() - sent) * 1000

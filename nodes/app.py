@@ -54,10 +54,10 @@ async def error_middleware(request: web.Request, handler: Handler) -> web.Stream
         return await handler(request)
     except MeshError as exc:
         return _error_response(request, exc)
-    except web.HTTPRequestEntityTooLarge as exc:
+    except web.HTTPRequestEntityTooLarge:
+        limit = request.app[AGENT].config.max_body_bytes
         return _error_response(request, PayloadTooLarge(
-            f"body too large: {exc.actual_size} bytes; this node accepts at most "
-            f"{exc.max_size} bytes"))
+            f"body too large: this node accepts at most {limit} bytes; send fewer rows per query"))
     except web.HTTPException as exc:
         if exc.status < 400:
             raise

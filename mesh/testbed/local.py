@@ -102,7 +102,7 @@ class LocalMesh:
     # ------------------------------------------------------------------ start
     def _check_ready_to_start(self) -> None:
         existing = read_state(self.run_dir)
-        if existing is not None and any(_alive(p) for p in existing.processes):
+        if existing is not None and any(is_mesh_process(p) for p in existing.processes):
             raise TestbedError(
                 f"a mesh is already running from {self.run_dir} (topology {existing.topology}); "
                 "stop it with 'mesh down' first")
@@ -230,7 +230,7 @@ def read_state(run_dir: str | Path) -> MeshState | None:
         raise TestbedError(f"{path} is damaged ({exc}); remove it and stop stray processes") from None
 
 
-def _alive(proc: dict[str, Any]) -> bool:
+def is_mesh_process(proc: dict[str, Any]) -> bool:
     """True when ``pid`` still runs one of ours (pids get reused)."""
     try:
         cmdline = Path(f"/proc/{int(proc['pid'])}/cmdline").read_bytes()
@@ -256,7 +256,7 @@ def _terminate(pids: list[int], timeout_s: float,
             if proc is not None:
                 if proc.poll() is not None:
                     remaining.discard(pid)
-            elif not _alive({"pid": pid}):
+            elif not is_mesh_process({"pid": pid}):
                 remaining.discard(pid)
         if remaining:
             time.sleep(0.05)
@@ -275,7 +275,7 @@ def stop_mesh(run_dir: str | Path, timeout_s: float = 10.0) -> MeshState | None:
     state = read_state(run_dir)
     if state is None:
         return None
-    pids = [int(p["pid"]) for p in state.processes if _alive(p)]
+    pids = [int(p["pid"]) for p in state.processes if is_mesh_process(p)]
     _terminate(pids, timeout_s)
     (Path(run_dir) / STATE_FILE).unlink(missing_ok=True)
     return state

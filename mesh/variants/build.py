@@ -90,15 +90,6 @@ def _cached(registry: Registry, store: ArtifactStore, key: str) -> list[Variant]
     return found
 
 
-def _put(store: ArtifactStore, data: bytes) -> str:
-    sha = store.put_bytes(data)
-    if not store.verify(sha):
-        # put_bytes keeps an existing file of that name; a corrupt copy must go first.
-        store.path(sha).unlink()
-        sha = store.put_bytes(data)
-    return sha
-
-
 def _profile(variants: list[Variant], store: ArtifactStore, threads_by_key: dict[str, int],
              progress: bool) -> list[Variant]:
     """``variants`` with a fresh profile for each key in ``threads_by_key`` added."""
@@ -134,7 +125,7 @@ def _train(store: ArtifactStore, key: str, progress: bool) -> list[Variant]:
             trained = digits.train_variant(arch, on_epoch=on_epoch)
             variants.append(Variant(
                 name=_name(arch), task=TASK, family=FAMILY, arch=arch, format="onnx",
-                precision="fp32", sha256=_put(store, trained.onnx_bytes),
+                precision="fp32", sha256=store.put_bytes(trained.onnx_bytes),
                 size_bytes=len(trained.onnx_bytes), accuracy=trained.accuracy,
                 accuracy_metric="top1", macs=trained.macs, inputs=INPUTS, outputs=OUTPUTS,
                 max_batch=MAX_BATCH, build_key=key))

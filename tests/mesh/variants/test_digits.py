@@ -138,7 +138,7 @@ def test_new_hardware_class_is_profiled_without_retraining(
         built: tuple[Path, list[Variant]], home_copy: Path, no_training: None) -> None:
     variants = build_bundled(home_copy, profile_keys_threads={"cpu-1t": 1, "cpu-3t": 3},
                              progress=False)
-    for old, new in zip(built[1], variants):
+    for old, new in zip(built[1], variants, strict=False):
         assert new.sha256 == old.sha256
         assert set(new.profiles) == {"cpu-1t", "cpu-2t", "cpu-3t"}
         assert new.profiles["cpu-1t"] == old.profiles["cpu-1t"]
@@ -153,7 +153,7 @@ def test_forced_rebuild_is_deterministic(built: tuple[Path, list[Variant]], home
     variants = build_bundled(home_copy, force=True, progress=True)
     assert "train digits" in capsys.readouterr().err
     assert registry_file.stat().st_mtime_ns != before
-    for old, new in zip(built[1], variants):
+    for old, new in zip(built[1], variants, strict=False):
         assert (new.sha256, new.accuracy, new.macs) == (old.sha256, old.accuracy, old.macs)
 
 

@@ -29,7 +29,7 @@ class ModelRuntime(Protocol):
 
 # format -> (module, class, pip extra that provides it)
 _BACKENDS: dict[str, tuple[str, str, str]] = {
-    "onnx": ("nodes.runtimes.onnx", "OnnxRuntime", "tiermesh (core dependency onnxruntime)"),
+    "onnx": ("mesh.runtimes.onnx", "OnnxRuntime", "tiermesh (core dependency onnxruntime)"),
 }
 
 _cache: dict[str, ModelRuntime] = {}

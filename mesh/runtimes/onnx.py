@@ -26,4 +26,4 @@ class OnnxRuntime:
 
     def run(self, session: Any, inputs: list[np.ndarray]) -> list[np.ndarray]:
         names = [i.name for i in session.get_inputs()]
-        return list(session.run(None, dict(zip(names, inputs))))
+        return list(session.run(None, dict(zip(names, inputs, strict=False))))

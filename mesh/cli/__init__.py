@@ -1,0 +1,34 @@
+"""The ``mesh`` command line.
+
+::
+
+    mesh build                         train and register the bundled variants
+    mesh up topologies/local.yaml      start every node (own process) with emulated links
+    mesh status [--json]               one row per node: tier, address, variants, queue, p50/p99
+    mesh plan --task digits --from edge-1 --latency-ms 10
+    mesh variants list [--task T]      the registered variants and their measurements
+    mesh topology check FILE           validate and summarise a topology file
+    mesh down                          stop everything ``mesh up`` started
+    mesh demo                          all of the above with real queries
+
+Every command takes ``--home`` (default ``.tiermesh``, or ``$TIERMESH_HOME``):
+the folder holding the registry, the artifact store and the running mesh's state.
+Errors are printed as one clear message and exit with status 1, never a traceback.
+"""
+
+from __future__ import annotations
+
+import sys
+
+from mesh.cli import run, topology, variants  # noqa: F401  (registers the commands)
+from mesh.cli.app import cli
+
+__all__ = ["cli", "main"]
+
+
+def main(argv: list[str] | None = None) -> None:
+    cli.main(args=argv, prog_name="mesh")
+
+
+if __name__ == "__main__":
+    main(sys.argv[1:])

@@ -1,0 +1,95 @@
+"""One node agent in-process over real ONNX models and a real aiohttp server."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import aiohttp
+import msgpack
+import pytest
+from aiohttp.test_utils import TestServer
+
+from mesh import AsyncClient, InvalidInput
+from mesh.registry import Registry
+from mesh.topology import parse_topology
+from nodes.agent import AgentConfig, NodeAgent
+from nodes.app import make_app
+
+SOLO = {
+    "name": "solo",
+    "hardware": {"box": {"kind": "cpu", "threads": 1}},
+    "nodes": [{"name": "solo-1", "tier": "edge", "hardware": "box", "variants": ["digits-*"]}],
+}
+
+
+@pytest.fixture
+def home(built_home: Path, tmp_path: Path) -> Path:
+    """A private copy of the built home, safe to damage."""
+    copy = tmp_path / "home"
+    shutil.copytree(built_home / "store", copy / "store")
+    shutil.copy(built_home / "registry.json", copy / "registry.json")
+    return copy
+
+
+async def _serve(home: Path):
+    agent = NodeAgent(AgentConfig(node="solo-1", topology=parse_topology(SOLO), home=home))
+    await agent.__aenter__()
+    server = TestServer(make_app(agent, address="test"))
+    await server.start_server()
+    return agent, server
+
+
+async def test_a_corrupt_artifact_makes_one_variant_unavailable_and_the_rest_serve(
+        home: Path, heldout) -> None:
+    cnn = Registry.load(home).get("digits-cnn")
+    artifact = home / "store" / cnn.sha256[:2] / cnn.sha256
+    artifact.chmod(0o644)
+    artifact.write_bytes(artifact.read_bytes()[:1000])  # truncated copy
+    agent, server = await _serve(home)
+    try:
+        status = agent.status()
+        by_name = {v["name"]: v for v in status["variants"]}
+        assert by_name["digits-cnn"]["loaded"] is False
+        assert "missing or corrupt" in by_name["digits-cnn"]["error"]
+        assert by_name["digits-mlp"]["loaded"] and by_name["digits-linear"]["loaded"]
+        images, _ = heldout
+        async with AsyncClient(str(server.make_url(""))) as client:
+            r = await client.infer("digits", images[:4], min_accuracy=0.99)
+        # nothing meets 0.99 without the CNN: the closest is served and flagged
+        assert r.served_by.variant == "digits-mlp"
+        assert r.plan["feasible"] is False
+        assert not r.slo_met
+    finally:
+        await server.close()
+        await agent.__aexit__(None, None, None)
+
+
+async def test_http_errors_are_json_or_msgpack_never_tracebacks(home: Path, heldout) -> None:
+    agent, server = await _serve(home)
+    try:
+        async with aiohttp.ClientSession() as session:
+            async with session.get(server.make_url("/v1/nothing")) as resp:
+                assert resp.status == 404
+                assert "error" in await resp.json()
+            async with session.post(server.make_url("/v1/infer"), data=msgpack.packb({"task": 5}),
+                                    headers={"Content-Type": "application/msgpack"}) as resp:
+                assert resp.status == 400
+                body = msgpack.unpackb(await resp.read())
+                assert body["error"]["type"] == "InvalidInput"
+                assert "task: required" in body["error"]["message"]
+            async with session.get(server.make_url("/v1/status")) as resp:
+                status = json.loads(await resp.text())
+                assert status["errors"] == {}  # decode errors never reach the agent
+                assert status["address"] == "test"
+        images, _ = heldout
+        async with AsyncClient(str(server.make_url(""))) as client:
+            with pytest.raises(InvalidInput, match="shape"):
+                await client.infer("digits", images[:2].reshape(2, 8, 8))
+            ok = await client.infer("digits", images[:3])
+        assert ok.output.shape == (3, 10)
+        assert agent.status()["errors"] == {"InvalidInput": 1}
+    finally:
+        await server.close()
+        await agent.__aexit__(None, None, None)
