@@ -32,9 +32,8 @@ from mesh.errors import (
     MeshConnectionError,
     MeshError,
     MeshTimeout,
-    error_from_payload,
 )
-from mesh.wire import SLO, InferRequest, ServedBy, decode_response, encode_request, unpack
+from mesh.wire import SLO, InferRequest, ServedBy, decode_answer, encode_request
 
 __all__ = ["Result", "Client", "AsyncClient"]
 
@@ -84,13 +83,7 @@ def _request(task: str, inputs: Sequence[Any], slo: SLO, request_id: str | None)
 
 
 def _result(status: int, body: bytes, slo: SLO, latency_ms: float) -> Result:
-    if status != 200:
-        try:
-            payload = unpack(body)
-        except InvalidInput:
-            payload = body[:200].decode(errors="replace")
-        raise error_from_payload(status, payload)
-    resp = decode_response(body)
+    resp = decode_answer(status, body)
     met = True
     if slo.latency_ms is not None and not slo.offline:
         met = latency_ms <= slo.latency_ms

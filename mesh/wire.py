@@ -33,7 +33,7 @@ from typing import Any
 import msgpack
 import numpy as np
 
-from mesh.errors import InvalidInput, PayloadTooLarge
+from mesh.errors import InvalidInput, PayloadTooLarge, error_from_payload
 
 __all__ = [
     "ALLOWED_DTYPES",
@@ -49,6 +49,7 @@ __all__ = [
     "decode_request",
     "encode_response",
     "decode_response",
+    "decode_answer",
     "pack",
     "unpack",
 ]
@@ -314,3 +315,14 @@ def decode_response(body: bytes) -> InferResponse:
         plan=dict(obj.get("plan") or {}),
         loads={str(k): float(v) for k, v in (obj.get("loads") or {}).items()},
     )
+
+
+def decode_answer(status: int, body: bytes) -> InferResponse:
+    """An HTTP answer to ``/v1/infer``: the response, or the error the node sent, raised."""
+    if status != 200:
+        try:
+            payload = unpack(body)
+        except InvalidInput:
+            payload = body[:200].decode(errors="replace")
+        raise error_from_payload(status, payload)
+    return decode_response(body)

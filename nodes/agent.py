@@ -26,7 +26,6 @@ from mesh.errors import (
     MeshError,
     Unavailable,
     UpstreamError,
-    error_from_payload,
 )
 from mesh.planner import Planner
 from mesh.registry import Registry, TensorSpec, Variant
@@ -41,9 +40,8 @@ from mesh.wire import (
     InferResponse,
     Route,
     ServedBy,
-    decode_response,
+    decode_answer,
     encode_request,
-    unpack,
 )
 from nodes.batching import Batcher
 
@@ -246,13 +244,7 @@ class NodeAgent:
             raise UpstreamError(f"forwarding to {hop} failed: {type(exc).__name__}") from None
         rtt_ms = (time.perf_counter() - sent) * 1000
         self.counters[f"forwarded:{hop}"] += 1
-        if status != 200:
-            try:
-                payload = unpack(body)
-            except InvalidInput:
-                payload = body[:200].decode(errors="replace")
-            raise error_from_payload(status, payload)
-        response = decode_response(body)
+        response = decode_answer(status, body)
         downstream_ms = response.timing.get("hop_total_ms", 0.0)
         response.timing["network_ms"] = response.timing.get("network_ms", 0.0) + max(
             rtt_ms - downstream_ms, 0.0)
