@@ -14,7 +14,7 @@ $(BIN)/python:
 # torch is pinned: an unpinned torch pulls a multi-GB CUDA build.
 $(STAMP): $(BIN)/python pyproject.toml
 	$(BIN)/pip install -q "torch==2.13.0"
-	$(BIN)/pip install -q -e ".[build,dev]"
+	$(BIN)/pip install -q -e ".[build,convert,litert,dev,bench]"
 	touch $(STAMP)
 
 install: $(STAMP)

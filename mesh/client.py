@@ -60,6 +60,18 @@ class Result:
         return self.outputs[0]
 
     @property
+    def breakdown(self) -> dict[str, dict[str, float]]:
+        """The entry node's predicted latency split next to the measured one.
+
+        ``measured.total_ms`` is this client's clock; the other measured parts are the
+        nodes' own account (network, queue, compute).
+        """
+        predicted = {k: float(v) for k, v in (self.plan.get("predicted") or {}).items()}
+        measured = {"total_ms": round(self.latency_ms, 3),
+                    **{k: round(v, 3) for k, v in self.timing.items()}}
+        return {"predicted": predicted, "measured": measured}
+
+    @property
     def accuracy(self) -> float | None:
         """Measured held-out accuracy of the variant that answered."""
         value = self.plan.get("accuracy")
@@ -67,9 +79,10 @@ class Result:
 
 
 def _slo(latency_ms: float | None, min_accuracy: float | None, max_cost_per_1k: float | None,
-         offline: bool, policy: str) -> SLO:
+         offline: bool, policy: str, min_confidence: float | None = None) -> SLO:
     # Validate here too, so a bad SLO fails before anything is sent.
-    return SLO.from_wire(SLO(latency_ms, min_accuracy, max_cost_per_1k, offline, policy).to_wire())
+    return SLO.from_wire(SLO(latency_ms, min_accuracy, max_cost_per_1k, offline, policy,
+                             min_confidence).to_wire())
 
 
 def _request(task: str, inputs: Sequence[Any], slo: SLO, request_id: str | None) -> InferRequest:
@@ -129,8 +142,8 @@ class Client:
     def infer(self, task: str, *inputs: Any, latency_ms: float | None = None,
               min_accuracy: float | None = None, max_cost_per_1k: float | None = None,
               offline: bool = False, policy: str = "cheapest",
-              request_id: str | None = None) -> Result:
-        slo = _slo(latency_ms, min_accuracy, max_cost_per_1k, offline, policy)
+              request_id: str | None = None, min_confidence: float | None = None) -> Result:
+        slo = _slo(latency_ms, min_accuracy, max_cost_per_1k, offline, policy, min_confidence)
         body = encode_request(_request(task, inputs, slo, request_id))
         last: MeshError | None = None
         for _ in range(len(self._entries)):
@@ -203,12 +216,12 @@ class AsyncClient:
     async def infer(self, task: str, *inputs: Any, latency_ms: float | None = None,
                     min_accuracy: float | None = None, max_cost_per_1k: float | None = None,
                     offline: bool = False, policy: str = "cheapest",
-                    request_id: str | None = None) -> Result:
+                    request_id: str | None = None, min_confidence: float | None = None) -> Result:
         import aiohttp
 
         if self._state != "opened":
             raise ClientError(f"AsyncClient is {self._state}; use 'async with AsyncClient(...)'")
-        slo = _slo(latency_ms, min_accuracy, max_cost_per_1k, offline, policy)
+        slo = _slo(latency_ms, min_accuracy, max_cost_per_1k, offline, policy, min_confidence)
         body = encode_request(_request(task, inputs, slo, request_id))
         last: MeshError | None = None
         start = self._current

@@ -10,9 +10,11 @@ the only place that turns responses back into errors::
     │   ├── PayloadTooLarge         413  body or tensor over the node's cap
     │   └── UnknownTask             404  no variant anywhere serves this task
     ├── TopologyError               ---  a topology file failed validation (CLI only)
+    ├── ArtifactNotFound            404  no artifact with that sha256 here or upstream
     ├── Overloaded                  429  queue full here; retry after a pause
     ├── Unavailable                 503  node or variant not ready; retry elsewhere
-    │   └── NoRoute                 503  nothing reachable can serve the query
+    │   ├── NoRoute                 503  nothing reachable can serve the query
+    │   └── CannotMeetDeadline      503  admitting it here would miss its deadline; place it elsewhere
     ├── DeadlineExceeded            504  the query's deadline passed in flight
     ├── UpstreamError               502  a forwarded hop failed
     └── ClientError                 ---  raised only by the SDK, never sent
@@ -33,9 +35,11 @@ __all__ = [
     "PayloadTooLarge",
     "UnknownTask",
     "TopologyError",
+    "ArtifactNotFound",
     "Overloaded",
     "Unavailable",
     "NoRoute",
+    "CannotMeetDeadline",
     "DeadlineExceeded",
     "UpstreamError",
     "ClientError",
@@ -92,6 +96,10 @@ class TopologyError(MeshError):
         super().__init__(f"{source}: {len(errors)} error(s)\n{lines}")
 
 
+class ArtifactNotFound(MeshError):
+    status = 404
+
+
 class Overloaded(MeshError):
     status = 429
     retryable = True
@@ -104,6 +112,10 @@ class Unavailable(MeshError):
 
 class NoRoute(Unavailable):
     pass
+
+
+class CannotMeetDeadline(Unavailable):
+    """Refused at admission: this node's queue and batch model say the query would be late."""
 
 
 class DeadlineExceeded(MeshError):
@@ -134,9 +146,11 @@ _BY_NAME: dict[str, type[MeshError]] = {
         InvalidInput,
         PayloadTooLarge,
         UnknownTask,
+        ArtifactNotFound,
         Overloaded,
         Unavailable,
         NoRoute,
+        CannotMeetDeadline,
         DeadlineExceeded,
         UpstreamError,
     )

@@ -4,6 +4,12 @@ Every number in an entry was measured: accuracy on the family's held-out
 split, latency per hardware class at several batch sizes. The registry is a
 JSON file beside the artifact store (``<home>/registry.json``) and is written
 atomically, so it survives restarts and concurrent readers.
+
+Variants the factory generated but refused (a conversion that failed, or one
+that disagreed with the original) are kept apart in :attr:`Registry.rejected`
+with the reason, so nothing ever routes to them but ``mesh variants list``
+can still say why they are missing. Fields added after schema 1 all have
+defaults, so older registry files load unchanged.
 """
 
 from __future__ import annotations
@@ -18,7 +24,7 @@ from typing import Any
 
 from mesh.errors import UnknownTask
 
-__all__ = ["TensorSpec", "Profile", "Variant", "Registry"]
+__all__ = ["TensorSpec", "LatencyFit", "Profile", "Variant", "Rejection", "Registry"]
 
 REGISTRY_FILE = "registry.json"
 SCHEMA_VERSION = 1
@@ -38,11 +44,39 @@ class TensorSpec:
 
 
 @dataclass(frozen=True, slots=True)
+class LatencyFit:
+    """``latency(batch) = intercept_ms + per_row_ms * batch``, least squares over the measurements.
+
+    ``max_error_frac`` is the worst relative gap between the line and a
+    measured point: how far the linear model can be trusted.
+    """
+
+    intercept_ms: float
+    per_row_ms: float
+    max_error_frac: float
+
+    def latency_ms(self, batch: int) -> float:
+        return max(self.intercept_ms + self.per_row_ms * batch, 0.0)
+
+    @classmethod
+    def from_json(cls, obj: dict[str, Any]) -> LatencyFit:
+        return cls(float(obj["intercept_ms"]), float(obj["per_row_ms"]),
+                   float(obj["max_error_frac"]))
+
+
+@dataclass(frozen=True, slots=True)
 class Profile:
-    """Latency of one variant on one hardware class, measured at several batch sizes."""
+    """Latency of one variant on one hardware class, measured at several batch sizes.
+
+    ``peak_memory_bytes`` is the resident memory a fresh process gains by
+    loading the variant and running its largest batch (0: not measured);
+    ``fit`` is the linear latency model checked against ``batch_ms``.
+    """
 
     batch_ms: dict[int, float]
     cold_start_ms: float = 0.0
+    peak_memory_bytes: int = 0
+    fit: LatencyFit | None = None
 
     def latency_ms(self, batch: int) -> float:
         """Latency for ``batch`` items: measured points, linear in between and beyond."""
@@ -58,18 +92,35 @@ class Profile:
         return max(self.batch_ms[lo] + slope * (batch - lo), 0.0)
 
     def to_json(self) -> dict[str, Any]:
-        return {"batch_ms": {str(k): v for k, v in sorted(self.batch_ms.items())},
-                "cold_start_ms": self.cold_start_ms}
+        out: dict[str, Any] = {
+            "batch_ms": {str(k): v for k, v in sorted(self.batch_ms.items())},
+            "cold_start_ms": self.cold_start_ms}
+        if self.peak_memory_bytes:
+            out["peak_memory_bytes"] = self.peak_memory_bytes
+        if self.fit is not None:
+            out["fit"] = asdict(self.fit)
+        return out
 
     @classmethod
     def from_json(cls, obj: dict[str, Any]) -> Profile:
+        fit = obj.get("fit")
         return cls({int(k): float(v) for k, v in obj["batch_ms"].items()},
-                   float(obj.get("cold_start_ms", 0.0)))
+                   float(obj.get("cold_start_ms", 0.0)),
+                   int(obj.get("peak_memory_bytes", 0)),
+                   LatencyFit.from_json(fit) if fit else None)
 
 
 @dataclass(frozen=True, slots=True)
 class Variant:
-    """One runnable artifact of a model family."""
+    """One runnable artifact of a model family.
+
+    Set by the variant factory (all optional): ``parent`` names the variant it
+    was converted from ("" for an original), ``quantization`` says how an
+    int8 variant was made ("static" or "dynamic"), ``device`` is where it
+    runs ("cpu" or "cuda"), ``agreement`` holds its measured agreement with
+    the original on the validation set, and ``assets`` maps the name of a
+    file a client needs (a tokenizer) to its sha256 in the artifact store.
+    """
 
     name: str
     task: str
@@ -87,6 +138,11 @@ class Variant:
     max_batch: int = 32
     profiles: dict[str, Profile] = field(default_factory=dict)
     build_key: str = ""
+    parent: str = ""
+    quantization: str = ""
+    device: str = "cpu"
+    agreement: dict[str, float] = field(default_factory=dict)
+    assets: dict[str, str] = field(default_factory=dict)
 
     def profile_for(self, profile_key: str) -> Profile | None:
         """The profile for a hardware class; falls back on one of the same kind."""
@@ -112,11 +168,34 @@ class Variant:
         return cls(**data)
 
 
+@dataclass(frozen=True, slots=True)
+class Rejection:
+    """A variant the factory generated and refused, and why. Never routed to."""
+
+    name: str
+    task: str
+    family: str
+    format: str
+    precision: str
+    stage: str  # "convert" (conversion failed) or "agreement" (disagreed with the original)
+    reason: str
+    agreement: dict[str, float] = field(default_factory=dict)
+
+    def to_json(self) -> dict[str, Any]:
+        return asdict(self)
+
+    @classmethod
+    def from_json(cls, obj: dict[str, Any]) -> Rejection:
+        return cls(**obj)
+
+
 class Registry:
     """Variants by name, persisted as JSON. Not thread-safe; one writer at a time."""
 
-    def __init__(self, variants: dict[str, Variant] | None = None) -> None:
+    def __init__(self, variants: dict[str, Variant] | None = None,
+                 rejected: dict[str, Rejection] | None = None) -> None:
         self.variants: dict[str, Variant] = dict(variants or {})
+        self.rejected: dict[str, Rejection] = dict(rejected or {})
 
     # ---------------------------------------------------------------- queries
     def tasks(self) -> list[str]:
@@ -137,6 +216,21 @@ class Registry:
 
     def add(self, variant: Variant) -> None:
         self.variants[variant.name] = variant
+        self.rejected.pop(variant.name, None)
+
+    def reject(self, rejection: Rejection) -> None:
+        """Record a refused variant; it replaces an accepted one of the same name."""
+        self.variants.pop(rejection.name, None)
+        self.rejected[rejection.name] = rejection
+
+    def remove_family(self, family: str) -> list[str]:
+        """Drop every accepted and rejected variant of ``family``; return the names dropped."""
+        gone = sorted(n for n, v in self.variants.items() if v.family == family)
+        gone += sorted(n for n, r in self.rejected.items() if r.family == family)
+        for name in gone:
+            self.variants.pop(name, None)
+            self.rejected.pop(name, None)
+        return gone
 
     # ---------------------------------------------------------------- persistence
     @classmethod
@@ -145,7 +239,8 @@ class Registry:
         if not path.exists():
             return cls()
         data = json.loads(path.read_text())
-        return cls({name: Variant.from_json(v) for name, v in data.get("variants", {}).items()})
+        return cls({name: Variant.from_json(v) for name, v in data.get("variants", {}).items()},
+                   {name: Rejection.from_json(r) for name, r in data.get("rejected", {}).items()})
 
     def save(self, home: str | Path) -> Path:
         home = Path(home)
@@ -153,7 +248,8 @@ class Registry:
         path = home / REGISTRY_FILE
         body = json.dumps(
             {"schema": SCHEMA_VERSION,
-             "variants": {n: v.to_json() for n, v in sorted(self.variants.items())}},
+             "variants": {n: v.to_json() for n, v in sorted(self.variants.items())},
+             "rejected": {n: r.to_json() for n, r in sorted(self.rejected.items())}},
             indent=2,
         )
         fd, tmp = tempfile.mkstemp(dir=home, prefix=".registry-")

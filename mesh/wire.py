@@ -57,7 +57,7 @@ __all__ = [
 ALLOWED_DTYPES: frozenset[str] = frozenset(
     {"float16", "float32", "float64", "int8", "uint8", "int16", "int32", "int64", "bool"}
 )
-POLICIES: tuple[str, ...] = ("cheapest", "most-accurate", "fastest")
+POLICIES: tuple[str, ...] = ("cheapest", "most-accurate", "fastest", "cascade")
 DEFAULT_MAX_ELEMENTS = 16 * 1024 * 1024
 MAX_TENSORS = 16
 MAX_HOPS = 8
@@ -131,6 +131,8 @@ class SLO:
     ``max_cost_per_1k``: ceiling on hardware cost per 1,000 inferences (USD).
     ``offline``: throughput work; latency does not matter.
     ``policy``: how to choose among feasible candidates.
+    ``min_confidence``: for ``cascade``, rows whose top probability is below this
+    are escalated to a more accurate variant (the planner's default when unset).
     """
 
     latency_ms: float | None = None
@@ -138,6 +140,7 @@ class SLO:
     max_cost_per_1k: float | None = None
     offline: bool = False
     policy: str = "cheapest"
+    min_confidence: float | None = None
 
     def to_wire(self) -> dict[str, Any]:
         out: dict[str, Any] = {"policy": self.policy}
@@ -149,6 +152,8 @@ class SLO:
             out["max_cost_per_1k"] = self.max_cost_per_1k
         if self.offline:
             out["offline"] = True
+        if self.min_confidence is not None:
+            out["min_confidence"] = self.min_confidence
         return out
 
     @classmethod
@@ -157,7 +162,8 @@ class SLO:
             return cls()
         if not isinstance(obj, dict):
             raise InvalidInput("slo: must be a map")
-        unknown = set(obj) - {"latency_ms", "min_accuracy", "max_cost_per_1k", "offline", "policy"}
+        unknown = set(obj) - {"latency_ms", "min_accuracy", "max_cost_per_1k", "offline", "policy",
+                              "min_confidence"}
         if unknown:
             raise InvalidInput(f"slo: unknown field(s) {sorted(unknown)}")
         latency = _opt_number(obj, "latency_ms", lo=0.0, hi=3_600_000.0)
@@ -169,7 +175,8 @@ class SLO:
         policy = obj.get("policy", "cheapest")
         if policy not in POLICIES:
             raise InvalidInput(f"slo.policy: {policy!r} is not one of {list(POLICIES)}")
-        return cls(latency, accuracy, cost, offline, policy)
+        confidence = _opt_number(obj, "min_confidence", lo=0.0, hi=1.0)
+        return cls(latency, accuracy, cost, offline, policy, confidence)
 
 
 def _opt_number(obj: dict[str, Any], key: str, *, lo: float, hi: float) -> float | None:

@@ -2,25 +2,33 @@
 
 ``RUN.json`` is written by the testbed (``mesh up``): the topology file, the
 home directory (registry + artifact store), and for every node its listen
-address and the URLs that reach its neighbours through the link emulator.
+address and the URLs that reach its neighbours through the link emulator
+(and, optionally, ``stream_port`` for the msgpack stream of :mod:`mesh.stream`).
 """
 
 from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import json
 import logging
+import os
 import signal
 import sys
+from collections.abc import Coroutine
 from pathlib import Path
+from typing import Any
 
 from aiohttp import web
 
 from mesh.errors import TopologyError
+from mesh.runtimes import thread_env
 from mesh.topology import load_topology
 from nodes.agent import AgentConfig, NodeAgent
 from nodes.app import make_app
+from nodes.membership import Membership
+from nodes.stream import StreamServer
 
 
 async def serve(config: AgentConfig, address: str) -> None:
@@ -28,8 +36,10 @@ async def serve(config: AgentConfig, address: str) -> None:
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
-    async with NodeAgent(config) as agent:
-        runner = web.AppRunner(make_app(agent, address=address), access_log=None)
+    async with NodeAgent(config) as agent, Membership.for_agent(agent) as membership:
+        app = make_app(agent, address=address)
+        membership.add_routes(app)
+        runner = web.AppRunner(app, access_log=None)
         await runner.setup()
         site = web.TCPSite(runner, config.host, config.port, reuse_address=True)
         await site.start()
@@ -37,7 +47,13 @@ async def serve(config: AgentConfig, address: str) -> None:
             "%s (%s) serving on %s with %s", config.node, agent.spec.tier, address,
             ", ".join(sorted(agent.loaded)) or "no variants")
         try:
-            await stop.wait()
+            async with contextlib.AsyncExitStack() as stack:
+                if config.stream_port is not None:
+                    stream = await stack.enter_async_context(
+                        StreamServer(agent, config.host, config.stream_port))
+                    logging.getLogger("tiermesh.node").info(
+                        "%s msgpack stream on %s:%d", config.node, config.host, stream.port)
+                await stop.wait()
         finally:
             await runner.cleanup()
 
@@ -62,9 +78,23 @@ def main(argv: list[str] | None = None) -> int:
     config = AgentConfig(
         node=args.node, topology=topology, home=Path(run["home"]),
         neighbours=me["neighbours"], host=me["host"], port=me["port"],
+        stream_port=me.get("stream_port"),
     )
-    asyncio.run(serve(config, f"http://{me['host']}:{me['port']}"))
+    # Runtimes loaded later (torch, LiteRT) size their thread pools from these.
+    for key, value in thread_env(topology.hardware_of(args.node).threads).items():
+        os.environ.setdefault(key, value)
+    _run(serve(config, f"http://{me['host']}:{me['port']}"))
     return 0
+
+
+def _run(main: Coroutine[Any, Any, None]) -> None:
+    """uvloop when installed: it takes ~70 us off every HTTP round trip (benchmarks/overhead.py)."""
+    try:
+        import uvloop
+    except ImportError:
+        asyncio.run(main)
+        return
+    uvloop.run(main)
 
 
 if __name__ == "__main__":

@@ -1,20 +1,29 @@
 """NodeAgent: one node of the mesh.
 
-It loads the variants its topology entry allows, keeps one :class:`Batcher`
-per loaded variant, plans every query that enters the mesh here, serves it
-locally or forwards it one hop along the topology path, and learns the load
-of other nodes from the reports piggybacked on every answer.
+It hosts the variants its topology entry allows through a
+:class:`~nodes.models.ModelManager` (memory budget, loading on demand, one
+deadline-aware :class:`~nodes.batching.Batcher` per loaded variant), plans
+every query that enters the mesh here, serves it locally or forwards it one
+hop along the topology path, and learns the load of other nodes from the
+reports piggybacked on every answer.
+
+Deadlines: a query planned here with a feasible latency target gets a
+budget (``budget_ms``, what is left of the target). Every hop spends its own
+time and reserves the link's round trip before forwarding; the serving node's
+batcher refuses at once (:class:`~mesh.errors.CannotMeetDeadline`) a query
+its queue would make late, and the entry node then hands it to the next
+feasible candidate, once. A query nothing can serve in time is planned
+best-effort, without a budget, so it is still answered.
 """
 
 from __future__ import annotations
 
-import asyncio
 import collections
 import logging
 import time
 from collections.abc import Callable, Mapping
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -22,18 +31,20 @@ import aiohttp
 import numpy as np
 
 from mesh.errors import (
+    CannotMeetDeadline,
     InvalidInput,
     MeshError,
+    Overloaded,
     Unavailable,
     UpstreamError,
 )
 from mesh.planner import Planner
-from mesh.registry import Registry, TensorSpec, Variant
-from mesh.runtimes import runtime_for
+from mesh.registry import Registry, TensorSpec
 from mesh.state import MeshView
 from mesh.store import ArtifactStore
 from mesh.topology import Topology
 from mesh.wire import (
+    ALLOWED_DTYPES,
     DEFAULT_MAX_ELEMENTS,
     MAX_HOPS,
     InferRequest,
@@ -43,7 +54,10 @@ from mesh.wire import (
     decode_answer,
     encode_request,
 )
-from nodes.batching import Batcher
+from nodes.artifacts import ArtifactSource, parent_of
+from nodes.cascade import run_cascade
+from nodes.metrics import NodeMetrics, outcome_of
+from nodes.models import ModelConfig, ModelManager
 
 __all__ = ["AgentConfig", "NodeAgent"]
 
@@ -65,6 +79,16 @@ class AgentConfig:
     max_elements: int = DEFAULT_MAX_ELEMENTS
     max_rows: int = 4096
     forward_timeout_s: float = 30.0
+    #: a variant's memory estimate, when its profile has no peak memory: file size x this
+    memory_size_factor: float = 3.0
+    #: caps every variant's max_batch (1 turns batching off)
+    max_batch: int | None = None
+    #: longest a query without a latency SLO waits for its batch to fill
+    max_wait_ms: float = 2.0
+    #: batches predicted faster than this run on the event loop thread, without a thread hop
+    inline_max_ms: float = 0.1
+    #: port of the msgpack stream (mesh.stream); None: HTTP only, 0: any free port
+    stream_port: int | None = None
 
     def __post_init__(self) -> None:
         if self.node not in self.topology.nodes:
@@ -72,12 +96,6 @@ class AgentConfig:
                 f"node {self.node!r} is not in topology {self.topology.name!r} "
                 f"(nodes: {', '.join(sorted(self.topology.nodes))})"
             )
-
-
-@dataclass
-class _Loaded:
-    variant: Variant
-    batcher: Batcher
 
 
 class NodeAgent:
@@ -96,10 +114,28 @@ class NodeAgent:
         self.store = ArtifactStore(config.home / "store")
         self.planner = Planner(config.topology, self.registry)
         self.view = MeshView()
-        self.loaded: dict[str, _Loaded] = {}
-        self.unavailable: dict[str, str] = {}
+        self.metrics = NodeMetrics()
         self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix=f"compute-{self.name}")
         self._http: aiohttp.ClientSession | None = None
+        parent = parent_of(config.topology, config.node)
+        self.artifacts = ArtifactSource(
+            self.store, known=lambda: {v.sha256 for v in self.registry.variants.values()},
+            parent=parent, parent_url=config.neighbours.get(parent) if parent else None,
+            http=lambda: self._http, on_fetch=self.metrics.fetched)
+        self.models = ModelManager(
+            ModelConfig(budget_bytes=self.hardware.memory_mb * 1024 * 1024,
+                        threads=self.hardware.threads, profile_key=self.hardware.profile_key,
+                        max_queue=self.spec.max_queue, size_factor=config.memory_size_factor,
+                        max_batch=config.max_batch, max_wait_ms=config.max_wait_ms,
+                        inline_max_ms=config.inline_max_ms,
+                        profile_cache=config.home / "profiles"),
+            {v.name: v for v in self.registry.variants.values() if self.spec.allows(v.name)},
+            self.artifacts, self._executor, metrics=self.metrics, on_change=self._report_self,
+            clock=clock)
+        self.metrics.watch(self.models.gauges, lambda: self.models.config.budget_bytes)
+        #: task -> its input specs (the hot path must not scan the registry)
+        self._inputs: dict[str, tuple[TensorSpec, ...]] = {}
+        self.ready = False
         self._started = clock()
         self._latencies: collections.deque[float] = collections.deque(maxlen=self.latency_window)
         self.counters: collections.Counter[str] = collections.Counter()
@@ -110,96 +146,169 @@ class NodeAgent:
             timeout=aiohttp.ClientTimeout(total=self.config.forward_timeout_s),
             connector=aiohttp.TCPConnector(limit=256),
         )
-        for variant in self.planner.hosted(self.name):
-            await self._load(variant)
-        self.view.report(self.name, 0, self.clock(), loaded=frozenset(self.loaded),
-                         failed=frozenset(self.unavailable))
+        try:
+            await self.models.__aenter__()
+            # A hardware class with no profile: measure here before advertising anything.
+            for name, profile in (await self.models.profile_missing()).items():
+                variant = self.registry.variants[name]
+                self.registry.add(replace(variant, profiles={**variant.profiles,
+                                                             self.hardware.profile_key: profile}))
+            await self.models.preload(v.name for v in self.planner.hosted(self.name))
+        except BaseException:
+            await self.__aexit__(None, None, None)
+            raise
+        self._report_self()
+        self.ready = True
         return self
 
     async def __aexit__(self, *exc: object) -> None:
-        for loaded in self.loaded.values():
-            await loaded.batcher.__aexit__(None, None, None)
-        self.loaded.clear()
+        self.ready = False
+        await self.models.__aexit__(None, None, None)
+        await self.artifacts.aclose()
         if self._http is not None:
             await self._http.close()
+            self._http = None
         self._executor.shutdown(wait=True, cancel_futures=True)
 
-    async def _load(self, variant: Variant) -> None:
-        try:
-            if not self.store.verify(variant.sha256):
-                raise Unavailable(f"artifact {variant.sha256[:12]} is missing or corrupt")
-            runtime = runtime_for(variant.format)
-            path = str(self.store.path(variant.sha256))
-            loop = asyncio.get_running_loop()
-            session = await loop.run_in_executor(
-                self._executor, lambda: runtime.load(path, threads=self.hardware.threads))
-        except Exception as exc:  # one bad variant must not stop the node
-            reason = exc.message if isinstance(exc, MeshError) else f"{type(exc).__name__}: {exc}"
-            self.unavailable[variant.name] = reason
-            log.warning("variant %s unavailable: %s", variant.name, reason)
-            return
-        batcher = Batcher(variant.name, lambda inputs: runtime.run(session, inputs),
-                          self._executor, max_batch=variant.max_batch,
-                          max_queue=self.spec.max_queue)
-        await batcher.__aenter__()
-        self.loaded[variant.name] = _Loaded(variant, batcher)
+    @property
+    def loaded(self) -> Mapping[str, Any]:
+        """Variants loaded now, by name."""
+        return self.models.loaded
+
+    @property
+    def unavailable(self) -> Mapping[str, str]:
+        """Variants that cannot run here, with the reason."""
+        return self.models.unavailable
+
+    def _report_self(self) -> None:
+        self.view.report(self.name, self.queue_depth, self.clock(),
+                         loaded=frozenset(self.models.loaded),
+                         failed=frozenset(self.models.unavailable))
 
     # ------------------------------------------------------------------ serving
     @property
     def queue_depth(self) -> int:
-        return sum(entry.batcher.depth for entry in self.loaded.values())
+        return sum(entry.batcher.depth for entry in self.models.loaded.values())
 
     async def infer(self, req: InferRequest) -> InferResponse:
         started = time.perf_counter()
         self.counters["requests"] += 1
         try:
-            response = await self._infer(req)
-        except MeshError as exc:
-            self.counters[f"error:{type(exc).__name__}"] += 1
+            response = await self._infer(req, started)
+        except Exception as exc:
+            if isinstance(exc, MeshError):
+                self.counters[f"error:{type(exc).__name__}"] += 1
+            self._observe(req, None, exc, started)
             raise
         elapsed_ms = (time.perf_counter() - started) * 1000
         self._latencies.append(elapsed_ms)
         response.timing["hop_total_ms"] = elapsed_ms
         response.loads[self.name] = float(self.queue_depth)
+        self._observe(req, response, None, started)
         return response
 
-    async def _infer(self, req: InferRequest) -> InferResponse:
+    def _observe(self, req: InferRequest, response: InferResponse | None,
+                 error: BaseException | None, started: float) -> None:
+        task = req.task if req.task in self._inputs else "(unknown)"
+        if response is not None:
+            variant, tier = response.served_by.variant, response.served_by.tier
+        elif req.route is not None:
+            variant = req.route.variant
+            tier = self.config.topology.nodes[req.route.node].tier \
+                if req.route.node in self.config.topology.nodes else ""
+        else:
+            variant = tier = ""
+        self.metrics.request(task, variant, tier, outcome_of(error), time.perf_counter() - started)
+
+    async def _infer(self, req: InferRequest, arrived: float) -> InferResponse:
         if req.hops >= MAX_HOPS:
             raise InvalidInput(f"hops: query crossed {req.hops} nodes; refusing to forward a loop")
         inputs = self._check_inputs(req.task, req.tensors)
         plan: dict[str, Any] = {}
+        if req.route is not None and req.route.node != self.name and self.view.is_down(
+                req.route.node, self.clock()):
+            req.route = None  # this node knows the planned one is down: re-plan from here
         if req.route is None:
             decision = self.planner.plan(
                 req.task, req.slo, self.name, self.view, now=self.clock(),
                 rows=int(inputs[0].shape[0]), payload_bytes=req.payload_bytes)
             req.route = Route(decision.node, decision.variant)
             plan = decision.to_dict()
-            if req.slo.latency_ms is not None:
-                req.budget_ms = req.slo.latency_ms
-        if req.route.node == self.name:
-            response = await self._serve_local(req.request_id, req.route.variant, inputs)
-        else:
-            response = await self._forward(req)
+            if req.slo.latency_ms is not None and not req.slo.offline:
+                # a target nothing can meet is served best-effort: no deadline to refuse by
+                req.budget_ms = req.slo.latency_ms if decision.feasible else None
+            if decision.escalation is not None:  # cascade: answer here, unsure rows upstream
+                return await run_cascade(self.infer, req, decision, plan)
+        budget_ms, hops = req.budget_ms, req.hops
+        try:
+            response = await self._dispatch(req, inputs, arrived)
+        except (CannotMeetDeadline, Overloaded) as exc:
+            if not plan:  # only the entry node re-places a query, and only once
+                raise
+            req.budget_ms, req.hops = budget_ms, hops  # as they were before the refused attempt
+            response = await self._hand_back(req, inputs, arrived, exc, plan)
         if plan:
             response.plan = plan
         return response
 
+    async def _dispatch(self, req: InferRequest, inputs: list[np.ndarray], arrived: float
+                        ) -> InferResponse:
+        assert req.route is not None
+        if req.route.node == self.name:
+            left_ms = None if req.budget_ms is None else (
+                req.budget_ms - (time.perf_counter() - arrived) * 1000)
+            return await self._serve_local(req.request_id, req.route.variant, inputs, left_ms)
+        return await self._forward(req, arrived)
+
+    async def _hand_back(self, req: InferRequest, inputs: list[np.ndarray], arrived: float,
+                         refused: MeshError, plan: dict[str, Any]) -> InferResponse:
+        """Place a query its first choice refused on the next feasible candidate, or re-raise."""
+        assert req.route is not None
+        first = req.route
+        if first.node == self.name:
+            self._report_self()
+        decision = self.planner.plan(req.task, req.slo, self.name, self.view, now=self.clock(),
+                                     rows=int(inputs[0].shape[0]),
+                                     payload_bytes=req.payload_bytes, explain=True)
+        for scored in decision.candidates:
+            c = scored.candidate
+            if scored.feasible and (c.node, c.variant) != (first.node, first.variant):
+                break
+        else:
+            raise refused
+        log.info("%s/%s refused %s (%s); handing it to %s/%s", first.node, first.variant,
+                 req.request_id, type(refused).__name__, c.node, c.variant)
+        req.route = Route(c.node, c.variant)
+        plan.update(node=c.node, tier=c.tier, variant=c.variant, accuracy=c.accuracy,
+                    predicted=scored.prediction.to_dict(),
+                    handed_back={"node": first.node, "variant": first.variant,
+                                 "reason": refused.message})
+        return await self._dispatch(req, inputs, arrived)
+
+    def input_specs(self, task: str) -> tuple[TensorSpec, ...]:
+        """The inputs a task takes; raises :class:`UnknownTask`."""
+        specs = self._inputs.get(task)
+        if specs is None:
+            specs = self.registry.for_task(task)[0].inputs
+            self._inputs[task] = specs
+        return specs
+
     def _check_inputs(self, task: str, tensors: list[np.ndarray]) -> list[np.ndarray]:
-        specs: tuple[TensorSpec, ...] = self.registry.for_task(task)[0].inputs
+        specs = self.input_specs(task)
         if len(tensors) != len(specs):
             names = ", ".join(s.name for s in specs)
             raise InvalidInput(
                 f"tensors: task {task!r} takes {len(specs)} input tensor(s) ({names}), got {len(tensors)}")
         rows = None
         for i, (tensor, spec) in enumerate(zip(tensors, specs, strict=False)):
-            want = _shape_text(spec.shape)
-            if tensor.dtype.name != spec.dtype:
-                raise InvalidInput(
-                    f"tensors[{i}].dtype: task {task!r} takes {spec.dtype} {want}, got {tensor.dtype.name}")
+            # dtype objects compare in C; dtype.name is a slow Python property
+            if tensor.dtype != _DTYPES[spec.dtype]:
+                raise InvalidInput(f"tensors[{i}].dtype: task {task!r} takes {spec.dtype} "
+                                   f"{_shape_text(spec.shape)}, got {tensor.dtype.name}")
             if tensor.ndim != len(spec.shape) or any(
                     d != -1 and d != s for d, s in zip(spec.shape, tensor.shape, strict=False)):
-                raise InvalidInput(
-                    f"tensors[{i}].shape: task {task!r} takes {want}, got {list(tensor.shape)}")
+                raise InvalidInput(f"tensors[{i}].shape: task {task!r} takes "
+                                   f"{_shape_text(spec.shape)}, got {list(tensor.shape)}")
             n = int(tensor.shape[0]) if tensor.ndim else 0
             if n < 1 or n > self.config.max_rows:
                 raise InvalidInput(
@@ -209,13 +318,14 @@ class NodeAgent:
             rows = n
         return tensors
 
-    async def _serve_local(self, request_id: str, variant: str, inputs: list[np.ndarray]
-                           ) -> InferResponse:
-        entry = self.loaded.get(variant)
-        if entry is None:
-            reason = self.unavailable.get(variant, "not hosted here")
-            raise Unavailable(f"variant {variant} is not available on {self.name}: {reason}")
-        result = await entry.batcher.submit(inputs)
+    async def _serve_local(self, request_id: str, variant: str, inputs: list[np.ndarray],
+                           budget_ms: float | None = None) -> InferResponse:
+        entry = self.models.get(variant)
+        if entry is None or not entry.batcher.running:
+            entry = await self.models.acquire(variant)  # loads it (one load however many wait)
+            if not entry.batcher.running:  # evicted before this request got to it
+                entry = await self.models.acquire(variant)
+        result = await entry.batcher.submit(inputs, budget_ms=budget_ms)
         self.counters["served_local"] += 1
         return InferResponse(
             request_id=request_id,
@@ -225,13 +335,18 @@ class NodeAgent:
                     "batch_rows": float(result.batch_rows), "network_ms": 0.0},
         )
 
-    async def _forward(self, req: InferRequest) -> InferResponse:
+    async def _forward(self, req: InferRequest, arrived: float) -> InferResponse:
         assert req.route is not None and self._http is not None
         target = req.route.node
         hop = self.config.topology.next_hop(self.name, target)
         if hop is None or hop not in self.config.neighbours:
             raise Unavailable(f"no path from {self.name} to {target}")
         req.hops += 1
+        if req.budget_ms is not None:
+            # what is left once this hop's time and the link's round trip are paid
+            link_ms = self.config.topology.link(self.name, hop).latency_ms
+            req.budget_ms -= (time.perf_counter() - arrived) * 1000 + 2 * link_ms
+        self.metrics.forwarded(target, hop)
         url = self.config.neighbours[hop] + "/v1/infer"
         sent = time.perf_counter()
         try:
@@ -256,14 +371,17 @@ class NodeAgent:
     # ------------------------------------------------------------------ status
     def status(self, address: str = "") -> dict[str, Any]:
         lat = sorted(self._latencies)
-        variants = [
-            {"name": name, "loaded": True, "queue_depth": e.batcher.depth,
-             "served": e.batcher.served, "batches": e.batcher.batches}
-            for name, e in sorted(self.loaded.items())
-        ] + [
-            {"name": name, "loaded": False, "error": reason}
-            for name, reason in sorted(self.unavailable.items())
-        ]
+        variants: list[dict[str, Any]] = []
+        for name in sorted(self.models.variants):
+            state = self.models.state_of(name)
+            row: dict[str, Any] = {"name": name, "loaded": state == "loaded", "state": state}
+            entry = self.models.loaded.get(name)
+            if entry is not None:
+                row.update(queue_depth=entry.batcher.depth, served=entry.batcher.served,
+                           batches=entry.batcher.batches, memory_bytes=entry.memory_bytes)
+            if state == "unavailable":
+                row["error"] = self.models.unavailable[name]
+            variants.append(row)
         forwarded = {k.split(":", 1)[1]: v for k, v in self.counters.items()
                      if k.startswith("forwarded:")}
         errors = {k.split(":", 1)[1]: v for k, v in self.counters.items() if k.startswith("error:")}
@@ -274,7 +392,11 @@ class NodeAgent:
             "address": address,
             "topology": self.config.topology.name,
             "uptime_s": round(self.clock() - self._started, 3),
+            "ready": self.ready,
             "variants": variants,
+            "memory": {"budget_bytes": self.models.config.budget_bytes,
+                       "used_bytes": self.models.memory_used},
+            "artifacts": {"parent": self.artifacts.parent, "fetches": dict(self.artifacts.fetches)},
             "queue_depth": self.queue_depth,
             "requests": self.counters["requests"],
             "served_local": self.counters["served_local"],
@@ -283,6 +405,9 @@ class NodeAgent:
             "latency_ms": {"p50": _percentile(lat, 0.50), "p99": _percentile(lat, 0.99)},
             "view": self.view.snapshot(self.clock()),
         }
+
+
+_DTYPES: dict[str, np.dtype[Any]] = {name: np.dtype(name) for name in ALLOWED_DTYPES}
 
 
 def _shape_text(shape: tuple[int, ...]) -> str:

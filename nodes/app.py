@@ -2,19 +2,27 @@
 
 Routes::
 
-    POST /v1/infer     msgpack InferRequest -> msgpack InferResponse
-    GET  /v1/status    JSON status (queues, variants, latencies, mesh view)
-    GET  /healthz      200 "ok" once the agent is serving
+    POST /v1/infer                msgpack InferRequest -> msgpack InferResponse
+    GET  /v1/status               JSON status (queues, variants, memory, latencies, mesh view)
+    GET  /v1/artifacts/{sha256}   a variant's artifact from this node's store (pulled through
+                                  its parent when missing); children fetch from here
+    GET  /metrics                 Prometheus text format
+    GET  /healthz                 200 "ok" once the agent is serving
+    /v2/...                       Open Inference Protocol v2 (:mod:`nodes.oip`)
 
 The error middleware is the only place where errors become responses: a
-:class:`~mesh.errors.MeshError` keeps its status; anything unexpected is
-logged and answered 500 without internals, and the node keeps serving.
+:class:`~mesh.errors.MeshError` keeps its status (and ``Retry-After`` when it
+says when to retry); anything unexpected is logged and answered 500 without
+internals, and the node keeps serving. Errors are msgpack for msgpack
+requests, ``{"error": "..."}`` under ``/v2`` as the protocol wants, JSON
+otherwise.
 """
 
 from __future__ import annotations
 
 import json
 import logging
+import math
 from collections.abc import Awaitable, Callable
 
 from aiohttp import web
@@ -22,6 +30,9 @@ from aiohttp import web
 from mesh.errors import InvalidInput, MeshError, PayloadTooLarge
 from mesh.wire import decode_request, encode_response, pack
 from nodes.agent import NodeAgent
+from nodes.artifacts import check_sha256
+from nodes.metrics import CONTENT_TYPE
+from nodes.oip import OipAdapter
 
 __all__ = ["AGENT", "make_app"]
 
@@ -38,10 +49,13 @@ Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 def _error_response(request: web.Request, error: MeshError, status: int | None = None
                     ) -> web.Response:
     status = status or error.status
-    payload = {"error": error.to_payload()}
     headers = {}
     if error.retry_after_s is not None:
-        headers["Retry-After"] = str(max(1, round(error.retry_after_s)))
+        # delay-seconds is a whole number; round up so that a client never retries too early
+        headers["Retry-After"] = str(max(1, math.ceil(error.retry_after_s)))
+    if request.path.startswith("/v2"):
+        return web.json_response({"error": error.message}, status=status, headers=headers)
+    payload = {"error": error.to_payload()}
     if request.content_type in _MSGPACK_TYPES:
         return web.Response(body=pack(payload), status=status, content_type=MSGPACK,
                             headers=headers)
@@ -82,6 +96,17 @@ async def status(request: web.Request) -> web.Response:
     return web.Response(text=json.dumps(body), content_type="application/json")
 
 
+async def artifact(request: web.Request) -> web.StreamResponse:
+    sha256 = check_sha256(request.match_info["sha256"])
+    path = await request.app[AGENT].artifacts.ensure(sha256)
+    return web.FileResponse(path, headers={"Content-Type": "application/octet-stream"})
+
+
+async def metrics(request: web.Request) -> web.Response:
+    return web.Response(body=request.app[AGENT].metrics.render(),
+                        headers={"Content-Type": CONTENT_TYPE})
+
+
 async def healthz(request: web.Request) -> web.Response:
     return web.Response(text="ok")
 
@@ -93,5 +118,8 @@ def make_app(agent: NodeAgent, *, address: str = "") -> web.Application:
     app[ADDRESS] = address
     app.router.add_post("/v1/infer", infer)
     app.router.add_get("/v1/status", status)
+    app.router.add_get("/v1/artifacts/{sha256}", artifact)
+    app.router.add_get("/metrics", metrics)
     app.router.add_get("/healthz", healthz)
+    app.router.add_routes(OipAdapter(agent).routes())
     return app

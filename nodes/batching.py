@@ -1,28 +1,66 @@
-"""Dynamic batching per loaded variant.
+"""Deadline-aware dynamic batching per loaded variant.
 
-Requests queue per variant; one worker task takes the oldest request plus
-whatever else is already waiting (up to ``max_batch`` rows), runs them as one
-batch on the node's compute executor and splits the answers. The queue is
-bounded: a full queue is refused at once with :class:`~mesh.errors.Overloaded`
-rather than left to time out.
+Requests queue per variant; one worker task forms batches from the head of
+the queue and runs them on the node's compute executor. Each request may
+carry a budget (milliseconds it may still spend here); with the variant's
+profiled latency(batch) model that gives a deadline, and :class:`BatchPolicy`
+decides, from the queue alone, when a batch closes:
+
+- it is full (``max_batch`` rows), or more is queued than fits;
+- adding the next request would make the tightest deadline in the batch miss
+  (so a batch never grows past what its most urgent member can afford);
+- waiting for one more request would make a deadline in the batch miss
+  (``deadline - latency(rows + 1)``), or a request without a deadline has
+  waited ``max_wait_ms``, the default wait cap;
+- waiting does not pay: the node is not busy (nothing arrived while the
+  previous batch ran), the next request is not due (the arrival-gap estimate
+  has passed), or merging one more request would save less compute than the
+  wait costs the requests already waiting. A CPU model whose latency grows
+  with every row therefore never waits: its batches are whatever queued up
+  while the previous batch ran (work-conserving). A GPU-like flat latency
+  curve makes waiting worth a few milliseconds.
+
+Admission is decided at :meth:`Batcher.submit`, at once and never by a
+timeout: a full queue is refused with :class:`~mesh.errors.Overloaded`; a
+request whose predicted completion (the work queued ahead, the batch it will
+join, its own compute) falls after its deadline is refused with
+:class:`~mesh.errors.CannotMeetDeadline`, so that the entry node can place it
+elsewhere. Both carry ``retry_after_s``: how long the queue needs to drain.
+
+Batches predicted to take less than ``inline_max_ms`` run on the event loop
+thread itself: for a model that takes 10 microseconds the hop to a worker
+thread costs several times more than the model. Every request still goes
+through the worker, one loop pass after it arrives, so that the requests
+read off the sockets in the same pass share its batch (running each inline
+as it arrives would serialise them).
 """
 
 from __future__ import annotations
 
 import asyncio
 import collections
+import itertools
+import logging
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from concurrent.futures import Executor
 from dataclasses import dataclass
 
 import numpy as np
 
-from mesh.errors import MeshError, Overloaded, Unavailable
+from mesh.errors import CannotMeetDeadline, MeshError, Overloaded, Unavailable
+from mesh.registry import Profile
 
-__all__ = ["BatchResult", "Batcher"]
+__all__ = ["BatchPolicy", "BatchResult", "Batcher"]
 
 RunFn = Callable[[list[np.ndarray]], list[np.ndarray]]
+#: Called after every batch with (rows, compute_ms).
+BatchObserver = Callable[[int, float], None]
+
+log = logging.getLogger("tiermesh.batching")
+
+#: asyncio timers fire on millisecond ticks; shorter waits become one loop pass.
+_TIMER_RESOLUTION_S = 0.001
 
 
 @dataclass(frozen=True, slots=True)
@@ -38,22 +76,133 @@ class _Pending:
     inputs: list[np.ndarray]
     rows: int
     enqueued: float
+    #: latest completion time on the batcher's clock; None when the query has no latency SLO.
+    deadline: float | None
     future: asyncio.Future[BatchResult]
+
+
+@dataclass(frozen=True)
+class BatchPolicy:
+    """When a batch closes, how long it may wait, and whether to run it inline. Pure.
+
+    Times are seconds on the batcher's clock. Without a ``profile`` the
+    compute estimate is zero: deadlines then only cap waiting.
+    """
+
+    max_batch: int
+    profile: Profile | None = None
+    #: Longest a request without a latency SLO waits for company.
+    max_wait_ms: float = 2.0
+    #: Compute predictions are inflated by this fraction...
+    margin_frac: float = 0.10
+    #: ...plus this many milliseconds (dispatch, splitting the answers).
+    margin_ms: float = 0.2
+    #: Batches predicted faster than this run on the event loop thread when the queue is idle.
+    inline_max_ms: float = 0.1
+    #: Waiting stops when no request arrived within this many mean arrival gaps.
+    gap_factor: float = 2.0
+
+    def __post_init__(self) -> None:
+        if self.max_batch < 1:
+            raise ValueError(f"max_batch must be >= 1, got {self.max_batch}")
+        if self.max_wait_ms < 0:
+            raise ValueError(f"max_wait_ms must be >= 0, got {self.max_wait_ms}")
+
+    def compute_s(self, rows: int) -> float:
+        """Predicted compute for ``rows`` rows, with the safety margin, in seconds."""
+        if self.profile is None or rows <= 0:
+            return 0.0
+        return (self.profile.latency_ms(rows) * (1 + self.margin_frac) + self.margin_ms) / 1000.0
+
+    def runs_inline(self, rows: int) -> bool:
+        return self.profile is not None and self.profile.latency_ms(rows) <= self.inline_max_ms
+
+    def drain_s(self, rows: int) -> float:
+        """Predicted time to run ``rows`` queued rows in full batches."""
+        full, rest = divmod(rows, self.max_batch)
+        return full * self.compute_s(self.max_batch) + self.compute_s(rest)
+
+    def decide(self, queue: Sequence[_Pending], now: float, *, busy: bool,
+               gap_s: float | None, last_arrival: float) -> tuple[int, float]:
+        """``(n, wake_at)``: run the first ``n`` requests now, or (``n == 0``) wait until ``wake_at``.
+
+        ``busy`` says requests arrived while the previous batch ran; ``gap_s``
+        is the mean arrival gap (None when unknown); ``last_arrival`` is when
+        the newest request came.
+        """
+        n = rows = 0
+        tightest = float("inf")
+        closed = False
+        for p in queue:
+            new_rows = rows + p.rows
+            if new_rows > self.max_batch:
+                closed = True
+                break
+            # A request that is already late does not constrain its batch.
+            own = p.deadline if p.deadline is not None and now + self.compute_s(p.rows) <= p.deadline \
+                else float("inf")
+            if n and now + self.compute_s(new_rows) > min(tightest, own):
+                closed = True
+                break
+            n, rows, tightest = n + 1, new_rows, min(tightest, own)
+        if n == 0:  # the head alone exceeds max_batch: run it alone and let the runtime decide
+            return 1, now
+        if closed or rows >= self.max_batch or n < len(queue):
+            return n, now
+        close_at = float("inf")
+        for p in itertools.islice(queue, n):
+            if p.deadline is None:
+                close_at = min(close_at, p.enqueued + self.max_wait_ms / 1000.0)
+            elif now + self.compute_s(p.rows) <= p.deadline:
+                close_at = min(close_at, p.deadline - self.compute_s(rows + 1))
+            else:
+                close_at = now  # late already: do not make it later
+        if now >= close_at or not busy or gap_s is None:
+            return n, now
+        next_due = last_arrival + self.gap_factor * gap_s
+        if now >= next_due:
+            return n, now
+        # Waiting pays only when merging one more request saves more compute than the wait
+        # costs the n requests already waiting: true of GPU-like flat latency curves, rarely
+        # of a CPU model whose latency grows with every row.
+        saving_s = (self.compute_s(1) + self.compute_s(rows) - self.compute_s(rows + 1)
+                    - self.margin_ms / 1000.0)
+        if saving_s <= n * gap_s:
+            return n, now
+        return 0, min(close_at, next_due)
 
 
 class Batcher:
     """One queue and one worker for one loaded variant. An async context manager."""
 
+    #: Weight of the newest arrival gap in the running mean.
+    gap_alpha: float = 0.2
+
     def __init__(self, name: str, run: RunFn, executor: Executor, *, max_batch: int,
-                 max_queue: int) -> None:
+                 max_queue: int, policy: BatchPolicy | None = None,
+                 observer: BatchObserver | None = None,
+                 clock: Callable[[], float] = time.perf_counter) -> None:
+        if max_queue < 1:
+            raise ValueError(f"max_queue must be >= 1, got {max_queue}")
         self.name = name
         self._run = run
         self._executor = executor
+        self.policy = policy if policy is not None else BatchPolicy(max_batch)
+        if self.policy.max_batch != max_batch:
+            raise ValueError(f"policy.max_batch {self.policy.max_batch} != max_batch {max_batch}")
         self.max_batch = max_batch
         self.max_queue = max_queue
+        self._observer = observer
+        self._clock = clock
         self._queue: collections.deque[_Pending] = collections.deque()
+        self._queued_rows = 0
         self._wakeup = asyncio.Event()
         self._task: asyncio.Task[None] | None = None
+        self._running: list[_Pending] = []
+        self._running_until = 0.0
+        self._arrived_during_run = False
+        self._gap_s: float | None = None
+        self._last_arrival = 0.0
         self.in_flight = 0
         self.batches = 0
         self.served = 0
@@ -63,6 +212,16 @@ class Batcher:
         """Requests waiting or running."""
         return len(self._queue) + self.in_flight
 
+    @property
+    def idle(self) -> bool:
+        return not self._queue and not self.in_flight
+
+    @property
+    def running(self) -> bool:
+        """True between start and shutdown: submit() accepts requests."""
+        return self._task is not None
+
+    # ------------------------------------------------------------------ lifecycle
     async def __aenter__(self) -> Batcher:
         self._task = asyncio.create_task(self._worker(), name=f"batcher:{self.name}")
         return self
@@ -75,33 +234,58 @@ class Batcher:
             except asyncio.CancelledError:
                 pass
             self._task = None
+        stopping = Unavailable(f"variant {self.name} is shutting down; retry", retry_after_s=1.0)
+        self._fail(self._running, stopping)
+        self._running = []
         while self._queue:
-            pending = self._queue.popleft()
-            if not pending.future.done():
-                pending.future.set_exception(Unavailable(f"variant {self.name} is shutting down"))
+            self._fail([self._queue.popleft()], stopping)
+        self._queued_rows = 0
 
-    async def submit(self, inputs: list[np.ndarray]) -> BatchResult:
+    # ------------------------------------------------------------------ admission
+    def predicted_wait_s(self, now: float, rows: int = 0) -> float:
+        """Until a request of ``rows`` rows admitted now would be answered."""
+        ahead = max(self._running_until - now, 0.0) if self.in_flight else 0.0
+        return ahead + self.policy.drain_s(self._queued_rows + rows)
+
+    async def submit(self, inputs: list[np.ndarray], *, budget_ms: float | None = None
+                     ) -> BatchResult:
+        """Queue one request and wait for its share of a batch.
+
+        ``budget_ms``: how long it may take here at most (None: no latency
+        SLO). Raises :class:`Overloaded` when the queue is full and
+        :class:`CannotMeetDeadline` when the prediction says it would be late.
+        """
         if self._task is None:
-            raise Unavailable(f"variant {self.name} is not running")
+            raise Unavailable(f"variant {self.name} is not running", retry_after_s=1.0)
+        now = self._clock()
+        rows = int(inputs[0].shape[0])
+        deadline = None if budget_ms is None else now + budget_ms / 1000.0
         if len(self._queue) >= self.max_queue:
             raise Overloaded(
                 f"queue for {self.name} is full ({self.max_queue} waiting); retry shortly",
-                retry_after_s=0.05,
+                retry_after_s=max(self.predicted_wait_s(now), 0.05),
             )
+        if deadline is not None:
+            wait_s = self.predicted_wait_s(now, rows)
+            if now + wait_s > deadline:
+                raise CannotMeetDeadline(
+                    f"variant {self.name} would answer in {wait_s * 1000:.1f} ms here, over the "
+                    f"{budget_ms:.1f} ms left for this query; place it elsewhere or retry",
+                    retry_after_s=max(wait_s, 0.05))
+        if self._last_arrival:
+            gap = now - self._last_arrival
+            self._gap_s = gap if self._gap_s is None else self._gap_s + self.gap_alpha * (
+                gap - self._gap_s)
+        self._last_arrival = now
+        if self.in_flight:
+            self._arrived_during_run = True
         future: asyncio.Future[BatchResult] = asyncio.get_running_loop().create_future()
-        self._queue.append(_Pending(inputs, int(inputs[0].shape[0]), time.perf_counter(), future))
+        self._queue.append(_Pending(inputs, rows, now, deadline, future))
+        self._queued_rows += rows
         self._wakeup.set()
         return await future
 
-    def _take_batch(self) -> list[_Pending]:
-        batch = [self._queue.popleft()]
-        rows = batch[0].rows
-        while self._queue and rows + self._queue[0].rows <= self.max_batch:
-            item = self._queue.popleft()
-            batch.append(item)
-            rows += item.rows
-        return batch
-
+    # ------------------------------------------------------------------ worker
     async def _worker(self) -> None:
         loop = asyncio.get_running_loop()
         while True:
@@ -109,38 +293,85 @@ class Batcher:
                 self._wakeup.clear()
                 await self._wakeup.wait()
                 continue
-            batch = [p for p in self._take_batch() if not p.future.cancelled()]
-            if not batch:
-                continue
-            self.in_flight = len(batch)
-            started = time.perf_counter()
             try:
-                if len(batch) == 1:
-                    joined = batch[0].inputs
-                else:
-                    joined = [np.concatenate([p.inputs[i] for p in batch])
-                              for i in range(len(batch[0].inputs))]
+                await self._next_batch(loop)
+            except Exception:  # a bug here must fail the queue loudly, not hang it
+                log.exception("batcher %s failed; failing its queue", self.name)
+                failed = Unavailable(f"variant {self.name} failed to batch; retry", retry_after_s=1.0)
+                while self._queue:
+                    self._fail([self._queue.popleft()], failed)
+                self._queued_rows = 0
+
+    async def _next_batch(self, loop: asyncio.AbstractEventLoop) -> None:
+        """Form the next batch (waiting for company when that pays) and run it."""
+        busy = self._arrived_during_run or len(self._queue) > 1
+        now = self._clock()
+        n, wake_at = self.policy.decide(self._queue, now, busy=busy, gap_s=self._gap_s,
+                                        last_arrival=self._last_arrival)
+        if n == 0:
+            before = self._last_arrival
+            await self._wait(loop, wake_at - now)
+            if self._last_arrival != before or not self._queue:
+                return
+            # nobody came: close with what is here
+            n, _ = self.policy.decide(self._queue, self._clock(), busy=False, gap_s=None,
+                                      last_arrival=self._last_arrival)
+        batch = [self._queue.popleft() for _ in range(n)]
+        self._queued_rows -= sum(p.rows for p in batch)
+        batch = [p for p in batch if not p.future.cancelled()]
+        if batch:
+            await self._run_batch(loop, batch)
+
+    async def _wait(self, loop: asyncio.AbstractEventLoop, delay_s: float) -> None:
+        """Wait ``delay_s`` or until a request arrives; sub-tick waits are one loop pass."""
+        self._wakeup.clear()
+        if delay_s < _TIMER_RESOLUTION_S:
+            await asyncio.sleep(0)  # collects requests already read off the sockets
+            return
+        timer = loop.call_later(delay_s, self._wakeup.set)
+        try:
+            await self._wakeup.wait()
+        finally:
+            timer.cancel()
+
+    async def _run_batch(self, loop: asyncio.AbstractEventLoop, batch: list[_Pending]) -> None:
+        rows = sum(p.rows for p in batch)
+        started = self._clock()
+        self._running = batch
+        self.in_flight = len(batch)
+        self._running_until = started + self.policy.compute_s(rows)
+        self._arrived_during_run = False
+        try:
+            if len(batch) == 1:
+                joined = batch[0].inputs
+            else:
+                joined = [np.concatenate([p.inputs[i] for p in batch])
+                          for i in range(len(batch[0].inputs))]
+            if self.policy.runs_inline(rows):
+                outputs = self._run(joined)
+            else:
                 outputs = await loop.run_in_executor(self._executor, self._run, joined)
-            except MeshError as exc:
-                self._fail(batch, exc)
-                continue
-            except Exception as exc:  # a runtime failure must not kill the worker
-                self._fail(batch, Unavailable(f"variant {self.name} failed to run: {exc}"))
-                continue
-            finally:
-                self.in_flight = 0
-            done = time.perf_counter()
-            compute_ms = (done - started) * 1000
-            rows = sum(p.rows for p in batch)
-            self.batches += 1
-            offset = 0
-            for p in batch:
-                part = [o[offset:offset + p.rows] for o in outputs]
-                offset += p.rows
-                self.served += 1
-                if not p.future.done():
-                    p.future.set_result(
-                        BatchResult(part, (started - p.enqueued) * 1000, compute_ms, rows))
+        except MeshError as exc:
+            self._fail(batch, exc)
+            return
+        except Exception as exc:  # a runtime failure must not kill the worker
+            self._fail(batch, Unavailable(f"variant {self.name} failed to run: {exc}"))
+            return
+        finally:
+            self.in_flight = 0
+            self._running = []
+        compute_ms = (self._clock() - started) * 1000
+        self.batches += 1
+        if self._observer is not None:
+            self._observer(rows, compute_ms)
+        offset = 0
+        for p in batch:
+            part = outputs if len(batch) == 1 else [o[offset:offset + p.rows] for o in outputs]
+            offset += p.rows
+            self.served += 1
+            if not p.future.done():
+                p.future.set_result(
+                    BatchResult(part, (started - p.enqueued) * 1000, compute_ms, rows))
 
     @staticmethod
     def _fail(batch: list[_Pending], exc: MeshError) -> None:

@@ -7,6 +7,8 @@
     mesh status [--json]               one row per node: tier, address, variants, queue, p50/p99
     mesh plan --task digits --from edge-1 --latency-ms 10
     mesh variants list [--task T]      the registered variants and their measurements
+    mesh models add NAME --task T --model FILE --validation V.npz [--train T.npz]
+                                       register a model; its variants are made, checked, measured
     mesh topology check FILE           validate and summarise a topology file
     mesh down                          stop everything ``mesh up`` started
     mesh demo                          all of the above with real queries
@@ -20,7 +22,7 @@ from __future__ import annotations
 
 import sys
 
-from mesh.cli import run, topology, variants  # noqa: F401  (registers the commands)
+from mesh.cli import models, run, topology, variants  # noqa: F401  (registers the commands)
 from mesh.cli.app import cli
 
 __all__ = ["cli", "main"]

@@ -21,9 +21,19 @@ class OnnxRuntime:
         options.inter_op_num_threads = 1
         options.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
         options.add_session_config_entry("session.intra_op.allow_spinning", "0")
+        options.add_session_config_entry("session.inter_op.allow_spinning", "0")
         options.log_severity_level = 3
-        return ort.InferenceSession(path, sess_options=options, providers=["CPUExecutionProvider"])
+        session = ort.InferenceSession(path, sess_options=options, providers=["CPUExecutionProvider"])
+        # Input names resolved once: run() is on the hot path.
+        return _Session(session, [i.name for i in session.get_inputs()])
 
     def run(self, session: Any, inputs: list[np.ndarray]) -> list[np.ndarray]:
-        names = [i.name for i in session.get_inputs()]
-        return list(session.run(None, dict(zip(names, inputs, strict=False))))
+        return list(session.session.run(None, dict(zip(session.names, inputs, strict=True))))
+
+
+class _Session:
+    __slots__ = ("session", "names")
+
+    def __init__(self, session: ort.InferenceSession, names: list[str]) -> None:
+        self.session = session
+        self.names = names

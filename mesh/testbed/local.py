@@ -206,6 +206,18 @@ class LocalMesh:
         except OSError:
             return "(no log)"
 
+    def kill(self, node: str) -> None:
+        """SIGKILL one node's process (a crash, for failure tests); the rest keep running."""
+        for role, name, proc in self._procs:
+            if role == "node" and name == node:
+                try:
+                    os.killpg(proc.pid, signal.SIGKILL)
+                except ProcessLookupError:
+                    pass
+                proc.wait(timeout=10)
+                return
+        raise TestbedError(f"no running node {node!r} in this mesh")
+
     # ------------------------------------------------------------------ stop
     def stop(self) -> None:
         _terminate([p.pid for _, _, p in self._procs], self.stop_timeout_s,

@@ -9,8 +9,9 @@ from concurrent.futures import ThreadPoolExecutor
 import numpy as np
 import pytest
 
-from mesh.errors import Overloaded, Unavailable
-from nodes.batching import Batcher
+from mesh.errors import CannotMeetDeadline, Overloaded, Unavailable
+from mesh.registry import Profile
+from nodes.batching import Batcher, BatchPolicy, _Pending
 
 
 class _GatedModel:
@@ -93,3 +94,93 @@ async def test_shutdown_fails_waiting_requests_instead_of_hanging() -> None:
         with pytest.raises(Unavailable, match="shutting down"):
             await waiting
         running.cancel()
+
+
+# --------------------------------------------------------------------------- the policy
+
+# GPU-like: 10 ms a batch plus 0.01 ms a row (waiting for company pays)
+FLAT = Profile(batch_ms={1: 10.01, 32: 10.32})
+# CPU-like: the digits CNN on one thread (every row costs about as much as a lone request)
+STEEP = Profile(batch_ms={1: 0.043, 8: 0.186, 32: 0.771})
+
+
+def _policy(profile: Profile = FLAT, **kw: object) -> BatchPolicy:
+    # margins off so the arithmetic is exact
+    defaults: dict[str, object] = {"max_batch": 32, "profile": profile, "margin_frac": 0.0,
+                                   "margin_ms": 0.0, "max_wait_ms": 2.0}
+    defaults.update(kw)
+    return BatchPolicy(**defaults)  # type: ignore[arg-type]
+
+
+def _pending(enqueued: float, deadline: float | None, rows: int = 1) -> _Pending:
+    return _Pending([np.zeros((rows, 1), np.float32)], rows, enqueued, deadline, None)  # type: ignore[arg-type]
+
+
+def test_a_batch_closes_when_waiting_longer_would_make_its_oldest_request_late() -> None:
+    policy = _policy()
+    queue = [_pending(0.000, deadline=0.0175), _pending(0.001, deadline=0.100)]
+    # three rows take 10.03 ms: the oldest (due at 17.5 ms) can wait until 7.47 ms
+    n, wake_at = policy.decide(queue, 0.002, busy=True, gap_s=0.0015, last_arrival=0.001)
+    assert n == 0 and wake_at == pytest.approx(0.004)  # the next arrival is due first
+    close_at = 0.0175 - policy.compute_s(3)
+    n, wake_at = policy.decide(queue, 0.002, busy=True, gap_s=0.004, last_arrival=0.001)
+    assert n == 0 and wake_at == pytest.approx(close_at)  # the deadline comes first
+    n, _ = policy.decide(queue, close_at, busy=True, gap_s=0.004, last_arrival=0.001)
+    assert n == 2  # closed at the last moment that keeps the oldest on time
+    assert close_at + policy.compute_s(2) <= 0.0175
+
+
+def test_a_batch_never_grows_past_what_its_tightest_deadline_affords() -> None:
+    policy = _policy()
+    queue = [_pending(0.0, deadline=0.0112)] + [_pending(0.0, deadline=1.0) for _ in range(30)]
+    n, _ = policy.decide(queue, 0.001, busy=True, gap_s=0.001, last_arrival=0.0)
+    # 1 ms + (10 + 0.01 n) ms <= 11.2 ms  ->  n <= 20
+    assert n == 20
+    assert 0.001 + policy.compute_s(n) <= 0.0112 < 0.001 + policy.compute_s(n + 1)
+
+
+def test_a_full_batch_closes_at_once_and_late_requests_do_not_shrink_it() -> None:
+    policy = _policy(max_batch=4)
+    queue = [_pending(0.0, deadline=0.0001)] + [_pending(0.0, None) for _ in range(5)]
+    n, _ = policy.decide(queue, 0.001, busy=True, gap_s=0.001, last_arrival=0.0)
+    assert n == 4  # the first is already late: it runs, but does not cap the batch
+
+
+def test_requests_without_a_latency_slo_wait_at_most_the_default_cap() -> None:
+    policy = _policy(max_wait_ms=2.0)
+    queue = [_pending(0.010, None), _pending(0.011, None)]
+    n, wake_at = policy.decide(queue, 0.0112, busy=True, gap_s=0.004, last_arrival=0.011)
+    assert n == 0 and wake_at == pytest.approx(0.012)  # 10 ms + the 2 ms cap
+    n, _ = policy.decide(queue, 0.012, busy=True, gap_s=0.004, last_arrival=0.011)
+    assert n == 2
+
+
+def test_nothing_waits_when_the_node_is_not_busy_or_waiting_would_not_pay() -> None:
+    queue = [_pending(0.0, deadline=1.0), _pending(0.0, deadline=1.0)]
+    n, _ = _policy().decide(queue, 0.0, busy=False, gap_s=0.0001, last_arrival=0.0)
+    assert n == 2
+    # the CNN on a CPU: one more row saves ~20 us of compute, less than 2 x 50 us of waiting
+    n, _ = _policy(STEEP).decide(queue, 0.0, busy=True, gap_s=0.00005, last_arrival=0.0)
+    assert n == 2
+
+
+async def test_a_request_the_queue_would_make_late_is_refused_at_once() -> None:
+    model = _GatedModel()
+    # the profile says a batch takes a second: the one running now ends in about a second
+    policy = BatchPolicy(4, Profile(batch_ms={1: 1000.0, 4: 1000.0}), margin_frac=0.0,
+                         margin_ms=0.0)
+    with ThreadPoolExecutor(1) as pool:
+        async with Batcher("m", model, pool, max_batch=4, max_queue=64, policy=policy) as batcher:
+            running = asyncio.create_task(batcher.submit([np.ones((1, 1), np.float32)]))
+            for _ in range(3):
+                await asyncio.sleep(0)  # the worker takes it and holds it
+            assert batcher.in_flight == 1
+            with pytest.raises(CannotMeetDeadline, match="place it elsewhere") as info:
+                await batcher.submit([np.ones((1, 1), np.float32)], budget_ms=1500.0)
+            assert info.value.status == 503 and info.value.retry_after_s
+            queued = asyncio.create_task(
+                batcher.submit([np.ones((1, 1), np.float32)], budget_ms=60_000.0))
+            await asyncio.sleep(0.01)
+            assert batcher.depth == 2
+            model.gate.set()
+            await asyncio.gather(running, queued)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import shutil
 from pathlib import Path
 
@@ -10,19 +11,20 @@ import onnxruntime as ort
 import pytest
 import torch
 
-from mesh.registry import REGISTRY_FILE, Registry, TensorSpec, Variant
+from mesh.registry import REGISTRY_FILE, Profile, Registry, TensorSpec, Variant
 from mesh.store import ArtifactStore
 from mesh.variants import build, build_bundled, digits
 from mesh.variants.profile import profile_onnx
 
 NAMES = ["digits-linear", "digits-mlp", "digits-cnn"]
+DIGITS = ("digits",)
 
 
 @pytest.fixture(scope="module")
 def built(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, list[Variant]]:
     home = tmp_path_factory.mktemp("home")
     threads, deterministic = torch.get_num_threads(), torch.are_deterministic_algorithms_enabled()
-    variants = build_bundled(home, progress=False)
+    variants = build_bundled(home, families=DIGITS, progress=False)
     # The build must leave torch's process-wide settings as it found them.
     assert (torch.get_num_threads(), torch.are_deterministic_algorithms_enabled()) == (
         threads, deterministic)
@@ -104,7 +106,8 @@ def test_profiles_cover_both_thread_settings_and_batch_sizes(
     for variant in built[1]:
         assert set(variant.profiles) == {"cpu-1t", "cpu-2t"}
         for profile in variant.profiles.values():
-            assert set(profile.batch_ms) == {1, 8, 32}
+            assert set(profile.batch_ms) == {1, 2, 4, 8, 16, 32}
+            assert profile.fit is not None and profile.peak_memory_bytes > 0
             assert all(ms > 0 for ms in profile.batch_ms.values())
             assert profile.cold_start_ms > 0
 
@@ -130,13 +133,14 @@ def test_second_build_is_a_cache_hit(built: tuple[Path, list[Variant]], no_train
     home, variants = built
     registry_file = home / REGISTRY_FILE
     before = registry_file.stat().st_mtime_ns
-    assert build_bundled(home, progress=False) == variants
+    assert build_bundled(home, families=DIGITS, progress=False) == variants
     assert registry_file.stat().st_mtime_ns == before
 
 
 def test_new_hardware_class_is_profiled_without_retraining(
         built: tuple[Path, list[Variant]], home_copy: Path, no_training: None) -> None:
-    variants = build_bundled(home_copy, profile_keys_threads={"cpu-1t": 1, "cpu-3t": 3},
+    variants = build_bundled(home_copy, families=DIGITS,
+                             profile_keys_threads={"cpu-1t": 1, "cpu-3t": 3},
                              progress=False)
     for old, new in zip(built[1], variants, strict=False):
         assert new.sha256 == old.sha256
@@ -150,7 +154,7 @@ def test_forced_rebuild_is_deterministic(built: tuple[Path, list[Variant]], home
                                          capsys: pytest.CaptureFixture[str]) -> None:
     registry_file = home_copy / REGISTRY_FILE
     before = registry_file.stat().st_mtime_ns
-    variants = build_bundled(home_copy, force=True, progress=True)
+    variants = build_bundled(home_copy, families=DIGITS, force=True, progress=True)
     assert "train digits" in capsys.readouterr().err
     assert registry_file.stat().st_mtime_ns != before
     for old, new in zip(built[1], variants, strict=False):
@@ -173,7 +177,7 @@ def test_corrupt_artifact_triggers_a_rebuild(built: tuple[Path, list[Variant]], 
         return real(arch, **kwargs)  # type: ignore[arg-type]
 
     monkeypatch.setattr(digits, "train_variant", counting)
-    variants = build_bundled(home_copy, progress=False)
+    variants = build_bundled(home_copy, families=DIGITS, progress=False)
     assert trained == ["linear", "mlp", "cnn"]
     assert [v.sha256 for v in variants] == [v.sha256 for v in built[1]]
     assert all(store.verify(v.sha256) for v in variants)
@@ -226,3 +230,17 @@ def test_profile_onnx_rejects_bad_arguments(built: tuple[Path, list[Variant]]) -
         profile_onnx(path, linear.inputs[0], threads=1, batch_sizes=(0, 8))
     with pytest.raises(ValueError, match="declare it as -1"):
         profile_onnx(path, TensorSpec("input", "float32", (1, 64)), threads=1)
+
+
+def test_profiles_from_an_older_build_are_refreshed_without_retraining(
+        built: tuple[Path, list[Variant]], home_copy: Path, no_training: None) -> None:
+    registry = Registry.load(home_copy)
+    for name in NAMES:  # what a registry written before latency fits looked like
+        old = registry.get(name)
+        registry.add(dataclasses.replace(old, profiles={
+            k: Profile(p.batch_ms, p.cold_start_ms) for k, p in old.profiles.items()}))
+    registry.save(home_copy)
+    variants = build_bundled(home_copy, families=DIGITS, progress=False)
+    assert [v.sha256 for v in variants] == [v.sha256 for v in built[1]]
+    assert all(p.fit is not None and p.peak_memory_bytes > 0
+               for v in variants for p in v.profiles.values())

@@ -1,0 +1,300 @@
+"""What the benchmarks share: servers in child processes and clients that cost little.
+
+- :func:`start_agent`: a real node agent (``nodes.__main__.serve``, uvloop) in its own
+  process, on a one-node topology, with :class:`~nodes.agent.AgentConfig` overrides.
+- :class:`RawHttp`: a blocking keep-alive HTTP/1.1 client over a raw socket, for
+  sequential latency (``http.client`` would add ~100 us of its own per request);
+  it also speaks the msgpack stream (:mod:`mesh.stream`) when given INFER frames.
+- :func:`closed_loop`: C connections in a child process, each sending its next
+  request as soon as the last answer arrives, for a fixed time (uvloop, raw protocol).
+
+Everything talks to 127.0.0.1 only, and every loop is bounded in count and time.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import multiprocessing as mp
+import os
+import platform
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+import urllib.request
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import yaml
+
+ROOT = Path(__file__).resolve().parents[1]
+HOST = "127.0.0.1"
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind((HOST, 0))
+        return int(s.getsockname()[1])
+
+
+def machine() -> dict[str, Any]:
+    return {"python": platform.python_version(), "cpus": os.cpu_count(),
+            "processor": platform.processor() or platform.machine(),
+            "note": "shared 2-core sandbox; client and server compete for the cores"}
+
+
+def percentiles_us(samples_s: list[float]) -> dict[str, float]:
+    arr = np.asarray(samples_s) * 1e6
+    return {"p50_us": round(float(np.percentile(arr, 50)), 1),
+            "p90_us": round(float(np.percentile(arr, 90)), 1),
+            "p95_us": round(float(np.percentile(arr, 95)), 1),
+            "p99_us": round(float(np.percentile(arr, 99)), 1),
+            "mean_us": round(float(arr.mean()), 1), "n": len(samples_s)}
+
+
+def http_request(path: str, body: bytes, content_type: str,
+                 headers: dict[str, str] | None = None) -> bytes:
+    lines = [f"POST {path} HTTP/1.1", f"Host: {HOST}", f"Content-Type: {content_type}",
+             f"Content-Length: {len(body)}"]
+    lines += [f"{k}: {v}" for k, v in (headers or {}).items()]
+    return ("\r\n".join(lines) + "\r\n\r\n").encode() + body
+
+
+def stream_request(body: bytes) -> bytes:
+    """An INFER frame of the msgpack stream (mesh.stream) carrying ``body``."""
+    from mesh.stream import INFER, frame
+
+    return frame(1, INFER, body)
+
+
+def _parse_frame(buf: bytes) -> tuple[int, int] | None:
+    """(200 for an answer or 500 for an error, total length) of the first frame, or None."""
+    if len(buf) < 9:
+        return None
+    length = int.from_bytes(buf[:4], "big")
+    if len(buf) < 9 + length:
+        return None
+    return (200 if buf[8] == 2 else 500), 9 + length
+
+
+def _parse(buf: bytes) -> tuple[int, int] | None:
+    """(status, total length) of the first complete response in ``buf``, or None."""
+    if buf[:4] != b"HTTP":
+        return _parse_frame(buf)
+    end = buf.find(b"\r\n\r\n")
+    if end < 0:
+        return None
+    head = buf[:end].split(b"\r\n")
+    status = int(head[0].split(b" ", 2)[1])
+    length = 0
+    for line in head[1:]:
+        if line[:15].lower() == b"content-length:":
+            length = int(line[15:])
+    total = end + 4 + length
+    return (status, total) if len(buf) >= total else None
+
+
+class RawHttp:
+    """Blocking keep-alive client. ``roundtrip`` returns (status, body)."""
+
+    def __init__(self, port: int) -> None:
+        self.sock = socket.create_connection((HOST, port))
+        self.sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+
+    def roundtrip(self, request: bytes) -> tuple[int, bytes]:
+        self.sock.sendall(request)
+        buf = b""
+        while True:
+            chunk = self.sock.recv(1 << 16)
+            if not chunk:
+                raise ConnectionError("server closed the connection")
+            buf += chunk
+            parsed = _parse(buf)
+            if parsed:
+                status, total = parsed
+                start = buf.find(b"\r\n\r\n") + 4 if buf[:4] == b"HTTP" else 9
+                return status, buf[start:total]
+
+    def close(self) -> None:
+        self.sock.close()
+
+
+def sequential(port: int, request: bytes, *, n: int, warmup: int = 300) -> list[float]:
+    """Latency of ``n`` requests sent one after another (after ``warmup``)."""
+    client = RawHttp(port)
+    try:
+        for _ in range(warmup):
+            status, body = client.roundtrip(request)
+            if status != 200:
+                raise RuntimeError(f"HTTP {status}: {body[:300]!r}")
+        out = []
+        for _ in range(n):
+            t0 = time.perf_counter()
+            client.roundtrip(request)
+            out.append(time.perf_counter() - t0)
+        return out
+    finally:
+        client.close()
+
+
+# --------------------------------------------------------------------------- closed loop
+
+
+class _Conn(asyncio.Protocol):
+    def __init__(self, request: bytes, stats: dict[str, Any], stop_at: float, warm_until: float,
+                 done: asyncio.Future[None]) -> None:
+        self.request, self.stats, self.stop_at, self.warm_until = request, stats, stop_at, warm_until
+        self.done = done
+        self.buf = b""
+        self.sent = 0.0
+
+    def connection_made(self, transport: Any) -> None:
+        self.transport = transport
+        transport.get_extra_info("socket").setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        self._send()
+
+    def _send(self) -> None:
+        self.sent = time.perf_counter()
+        self.transport.write(self.request)
+
+    def data_received(self, data: bytes) -> None:
+        self.buf += data
+        while True:
+            parsed = _parse(self.buf)
+            if parsed is None:
+                return
+            status, total = parsed
+            self.buf = self.buf[total:]
+            now = time.perf_counter()
+            if now >= self.warm_until:
+                self.stats["status"][status] = self.stats["status"].get(status, 0) + 1
+                if status == 200:
+                    self.stats["latencies"].append(now - self.sent)
+            if now >= self.stop_at:
+                self.transport.close()
+                if not self.done.done():
+                    self.done.set_result(None)
+                return
+            self._send()
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        if not self.done.done():
+            self.done.set_result(None)
+
+
+async def _closed_loop(port: int, request: bytes, concurrency: int, seconds: float,
+                       warmup_s: float) -> dict[str, Any]:
+    loop = asyncio.get_running_loop()
+    stats: dict[str, Any] = {"status": {}, "latencies": []}
+    start = time.perf_counter()
+    warm_until, stop_at = start + warmup_s, start + warmup_s + seconds
+    dones = []
+    for _ in range(concurrency):
+        done = loop.create_future()
+        await loop.create_connection(
+            lambda d=done: _Conn(request, stats, stop_at, warm_until, d), HOST, port)
+        dones.append(done)
+    await asyncio.wait_for(asyncio.gather(*dones), timeout=warmup_s + seconds + 30)
+    ok = stats["status"].get(200, 0)
+    return {"completed": ok, "status": {str(k): v for k, v in stats["status"].items()},
+            "duration_s": seconds, "throughput_rps": round(ok / seconds, 1),
+            "latency": percentiles_us(stats["latencies"]) if stats["latencies"] else {}}
+
+
+def _closed_loop_child(port: int, request: bytes, concurrency: int, seconds: float,
+                       warmup_s: float, out: Any) -> None:
+    import uvloop
+
+    out.send(uvloop.run(_closed_loop(port, request, concurrency, seconds, warmup_s)))
+
+
+def closed_loop(port: int, request: bytes, *, concurrency: int, seconds: float,
+                warmup_s: float = 1.0) -> dict[str, Any]:
+    """Saturate a server with ``concurrency`` connections from a child process."""
+    ctx = mp.get_context("spawn")
+    parent, child = ctx.Pipe(duplex=False)
+    proc = ctx.Process(target=_closed_loop_child,
+                       args=(port, request, concurrency, seconds, warmup_s, child), daemon=True)
+    proc.start()
+    try:
+        if not parent.poll(warmup_s + seconds + 60):
+            raise RuntimeError("load generator did not report")
+        return parent.recv()
+    finally:
+        proc.join(timeout=10)
+        if proc.is_alive():
+            proc.kill()
+
+
+# --------------------------------------------------------------------------- agents
+
+
+def one_node_topology(variants: list[str], *, threads: int = 1, memory_mb: int = 1024,
+                      max_queue: int = 256) -> dict[str, Any]:
+    return {"name": "bench",
+            "hardware": {"edge-cpu": {"kind": "cpu", "threads": threads, "memory_mb": memory_mb}},
+            "nodes": [{"name": "edge-1", "tier": "edge", "hardware": "edge-cpu",
+                       "variants": variants, "max_queue": max_queue}]}
+
+
+@contextlib.contextmanager
+def start_agent(home: Path, topology: dict[str, Any], *, options: dict[str, Any] | None = None,
+                timeout_s: float = 60.0) -> Iterator[int]:
+    """A node agent process serving ``edge-1`` of ``topology``; yields its port."""
+    port = free_port()
+    with tempfile.TemporaryDirectory(prefix="tiermesh-bench-") as tmp:
+        topo = Path(tmp) / "topology.yaml"
+        topo.write_text(yaml.safe_dump(topology))
+        spec = {"topology": str(topo), "home": str(home), "node": "edge-1", "port": port,
+                "options": options or {}}
+        log = open(Path(tmp) / "agent.log", "wb")  # noqa: SIM115 - closed below
+        proc = subprocess.Popen([sys.executable, __file__, "agent", json.dumps(spec)],
+                                stdout=log, stderr=subprocess.STDOUT, cwd=ROOT)
+        try:
+            deadline = time.monotonic() + timeout_s
+            while True:
+                if proc.poll() is not None:
+                    raise RuntimeError("agent exited: " + (Path(tmp) / "agent.log").read_text()[-2000:])
+                try:
+                    with urllib.request.urlopen(f"http://{HOST}:{port}/v2/health/ready",
+                                                timeout=1) as r:
+                        if r.status == 200:
+                            break
+                except OSError:
+                    pass
+                if time.monotonic() > deadline:
+                    raise RuntimeError("agent not ready in time")
+                time.sleep(0.1)
+            yield port
+        finally:
+            proc.terminate()
+            try:
+                proc.wait(timeout=10)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                proc.wait()
+            log.close()
+
+
+def _agent_main(spec: dict[str, Any]) -> None:
+    sys.path.insert(0, str(ROOT))
+    import uvloop
+
+    from mesh.topology import load_topology
+    from nodes.__main__ import serve
+    from nodes.agent import AgentConfig
+
+    config = AgentConfig(node=spec["node"], topology=load_topology(spec["topology"]),
+                         home=Path(spec["home"]), host=HOST, port=spec["port"],
+                         **spec["options"])
+    uvloop.run(serve(config, f"http://{HOST}:{spec['port']}"))
+
+
+if __name__ == "__main__":
+    if len(sys.argv) == 3 and sys.argv[1] == "agent":
+        _agent_main(json.loads(sys.argv[2]))

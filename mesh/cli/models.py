@@ -1,0 +1,69 @@
+"""``mesh models add``: register one model; the factory makes, checks and measures its variants."""
+
+from __future__ import annotations
+
+import click
+from rich.table import Table
+
+from mesh.cli.app import cli, console, home_of
+from mesh.cli.variants import rejected_table, variants_table
+
+__all__ = ["models"]
+
+
+@cli.group()
+def models() -> None:
+    """Submitted models and the variant families made from them."""
+
+
+@models.command("add")
+@click.argument("name")
+@click.option("--task", required=True, help="Task the family serves, e.g. 'digits'.")
+@click.option("--model", "model", required=True,
+              help="ONNX file, torch.export .pt2, TorchScript file, or package.module:factory.")
+@click.option("--weights", type=click.Path(dir_okay=False, exists=True), default=None,
+              help="State dict for a module:factory model (torch.save(model.state_dict())).")
+@click.option("--validation", required=True, type=click.Path(dir_okay=False, exists=True),
+              help=".npz with 'x' (or x0, x1, ...) and optional labels 'y'.")
+@click.option("--train", type=click.Path(dir_okay=False, exists=True), default=None,
+              help=".npz training set: also distil a smaller student.")
+@click.option("--kind", type=click.Choice(["classes", "embedding"]), default="classes",
+              show_default=True, help="How outputs are compared: argmax or cosine.")
+@click.option("--formats", default=None,
+              help="Comma-separated variants to attempt (default: all the model allows).")
+@click.option("--max-batch", default=32, show_default=True, type=click.IntRange(1, 4096))
+@click.option("--replace", is_flag=True, help="Replace an existing family of the same NAME.")
+@click.pass_context
+def models_add(ctx: click.Context, name: str, task: str, model: str, weights: str | None,
+               validation: str, train: str | None, kind: str, formats: str | None,
+               max_batch: int, replace: bool) -> None:
+    """Register model NAME: generate, check, measure and store its variants."""
+    from mesh.variants.factory import register_model
+
+    wanted = [f.strip() for f in formats.split(",") if f.strip()] if formats else None
+    try:
+        report = register_model(home_of(ctx), name, task=task, model=model, weights=weights,
+                                validation=validation, train=train, kind=kind, formats=wanted,
+                                max_batch=max_batch, replace=replace)
+    except (ValueError, FileNotFoundError) as exc:
+        raise click.ClickException(str(exc)) from None
+    except ModuleNotFoundError as exc:
+        raise click.ClickException(
+            f"this model needs {exc.name}, which is not installed: "
+            "pip install -e '.[build,convert]'") from None
+    if report.accepted:
+        variants_table(report.accepted, title=f"{name}: {len(report.accepted)} variant(s) "
+                                              f"accepted for task {task!r}")
+    else:
+        console.print(f"[red]{name}: no variant was accepted[/red]")
+    if report.rejected:
+        rejected_table(report.rejected, title="rejected (never routed to)")
+    if report.skipped:
+        table = Table(title="not attempted")
+        table.add_column("variant")
+        table.add_column("why")
+        for suffix, why in sorted(report.skipped.items()):
+            table.add_row(f"{name}-{suffix}", why)
+        console.print(table)
+    if not report.accepted:
+        raise click.exceptions.Exit(1)

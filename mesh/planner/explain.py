@@ -1,0 +1,33 @@
+"""Why a candidate lost: one short phrase per candidate, for ``mesh plan``."""
+
+from __future__ import annotations
+
+from mesh.planner.model import Decision, Scored
+
+__all__ = ["why_not"]
+
+
+def why_not(decision: Decision, s: Scored) -> str:
+    """Why ``s`` is not the decision's winner ("" for the winner itself)."""
+    c = s.candidate
+    if (c.node, c.variant) == (decision.node, decision.variant):
+        return ""
+    if not s.feasible:
+        return "; ".join(s.problems)
+    if not decision.feasible:
+        return "feasible, but the chosen one was forced"  # cannot happen: kept for honesty
+    total, best_total = s.prediction.total_ms, decision.prediction.total_ms
+    policy = "cheapest" if decision.policy == "cascade" else decision.policy
+    if policy == "cheapest" and s.cost_per_1k > decision.cost_per_1k * 1.0001:
+        return f"costs {s.cost_per_1k / max(decision.cost_per_1k, 1e-15):.2f}x the winner"
+    if policy == "most-accurate" and c.accuracy < decision.accuracy - 1e-9:
+        return f"less accurate ({c.accuracy:.4f} < {decision.accuracy:.4f})"
+    if policy == "fastest" and total > best_total + 1e-9:
+        return f"slower by {total - best_total:.2f} ms"
+    if decision.runner_up == f"{c.node}/{c.variant}":
+        return "lost the power-of-two draw (more loaded)"
+    if total > best_total + 1e-9:
+        return f"ties on {policy} but {total - best_total:.2f} ms slower"
+    if s.cost_per_1k > decision.cost_per_1k * 1.0001:
+        return f"ties on {policy} but costs {s.cost_per_1k / max(decision.cost_per_1k, 1e-15):.2f}x"
+    return "equivalent; not drawn this time"

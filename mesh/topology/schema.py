@@ -1,0 +1,190 @@
+"""The topology file schema: pydantic models whose field names are the YAML keys.
+
+Everything here validates one field at a time; cross-references (a node's
+hardware class, a link's ends, a group's parents, a tenant's node globs) are
+checked by :mod:`mesh.topology.load`, which also expands ``groups``.
+"""
+
+from __future__ import annotations
+
+import fnmatch
+from typing import Literal
+
+from pydantic import BaseModel, ConfigDict, Field
+
+__all__ = [
+    "TIERS",
+    "TIER_RANK",
+    "Tier",
+    "NAME_PATTERN",
+    "Accelerator",
+    "HardwareClass",
+    "TierSpec",
+    "Node",
+    "Link",
+    "Spread",
+    "GroupLink",
+    "Group",
+    "Tenant",
+    "MembershipSpec",
+    "TopologyFile",
+]
+
+TIERS: tuple[str, ...] = ("edge", "intermediate", "core")
+#: Position of a tier from the devices outwards; parents sit in a higher (or the same) tier.
+TIER_RANK: dict[str, int] = {tier: i for i, tier in enumerate(TIERS)}
+Tier = Literal["edge", "intermediate", "core"]
+NAME_PATTERN = r"^[a-z0-9]([a-z0-9-]*[a-z0-9])?$"
+
+
+class _Schema(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class Accelerator(_Schema):
+    """One kind of accelerator in a machine (``{type: t4, count: 1, memory_mb: 16384}``)."""
+
+    type: str = Field(min_length=1)
+    count: int = Field(1, ge=1, le=64)
+    memory_mb: int = Field(0, ge=0)
+
+
+class HardwareClass(_Schema):
+    """A kind of machine, shared by every node that names it.
+
+    ``threads`` is what one node agent may use for compute (and selects the
+    latency profile); ``cores`` is what the machine has. ``power_w`` is the
+    draw while computing, so energy per inference is ``power_w`` x compute
+    time plus the fixed ``energy_per_inference_j``.
+    """
+
+    kind: Literal["cpu", "cuda"] = "cpu"
+    threads: int = Field(1, ge=1, le=256)
+    cores: int | None = Field(None, ge=1, le=4096)
+    memory_mb: int = Field(1024, ge=64)
+    accelerators: tuple[Accelerator, ...] = ()
+    cost_per_hour: float = Field(0.0, ge=0)
+    power_w: float = Field(0.0, ge=0, le=100_000)
+    energy_per_inference_j: float = Field(0.0, ge=0)
+
+    @property
+    def profile_key(self) -> str:
+        """The key under which variant latencies for this class are stored."""
+        return f"{self.kind}-{self.threads}t"
+
+    @property
+    def total_cores(self) -> int:
+        return self.cores if self.cores is not None else self.threads
+
+
+class TierSpec(_Schema):
+    """Defaults for the nodes of one tier (a node's own keys win)."""
+
+    description: str = ""
+    variants: tuple[str, ...] | None = None
+    max_queue: int | None = Field(None, ge=1)
+
+
+class Node(_Schema):
+    name: str = Field(min_length=1, max_length=63, pattern=NAME_PATTERN)
+    tier: Tier
+    hardware: str
+    #: Variant names or glob patterns this node may host; missing = the tier's default.
+    variants: tuple[str, ...] | None = None
+    max_queue: int | None = Field(None, ge=1)
+    #: The node it reports to; missing = derived (the nearest linked node of a higher tier).
+    parent: str | None = None
+
+    def allows(self, variant: str) -> bool:
+        """Whether this node may host ``variant`` (entries may be glob patterns)."""
+        return any(fnmatch.fnmatchcase(variant, pattern) for pattern in self.variants or ())
+
+    @property
+    def queue_limit(self) -> int:
+        return self.max_queue if self.max_queue is not None else 256
+
+
+class Link(_Schema):
+    between: tuple[str, str]
+    latency_ms: float = Field(ge=0, le=60_000)
+    bandwidth_mbps: float = Field(gt=0)
+    loss: float = Field(0.0, ge=0, lt=1)
+
+
+#: A number, or ``[low, high]`` spread evenly over the replicas that share a parent.
+Spread = float | tuple[float, float]
+
+
+class GroupLink(_Schema):
+    """The link from every replica of a group to its parent."""
+
+    latency_ms: Spread
+    bandwidth_mbps: Spread
+    loss: Spread = 0.0
+
+
+class Group(_Schema):
+    """Many identical nodes, expanded at load time into ``{name}-{start}``, ``{name}-{start+1}``...
+
+    Give ``count`` (replicas shared out in contiguous blocks over the
+    parents) or ``per_parent`` (that many under each parent).
+    """
+
+    name: str = Field(min_length=1, max_length=50, pattern=NAME_PATTERN)
+    tier: Tier
+    hardware: str
+    parents: tuple[str, ...] = Field(min_length=1)
+    count: int | None = Field(None, ge=1, le=1_000_000)
+    per_parent: int | None = Field(None, ge=1, le=100_000)
+    start: int = Field(1, ge=0)
+    variants: tuple[str, ...] | None = None
+    max_queue: int | None = Field(None, ge=1)
+    link: GroupLink
+
+
+class Tenant(_Schema):
+    """Who may use the mesh and where their queries may run (glob patterns)."""
+
+    name: str = Field(min_length=1, max_length=63, pattern=NAME_PATTERN)
+    nodes: tuple[str, ...] = ("*",)
+    tasks: tuple[str, ...] = ("*",)
+
+    def may_use(self, node: str) -> bool:
+        return any(fnmatch.fnmatchcase(node, p) for p in self.nodes)
+
+    def may_run(self, task: str) -> bool:
+        return any(fnmatch.fnmatchcase(task, p) for p in self.tasks)
+
+
+class MembershipSpec(_Schema):
+    """Heartbeats and failure detection.
+
+    A node sends its load to its parent every ``heartbeat_interval_s``; a
+    parent counts a child down after ``missed_heartbeats`` intervals without
+    one (``down_after_s``), and a child counts its parent down after as long
+    without an answer. Load reports older than ``stale_after_s`` are ignored.
+    A peer never heard from at all gets ``startup_grace_s`` more, so nodes of
+    a mesh that start one after another do not call each other down.
+    """
+
+    heartbeat_interval_s: float = Field(0.5, gt=0, le=60)
+    missed_heartbeats: int = Field(3, ge=1, le=100)
+    stale_after_s: float = Field(5.0, gt=0, le=3600)
+    startup_grace_s: float = Field(10.0, ge=0, le=3600)
+
+    @property
+    def down_after_s(self) -> float:
+        return self.heartbeat_interval_s * self.missed_heartbeats
+
+
+class TopologyFile(_Schema):
+    name: str = Field(min_length=1)
+    tiers: dict[Tier, TierSpec] = {}
+    hardware: dict[str, HardwareClass] = Field(min_length=1)
+    nodes: list[Node] = []
+    groups: list[Group] = []
+    links: list[Link] = []
+    tenants: list[Tenant] = []
+    membership: MembershipSpec = MembershipSpec()
+    #: What a kWh costs (USD); turns energy per inference into money for ``cheapest``.
+    energy_cost_per_kwh: float = Field(0.15, ge=0)

@@ -1,0 +1,271 @@
+"""Membership: heartbeats up, versioned summaries down, failure detection. The I/O half.
+
+Every ``heartbeat_interval_s`` (from the topology's ``membership`` section)
+a node
+
+1. records its own load in its :class:`~mesh.state.MeshView`;
+2. counts as down every child it has not heard from for ``down_after_s``;
+3. POSTs a heartbeat to its parent, through the emulated link
+   (``AgentConfig.neighbours``): its own load with its subtree aggregated,
+   then the nodes below it, and the summary version it holds. The answer
+   carries the parent's summary (the parent, its other children and what it
+   inherited from above) only when that version is stale, so an edge node
+   knows its siblings and ancestors and decides locally, without a round
+   trip per query. A parent that has not answered for ``down_after_s``
+   counts as down, and on a tree so does everything beyond it.
+
+A node that dies is therefore seen as down by its parent within
+``down_after_s`` plus one interval, and by every node of the mesh within one
+more interval per level of the hierarchy. The pure parts (aggregation,
+versions, detection) are :class:`~mesh.state.Subtree` and friends.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import time
+import uuid
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+from typing import Any
+
+import aiohttp
+from aiohttp import web
+
+from mesh.errors import InvalidInput
+from mesh.state import FailureDetector, LoadEntry, MeshView, RateMeter, Subtree, apply_entries
+from mesh.topology import Topology
+from mesh.wire import pack, unpack
+
+__all__ = ["LocalLoad", "Membership", "HEARTBEAT_PATH"]
+
+log = logging.getLogger("tiermesh.membership")
+
+HEARTBEAT_PATH = "/v1/membership/heartbeat"
+STATUS_PATH = "/v1/membership"
+MSGPACK = "application/msgpack"
+
+
+@dataclass(frozen=True, slots=True)
+class LocalLoad:
+    """What a node says about itself on each heartbeat."""
+
+    queue_depth: int
+    loaded: frozenset[str]
+    failed: frozenset[str]
+    #: Requests received since start (the arrival rate is derived from it).
+    requests: int
+
+
+def load_from_status(status: Mapping[str, Any]) -> LocalLoad:
+    """Read a node agent's ``status()`` (its public summary of itself)."""
+    variants = status.get("variants", [])
+    return LocalLoad(
+        queue_depth=int(status.get("queue_depth", 0)),
+        loaded=frozenset(v["name"] for v in variants if v.get("loaded")),
+        # a variant not loaded may just be unloaded (loaded on demand); only "error" means failed
+        failed=frozenset(v["name"] for v in variants if "error" in v),
+        requests=int(status.get("requests", 0)),
+    )
+
+
+class Membership:
+    """One node's membership. An async context manager that owns one task and one session."""
+
+    def __init__(self, node: str, topology: Topology, view: MeshView, *,
+                 neighbours: Mapping[str, str], local_load: Callable[[], LocalLoad],
+                 clock: Callable[[], float] = time.monotonic) -> None:
+        self.node = node
+        self.topology = topology
+        self.view = view
+        self.spec = topology.membership
+        # Summaries are refreshed at half this age, so the view must age on the same scale.
+        view.stale_after_s = self.spec.stale_after_s
+        self.neighbours = dict(neighbours)
+        self.local_load = local_load
+        self.clock = clock
+        self.parent = topology.parent.get(node)
+        now = clock()
+        grace = self.spec.startup_grace_s
+        self.subtree = Subtree(node, topology.children[node], down_after_s=self.spec.down_after_s,
+                               stale_after_s=self.spec.stale_after_s, now=now,
+                               startup_grace_s=grace)
+        self.upstream = FailureDetector([self.parent] if self.parent else [],
+                                        down_after_s=self.spec.down_after_s, now=now,
+                                        startup_grace_s=grace)
+        self.epoch = uuid.uuid4().hex[:12]
+        self._known: tuple[str, int] = ("", -1)  # the parent's (epoch, version) we hold
+        self._rate = RateMeter()
+        self._own = LoadEntry(node, 0)
+        self._cut_off: list[str] = []  # what we marked down when the parent went
+        self._task: asyncio.Task[None] | None = None
+        self._http: aiohttp.ClientSession | None = None
+        self.heartbeats_sent = 0
+        self.heartbeats_failed = 0
+
+    @classmethod
+    def for_agent(cls, agent: Any) -> Membership:
+        """Membership for a :class:`~nodes.agent.NodeAgent` (its view, neighbours, status)."""
+        config = agent.config
+        return cls(config.node, config.topology, agent.view, neighbours=config.neighbours,
+                   local_load=lambda: load_from_status(agent.status()), clock=agent.clock)
+
+    # ------------------------------------------------------------------ lifecycle
+    async def __aenter__(self) -> Membership:
+        timeout = max(self.spec.heartbeat_interval_s, 0.05)
+        self._http = aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=timeout))
+        self._tick()  # our own entry is in the view before the first query
+        self._task = asyncio.create_task(self._run(), name=f"membership:{self.node}")
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        if self._task is not None:
+            self._task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._task
+            self._task = None
+        if self._http is not None:
+            await self._http.close()
+            self._http = None
+
+    def add_routes(self, app: web.Application) -> None:
+        app[MEMBERSHIP] = self
+        app.router.add_post(HEARTBEAT_PATH, _heartbeat_handler)
+        app.router.add_get(STATUS_PATH, _status_handler)
+
+    # ------------------------------------------------------------------ the loop
+    async def _run(self) -> None:
+        interval = self.spec.heartbeat_interval_s
+        while True:
+            started = self.clock()
+            try:
+                self._tick()
+                if self.parent is not None:
+                    await self._heartbeat()
+            except asyncio.CancelledError:
+                raise
+            except Exception:  # one bad round must not end membership
+                log.exception("membership round failed on %s", self.node)
+            await asyncio.sleep(max(interval - (self.clock() - started), 0.0))
+
+    def _tick(self) -> None:
+        now = self.clock()
+        load = self.local_load()
+        rate = self._rate.update(load.requests, now)
+        self._own = LoadEntry(self.node, load.queue_depth, 0.0, True, rate, load.loaded,
+                              load.failed)
+        self.view.report(self.node, load.queue_depth, now, loaded=load.loaded,
+                         failed=load.failed, arrival_rate=rate)
+        for child in self.subtree.check(now):
+            unreachable = self._beyond(child)
+            log.warning("%s: child %s missed heartbeats for %.1f s; %d node(s) down", self.node,
+                        child, self.spec.down_after_s, len(unreachable))
+            self.view.set_down(unreachable, now)
+
+    def _beyond(self, child: str) -> list[str]:
+        """What becomes unreachable from here when ``child`` is down."""
+        return self.topology.subtree(child) if self.topology.is_tree else [child]
+
+    async def _heartbeat(self) -> None:
+        assert self.parent is not None and self._http is not None
+        now = self.clock()
+        url = self.neighbours.get(self.parent)
+        body = {"node": self.node, "epoch": self._known[0], "version": self._known[1],
+                "entries": [e.to_wire() for e in self.subtree.report_up(self._own, now)]}
+        reply: Any = None
+        if url is not None:
+            self.heartbeats_sent += 1
+            try:
+                async with self._http.post(url + HEARTBEAT_PATH, data=pack(body),
+                                           headers={"Content-Type": MSGPACK}) as resp:
+                    data = await resp.read()
+                    if resp.status == 200:
+                        reply = unpack(data)
+                    else:
+                        log.warning("%s: heartbeat to %s answered %d", self.node, self.parent,
+                                    resp.status)
+            except (TimeoutError, aiohttp.ClientError, InvalidInput):
+                pass
+        now = self.clock()
+        if not isinstance(reply, dict):
+            self.heartbeats_failed += 1
+            if self.upstream.check(now):
+                self._cut_off = self._outside() if self.topology.is_tree else [self.parent]
+                log.warning("%s: parent %s has not answered for %.1f s; %d node(s) down",
+                            self.node, self.parent, self.spec.down_after_s, len(self._cut_off))
+                self.view.set_down(self._cut_off, now)
+                self.subtree.cut_off(self._cut_off)  # and tell the children
+            return
+        if self.upstream.heard(self.parent, now):
+            log.info("%s: parent %s is back", self.node, self.parent)
+            self.view.clear_down(self._cut_off)
+            self._cut_off = []
+            self.subtree.cut_off(())
+        entries = reply.get("entries")
+        if isinstance(entries, list):
+            parsed = [LoadEntry.from_wire(e, where=f"entries[{i}]") for i, e in enumerate(entries)]
+            self.subtree.inherit(parsed, now)
+            apply_entries(self.view, parsed, now, skip=frozenset({self.node}))
+            self._known = (str(reply.get("epoch", "")), int(reply.get("version", -1)))
+
+    def _outside(self) -> list[str]:
+        mine = set(self.topology.subtree(self.node))
+        return [n for n in self.topology.nodes if n not in mine]
+
+    # ------------------------------------------------------------------ the parent's side
+    def on_heartbeat(self, body: Any) -> dict[str, Any]:
+        """A child's heartbeat: record it, answer with our summary if its copy is stale."""
+        if not isinstance(body, dict):
+            raise InvalidInput("heartbeat: must be a map with node, version and entries")
+        child, entries = body.get("node"), body.get("entries")
+        if not isinstance(child, str) or not isinstance(entries, list) or not entries:
+            raise InvalidInput("heartbeat: node (a name) and entries (a non-empty list) required")
+        version = body.get("version", -1)
+        if not isinstance(version, int) or isinstance(version, bool):
+            raise InvalidInput("heartbeat.version: must be an integer")
+        parsed = [LoadEntry.from_wire(e, where=f"entries[{i}]") for i, e in enumerate(entries)]
+        now = self.clock()
+        if self.subtree.heartbeat(child, parsed, now):
+            log.info("%s: child %s is back", self.node, child)
+            self.view.clear_down(self._beyond(child))
+        apply_entries(self.view, parsed, now)
+        known = version if body.get("epoch") == self.epoch else -1
+        current, summary = self.subtree.summary_for(child, self._own, known, now)
+        reply: dict[str, Any] = {"epoch": self.epoch, "version": current}
+        if summary is not None:
+            reply["entries"] = [e.to_wire() for e in summary]
+        return reply
+
+    def status(self) -> dict[str, Any]:
+        now = self.clock()
+        return {
+            "node": self.node,
+            "parent": self.parent,
+            "parent_down": bool(self.upstream.down),
+            "children": {c: {"down": c in self.subtree.detector.down,
+                             "last_heard_s": round(now - t, 3)}
+                         for c, t in sorted(self.subtree.detector.last_heard.items())},
+            "summary_version": self.subtree.version,
+            "held_version": self._known[1],
+            "subtree": self.subtree.aggregate(self._own, now).to_wire(),
+            "heartbeats_sent": self.heartbeats_sent,
+            "heartbeats_failed": self.heartbeats_failed,
+            "heartbeat_interval_s": self.spec.heartbeat_interval_s,
+            "down_after_s": self.spec.down_after_s,
+        }
+
+
+MEMBERSHIP = web.AppKey("membership", Membership)
+
+
+async def _heartbeat_handler(request: web.Request) -> web.Response:
+    membership = request.app[MEMBERSHIP]
+    reply = membership.on_heartbeat(unpack(await request.read()))
+    return web.Response(body=pack(reply), content_type=MSGPACK)
+
+
+async def _status_handler(request: web.Request) -> web.Response:
+    membership = request.app[MEMBERSHIP]
+    return web.json_response(membership.status())

@@ -1,0 +1,77 @@
+"""The registry file: round trips, older files, rejected variants kept apart."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from mesh.errors import UnknownTask
+from mesh.registry import REGISTRY_FILE, LatencyFit, Profile, Registry, Rejection, TensorSpec, Variant
+
+
+def _variant(name: str, family: str = "fam", **extra: object) -> Variant:
+    return Variant(
+        name=name, task="t", family=family, arch="original", format="onnx", precision="fp32",
+        sha256="a" * 64, size_bytes=10, accuracy=0.9, accuracy_metric="top1", macs=0,
+        inputs=(TensorSpec("input", "float32", (-1, 4)),),
+        outputs=(TensorSpec("output", "float32", (-1, 2)),), **extra)  # type: ignore[arg-type]
+
+
+def test_factory_fields_survive_a_save_and_load(tmp_path: Path) -> None:
+    profile = Profile({1: 0.5, 32: 3.0}, cold_start_ms=12.0, peak_memory_bytes=4096,
+                      fit=LatencyFit(0.4, 0.08, 0.05))
+    variant = _variant("fam-onnx-int8", parent="fam-torch-fp32", quantization="static",
+                       agreement={"top1_agreement": 0.99}, assets={"tokenizer.json": "b" * 64},
+                       profiles={"cpu-1t": profile})
+    registry = Registry()
+    registry.add(variant)
+    registry.reject(Rejection("fam-tflite-int8", "t", "fam", "tflite", "int8", "agreement",
+                              "disagrees", {"top1_agreement": 0.1}))
+    registry.save(tmp_path)
+    loaded = Registry.load(tmp_path)
+    assert loaded.get("fam-onnx-int8") == variant
+    assert loaded.rejected == registry.rejected
+    assert loaded.get("fam-onnx-int8").profiles["cpu-1t"].fit == LatencyFit(0.4, 0.08, 0.05)
+
+
+def test_a_registry_written_before_the_factory_still_loads(tmp_path: Path) -> None:
+    old = _variant("digits-mlp").to_json()
+    for key in ("parent", "quantization", "device", "agreement", "assets"):
+        del old[key]
+    old["profiles"] = {"cpu-1t": {"batch_ms": {"1": 0.1, "8": 0.3}, "cold_start_ms": 1.0}}
+    (tmp_path / REGISTRY_FILE).write_text(json.dumps({"schema": 1, "variants": {"digits-mlp": old}}))
+    loaded = Registry.load(tmp_path)
+    variant = loaded.get("digits-mlp")
+    assert (variant.parent, variant.device, variant.agreement) == ("", "cpu", {})
+    profile = variant.profiles["cpu-1t"]
+    assert (profile.peak_memory_bytes, profile.fit) == (0, None)
+    assert profile.latency_ms(8) == 0.3
+    assert loaded.rejected == {}
+
+
+def test_rejections_are_not_variants(tmp_path: Path) -> None:
+    registry = Registry()
+    registry.add(_variant("fam-onnx-fp32"))
+    registry.reject(Rejection("fam-onnx-int8", "t", "fam", "onnx", "int8", "convert", "boom"))
+    assert [v.name for v in registry.for_task("t")] == ["fam-onnx-fp32"]
+    with pytest.raises(KeyError):
+        registry.get("fam-onnx-int8")
+    # A later accepted build of the same name clears the rejection, and the reverse.
+    registry.add(_variant("fam-onnx-int8"))
+    assert "fam-onnx-int8" not in registry.rejected
+    registry.reject(Rejection("fam-onnx-fp32", "t", "fam", "onnx", "fp32", "run", "broken"))
+    assert "fam-onnx-fp32" not in registry.variants
+
+
+def test_remove_family_drops_only_that_family() -> None:
+    registry = Registry()
+    registry.add(_variant("a-onnx-fp32", family="a"))
+    registry.add(_variant("b-onnx-fp32", family="b"))
+    registry.reject(Rejection("a-onnx-int8", "t", "a", "onnx", "int8", "agreement", "x"))
+    assert registry.remove_family("a") == ["a-onnx-fp32", "a-onnx-int8"]
+    assert list(registry.variants) == ["b-onnx-fp32"] and registry.rejected == {}
+    registry.remove_family("b")
+    with pytest.raises(UnknownTask):
+        registry.for_task("t")

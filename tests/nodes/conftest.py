@@ -1,0 +1,100 @@
+"""Node-agent fixtures: a private digits-only home, and agents served on loopback."""
+
+from __future__ import annotations
+
+import contextlib
+import threading
+from collections.abc import AsyncIterator, Callable
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+from aiohttp.test_utils import TestServer
+
+from mesh.registry import Registry
+from mesh.runtimes import runtime_for
+from mesh.runtimes.onnx import OnnxRuntime
+from mesh.store import ArtifactStore
+from mesh.topology import parse_topology
+from nodes import models as models_module
+from nodes.agent import AgentConfig, NodeAgent
+from nodes.app import make_app
+
+
+class ProbeOnnx(OnnxRuntime):
+    """The real onnxruntime backend, counting loads; every run waits while ``gate`` is clear."""
+
+    def __init__(self) -> None:
+        self.loads: list[str] = []
+        self.gate = threading.Event()
+        self.gate.set()
+
+    def load(self, path: str, *, threads: int) -> Any:
+        self.loads.append(path)
+        return super().load(path, threads=threads)
+
+    def run(self, session: Any, inputs: list[np.ndarray]) -> list[np.ndarray]:
+        self.gate.wait(10)
+        return super().run(session, inputs)
+
+
+@pytest.fixture
+def onnx_probe(monkeypatch: pytest.MonkeyPatch) -> ProbeOnnx:
+    """Nodes in this test load ONNX variants through a :class:`ProbeOnnx`."""
+    runtime = ProbeOnnx()
+    monkeypatch.setattr(models_module, "runtime_for",
+                        lambda fmt: runtime if fmt == "onnx" else runtime_for(fmt))
+    return runtime
+
+
+@pytest.fixture
+def digits_home(built_home: Path, tmp_path: Path) -> Path:
+    """A private home holding only the digits variants: safe to damage, quick to copy."""
+    registry = Registry.load(built_home)
+    source = ArtifactStore(built_home / "store")
+    home = tmp_path / "home"
+    store = ArtifactStore(home / "store")
+    keep = Registry({n: v for n, v in registry.variants.items() if v.task == "digits"})
+    for variant in keep.variants.values():
+        store.put_bytes(source.read(variant.sha256))
+    keep.save(home)
+    return home
+
+
+def solo(variants: list[str], **node: Any) -> dict[str, Any]:
+    """A one-node topology document."""
+    hardware = {"kind": "cpu", "threads": 1, "memory_mb": 1024}
+    hardware.update(node.pop("hardware", {}))
+    return {"name": "solo", "hardware": {"box": hardware},
+            "nodes": [{"name": "solo-1", "tier": "edge", "hardware": "box", "variants": variants,
+                       **node}]}
+
+
+@pytest.fixture
+def solo_config(digits_home: Path) -> Callable[..., AgentConfig]:
+    """``solo_config(["digits-*"], max_queue=4, options={...})`` -> an AgentConfig."""
+
+    def make(variants: list[str], *, options: dict[str, Any] | None = None, **node: Any
+             ) -> AgentConfig:
+        return AgentConfig(node="solo-1", topology=parse_topology(solo(variants, **node)),
+                           home=digits_home, **(options or {}))
+
+    return make
+
+
+@pytest.fixture
+def serving() -> Callable[[AgentConfig], contextlib.AbstractAsyncContextManager[Any]]:
+    """``async with serving(config) as (agent, server)``: an agent on a loopback HTTP server."""
+
+    @contextlib.asynccontextmanager
+    async def run(config: AgentConfig) -> AsyncIterator[tuple[NodeAgent, TestServer]]:
+        async with NodeAgent(config) as agent:
+            server = TestServer(make_app(agent, address="test"))
+            await server.start_server()
+            try:
+                yield agent, server
+            finally:
+                await server.close()
+
+    return run

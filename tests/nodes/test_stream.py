@@ -1,0 +1,48 @@
+"""An agent's msgpack stream port: multiplexed queries, typed errors, clean shutdown."""
+
+from __future__ import annotations
+
+import asyncio
+import socket
+from typing import Any
+
+import numpy as np
+import pytest
+
+from mesh.errors import InvalidInput, MeshConnectionError, UnknownTask
+from mesh.stream import ERROR, INFER, FrameReader, StreamClient, frame
+from mesh.wire import InferRequest, unpack
+from nodes.agent import NodeAgent
+from nodes.stream import StreamServer
+
+
+async def test_many_queries_share_one_connection_and_errors_come_back_typed(
+        solo_config: Any, heldout: Any) -> None:
+    images, labels = heldout
+    async with NodeAgent(solo_config(["digits-*"])) as agent, \
+            StreamServer(agent, "127.0.0.1", 0) as server:
+        async with StreamClient("127.0.0.1", server.port) as client:
+            answers = await asyncio.gather(*(
+                client.infer(InferRequest("digits", [images[i:i + 1]])) for i in range(40)))
+            probs = np.concatenate([a.outputs[0] for a in answers])
+            assert (probs.argmax(1) == labels[:40]).mean() >= 0.85
+            assert {a.served_by.node for a in answers} == {"solo-1"}
+            with pytest.raises(UnknownTask, match="'speech' is not registered"):
+                await client.infer(InferRequest("speech", [images[:1]]))
+            with pytest.raises(InvalidInput, match="takes float32"):
+                await client.infer(InferRequest("digits", [images[:1].astype(np.float64)]))
+            assert (await client.infer(InferRequest("digits", [images[:2]]))).outputs[0].shape == (2, 10)
+
+        # raw bytes: a frame that is not msgpack gets an ERROR frame with its request id
+        reader = FrameReader()
+        with socket.create_connection(("127.0.0.1", server.port)) as raw:
+            await asyncio.to_thread(raw.sendall, frame(42, INFER, b"\xc1 not msgpack"))
+            frames: list[tuple[int, int, bytes]] = []
+            while not frames:
+                frames = reader.feed(await asyncio.to_thread(raw.recv, 65536))
+        ((request_id, kind, payload),) = frames
+        assert (request_id, kind) == (42, ERROR)
+        assert unpack(payload)["status"] == 400
+    with pytest.raises(MeshConnectionError):
+        async with StreamClient("127.0.0.1", server.port):
+            pass
