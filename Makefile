@@ -37,8 +37,10 @@ down:
 status:
 	$(BIN)/mesh --home $(HOME_DIR) status
 
+# Each benchmark writes benchmarks/results/<name>.json; run them on a quiet machine.
+BENCHMARKS := planner variants overhead batching prediction
 bench: variants
-	$(BIN)/python benchmarks/run_all.py
+	for b in $(BENCHMARKS); do TIERMESH_HOME=$(abspath $(HOME_DIR)) $(BIN)/python benchmarks/$$b.py || exit 1; done
 
 clean:
 	-$(BIN)/mesh --home $(HOME_DIR) down

@@ -17,6 +17,7 @@ from rich.console import Console
 from rich.table import Table
 
 from mesh.client import Client, Result
+from mesh.registry import Registry
 
 __all__ = ["SLO_CLASSES", "SloClass", "run_demo", "send_class"]
 
@@ -61,6 +62,33 @@ def send_class(client: Client, slo_class: SloClass, images: np.ndarray, labels: 
     }
 
 
+EMBEDDING_CLASSES: tuple[SloClass, ...] = (
+    SloClass("tight latency", {"latency_ms": 40.0}, "int8 at the edge"),
+    SloClass("exact", {"latency_ms": 1000.0, "min_accuracy": 0.999}, "fp32 upstream"),
+)
+
+
+def send_embeddings(client: Client, slo_class: SloClass, ids: np.ndarray, mask: np.ndarray,
+                    reference: np.ndarray) -> dict[str, Any]:
+    """One sentence per query; agreement is cosine similarity with the torch original's output."""
+    results = [client.infer("sentence-embedding", ids[i:i + 1], mask[i:i + 1], **slo_class.slo)
+               for i in range(len(ids))]
+    cosines = [float(np.dot(r.output[0], reference[i])) for i, r in enumerate(results)]
+    latencies = sorted(r.latency_ms for r in results)
+    placements = collections.Counter(
+        f"{r.served_by.tier}/{r.served_by.node}/{r.served_by.variant}" for r in results)
+    return {
+        "class": slo_class.name,
+        "slo": slo_class.slo,
+        "queries": len(results),
+        "placements": dict(placements.most_common()),
+        "p50_ms": statistics.median(latencies),
+        "p95_ms": latencies[min(int(0.95 * len(latencies)), len(latencies) - 1)],
+        "slo_met": sum(r.slo_met for r in results) / len(results),
+        "mean_cosine": float(np.mean(cosines)),
+    }
+
+
 def run_demo(home: Path, topology: Path, *, queries_per_class: int = 100,
              console: Console | None = None, entry: str = "edge-1") -> list[dict[str, Any]]:
     from mesh.cli.run import mesh_status, print_status
@@ -98,8 +126,36 @@ def run_demo(home: Path, topology: Path, *, queries_per_class: int = 100,
             table.add_row(s["class"], slo_text, placed, f"{s['p50_ms']:.1f}", f"{s['p95_ms']:.1f}",
                           f"{s['predicted_ms']:.1f}", f"{s['slo_met']:.0%}", f"{s['accuracy']:.3f}")
         console.print(table)
-        console.rule("4. mesh status")
+        if "sentence-embedding" in Registry.load(home).tasks():
+            console.rule("4. sentence embeddings: the MiniLM family")
+            summaries += _embedding_demo(home, mesh.url(entry), console)
+        console.rule("5. mesh status")
         print_status(mesh_status(home))
-        console.rule("5. shut down")
+        console.rule("6. shut down")
     console.print("mesh stopped; no process left behind")
     return summaries
+
+
+def _embedding_demo(home: Path, url: str, console: Console) -> list[dict[str, Any]]:
+    from mesh.variants.sentences import SentenceTokenizer, load_sentences
+
+    sentences = load_sentences()[:40]
+    ids, mask = SentenceTokenizer.from_home(home).encode(sentences)
+    with Client(url) as client:
+        # the reference: the torch original, wherever the planner keeps it
+        reference = np.concatenate([
+            client.infer("sentence-embedding", ids[i:i + 1], mask[i:i + 1],
+                         policy="most-accurate", min_accuracy=1.0).output
+            for i in range(len(ids))])
+        rows = [send_embeddings(client, c, ids, mask, reference) for c in EMBEDDING_CLASSES]
+    table = Table(title=f"{len(sentences)} shipped sentences, one per query")
+    for col in ("SLO class", "SLO", "served by (tier/node/variant)", "p50 ms", "p95 ms", "SLO met",
+                "mean cosine vs torch original"):
+        table.add_column(col)
+    for r in rows:
+        slo_text = ", ".join(f"{k}={v:g}" for k, v in r["slo"].items())
+        placed = "\n".join(f"{n}x {where}" for where, n in r["placements"].items())
+        table.add_row(r["class"], slo_text, placed, f"{r['p50_ms']:.1f}", f"{r['p95_ms']:.1f}",
+                      f"{r['slo_met']:.0%}", f"{r['mean_cosine']:.4f}")
+    console.print(table)
+    return rows
