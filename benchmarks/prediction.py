@@ -2,7 +2,7 @@
 
 ::
 
-    python benchmarks/prediction.py [--home DIR] [--queries 200]
+    python benchmarks/prediction.py [--home DIR] [--queries 200] [--hop-transport stream|http]
 
 Starts ``topologies/local.yaml`` (every node its own process, links
 emulated) and sends held-out digit images from ``edge-1`` with SLOs that put
@@ -10,7 +10,9 @@ them on each tier: a tight latency target (served at the edge), an accuracy
 target the intermediate site meets, and, on a copy of the topology whose
 intermediate site does not host the CNN, the same accuracy target (served by
 the core). A last class sends 16 queries at a time at the edge, so queues
-form and the queue term is exercised. For every answer it compares the entry
+form and the queue term is exercised. The client reaches ``edge-1`` over
+HTTP; nodes forward to each other over ``--hop-transport`` (the msgpack
+stream by default, as the mesh runs). For every answer it compares the entry
 node's predicted total (``Result.plan["predicted"]``) with the latency the
 client measured, and the predicted split with the nodes' own account.
 
@@ -114,12 +116,13 @@ async def _concurrent(url: str, images: Any, slo: dict[str, Any], n: int, width:
         return out
 
 
-def run(home: Path, queries: int) -> dict[str, Any]:
+def run(home: Path, queries: int, hop_transport: str = "stream") -> dict[str, Any]:
     from mesh.variants.digits import load_heldout
 
     images, _ = load_heldout()
     classes: dict[str, dict[str, Any]] = {}
-    with LocalMesh(LOCAL, home=home, run_dir=Path(tempfile.mkdtemp(prefix="pred-"))) as mesh:
+    with LocalMesh(LOCAL, home=home, run_dir=Path(tempfile.mkdtemp(prefix="pred-")),
+                   hop_transport=hop_transport) as mesh:
         url = mesh.url("edge-1")
         topo = mesh.topology
         classes["edge"] = _summarise(_sequential(url, images, {"latency_ms": 10.0}, queries), topo)
@@ -134,7 +137,8 @@ def run(home: Path, queries: int) -> dict[str, Any]:
     with tempfile.TemporaryDirectory(prefix="pred-") as tmp:
         topo = Path(tmp) / "core-serves-cnn.yaml"
         topo.write_text(yaml.safe_dump(data))
-        with LocalMesh(topo, home=home, run_dir=Path(tmp) / "run") as mesh:
+        with LocalMesh(topo, home=home, run_dir=Path(tmp) / "run",
+                       hop_transport=hop_transport) as mesh:
             classes["core"] = _summarise(_sequential(
                 mesh.url("edge-1"), images, {"latency_ms": 500.0, "min_accuracy": 0.99}, queries),
                 mesh.topology)
@@ -146,10 +150,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--home", type=Path,
                         default=Path(os.environ.get("TIERMESH_HOME", ROOT / ".tiermesh")))
     parser.add_argument("--queries", type=int, default=200)
+    parser.add_argument("--hop-transport", choices=("stream", "http"), default="stream",
+                        help="how nodes forward to each other (the SDK always uses HTTP here)")
     parser.add_argument("--out", type=Path,
                         default=ROOT / "benchmarks" / "results" / "prediction.json")
     args = parser.parse_args(argv)
-    classes = run(args.home, args.queries)
+    classes = run(args.home, args.queries, args.hop_transport)
     tiers = {"edge": ["edge"], "intermediate": ["intermediate"], "core": ["core"]}
     suggested = {tier: max(0.5, math.ceil(max(classes[c]["optimism_ms_p90"] for c in names) * 2) / 2)
                  for tier, names in tiers.items()}
@@ -160,6 +166,9 @@ def main(argv: list[str] | None = None) -> int:
                     "cpus": os.cpu_count(),
                     "note": "every node, the link emulator and the client share these cores"},
         "method": __doc__.strip().split("\n\n", 2)[2],
+        "transport": {"client_to_entry": "http", "node_to_node": args.hop_transport,
+                      "links": "user-space link emulator per port and direction"},
+        "queries_per_class": args.queries,
         "planner": {"per_hop_ms": Planner.per_hop_ms, "dispatch_ms": Planner.dispatch_ms,
                     "margin_frac": Planner.margin_frac,
                     "margin_ms_in_use": dict(CALIBRATED_MARGIN_MS)},

@@ -7,8 +7,11 @@
         r = mesh.infer("digits", images, latency_ms=20, min_accuracy=0.95)
     r.outputs[0], r.served_by, r.latency_ms, r.slo_met
 
-:class:`AsyncClient` is the same API for asyncio code. Both accept several
-entry URLs: when one cannot be reached the next is tried. Errors the mesh
+:class:`AsyncClient` is the same API for asyncio code. An entry URL is either
+``http://HOST:PORT`` (``POST /v1/infer``, the default) or ``tcp://HOST:PORT``,
+the node's msgpack stream port (:mod:`mesh.stream`: one persistent connection,
+no HTTP, the same answers and errors). Both accept several entry URLs, of
+either kind: when one cannot be reached the next is tried. Errors the mesh
 sends come back as the matching :mod:`mesh.errors` class; a node that cannot
 be reached raises :class:`~mesh.errors.MeshConnectionError` (also a
 ``ConnectionError``), a slow one :class:`~mesh.errors.MeshTimeout` (also a
@@ -17,6 +20,7 @@ be reached raises :class:`~mesh.errors.MeshConnectionError` (also a
 
 from __future__ import annotations
 
+import asyncio
 import http.client
 import time
 from collections.abc import Sequence
@@ -33,6 +37,8 @@ from mesh.errors import (
     MeshError,
     MeshTimeout,
 )
+from mesh.stream import SCHEME as STREAM_SCHEME
+from mesh.stream import BlockingStream, StreamClient
 from mesh.wire import SLO, InferRequest, ServedBy, decode_answer, encode_request
 
 __all__ = ["Result", "Client", "AsyncClient"]
@@ -108,15 +114,23 @@ def _result(status: int, body: bytes, slo: SLO, latency_ms: float) -> Result:
                   resp.plan)
 
 
-def _split(url: str) -> tuple[str, int, str]:
+def _split(url: str) -> tuple[str, str, int, str]:
+    """(scheme, host, port, path prefix) of an entry URL; raises :class:`ClientError`."""
     parts = urlsplit(url if "://" in url else f"http://{url}")
+    try:
+        port = parts.port
+    except ValueError:
+        port = None
+    if parts.scheme == STREAM_SCHEME and parts.hostname and port and parts.path in ("", "/"):
+        return STREAM_SCHEME, parts.hostname, port, ""
     if parts.scheme != "http" or not parts.hostname:
-        raise ClientError(f"entry URL {url!r}: expected http://HOST:PORT")
-    return parts.hostname, parts.port or 80, parts.path.rstrip("/")
+        raise ClientError(f"entry URL {url!r}: expected http://HOST:PORT, or "
+                          f"{STREAM_SCHEME}://HOST:PORT for a node's stream port")
+    return "http", parts.hostname, port or 80, parts.path.rstrip("/")
 
 
 class Client:
-    """Blocking client over a kept-alive HTTP connection. Not thread-safe."""
+    """Blocking client over a kept-alive HTTP connection, or a stream. Not thread-safe."""
 
     def __init__(self, url: str | Sequence[str], *, timeout_s: float = 30.0) -> None:
         urls = [url] if isinstance(url, str) else list(url)
@@ -126,6 +140,7 @@ class Client:
         self._urls = urls
         self.timeout_s = timeout_s
         self._conn: http.client.HTTPConnection | None = None
+        self._stream: BlockingStream | None = None
         self._current = 0
 
     def __enter__(self) -> Client:
@@ -138,6 +153,9 @@ class Client:
         if self._conn is not None:
             self._conn.close()
             self._conn = None
+        if self._stream is not None:
+            self._stream.close()
+            self._stream = None
 
     def infer(self, task: str, *inputs: Any, latency_ms: float | None = None,
               min_accuracy: float | None = None, max_cost_per_1k: float | None = None,
@@ -159,7 +177,24 @@ class Client:
         raise last
 
     def _post(self, body: bytes) -> tuple[int, bytes]:
-        host, port, prefix = self._entries[self._current]
+        scheme, host, port, prefix = self._entries[self._current]
+        if scheme == STREAM_SCHEME:
+            if self._conn is not None:  # one open connection at a time, to the current entry
+                self.close()
+            if self._stream is None:
+                self._stream = BlockingStream(host, port, timeout_s=self.timeout_s)
+            try:
+                return self._stream.send(body)
+            except MeshConnectionError as exc:
+                self.close()
+                raise MeshConnectionError(f"cannot reach entry node {self._urls[self._current]}: "
+                                          f"{exc.message}") from None
+            except MeshTimeout:
+                self.close()
+                raise MeshTimeout(f"no answer from {self._urls[self._current]} within "
+                                  f"{self.timeout_s} s") from None
+        if self._stream is not None:
+            self.close()
         for attempt in range(2):  # a kept-alive socket the server closed is retried once
             if self._conn is None:
                 self._conn = http.client.HTTPConnection(host, port, timeout=self.timeout_s)
@@ -187,11 +222,12 @@ class AsyncClient:
         urls = [url] if isinstance(url, str) else list(url)
         if not urls:
             raise ClientError("AsyncClient needs at least one entry URL")
-        for u in urls:
-            _split(u)
+        self._streaming = [_split(u)[0] == STREAM_SCHEME for u in urls]
         self._urls = [u if "://" in u else f"http://{u}" for u in urls]
         self.timeout_s = timeout_s
         self._session: Any = None
+        #: entry index -> its stream, connected on first use and again after it is lost
+        self._streams: dict[int, StreamClient] = {}
         self._state = "unopened"
         self._current = 0
 
@@ -208,10 +244,20 @@ class AsyncClient:
         await self.aclose()
 
     async def aclose(self) -> None:
+        streams, self._streams = list(self._streams.values()), {}
+        await asyncio.gather(*(stream.aclose() for stream in streams))
         if self._session is not None:
             await self._session.close()
             self._session = None
         self._state = "closed"
+
+    async def _stream_post(self, index: int, body: bytes) -> tuple[int, bytes]:
+        stream = self._streams.get(index)
+        if stream is None:
+            stream = await StreamClient.from_url(self._urls[index], reconnect=True).__aenter__()
+            self._streams[index] = stream
+        async with asyncio.timeout(self.timeout_s):
+            return await stream.send(body)
 
     async def infer(self, task: str, *inputs: Any, latency_ms: float | None = None,
                     min_accuracy: float | None = None, max_cost_per_1k: float | None = None,
@@ -230,14 +276,18 @@ class AsyncClient:
             url = self._urls[index]
             started = time.perf_counter()
             try:
-                async with self._session.post(url + "/v1/infer", data=body,
-                                              headers={"Content-Type": MSGPACK}) as resp:
-                    data = await resp.read()
-                    status = resp.status
+                if self._streaming[index]:
+                    status, data = await self._stream_post(index, body)
+                else:
+                    async with self._session.post(url + "/v1/infer", data=body,
+                                                  headers={"Content-Type": MSGPACK}) as resp:
+                        data = await resp.read()
+                        status = resp.status
             except TimeoutError:
                 raise MeshTimeout(f"no answer from {url} within {self.timeout_s} s") from None
-            except aiohttp.ClientError as exc:
-                last = MeshConnectionError(f"cannot reach entry node {url}: {exc}")
+            except (aiohttp.ClientError, MeshConnectionError) as exc:
+                reason = exc.message if isinstance(exc, MeshConnectionError) else exc
+                last = MeshConnectionError(f"cannot reach entry node {url}: {reason}")
                 if self._current == index:  # later queries start from the next entry
                     self._current = (index + 1) % len(self._urls)
                 continue

@@ -1,9 +1,9 @@
 """The msgpack stream: persistent, multiplexed, length-prefixed frames over one TCP connection.
 
-The hot hop (an SDK or a benchmark to its entry node) without HTTP: on this
-kind of machine an HTTP round trip through aiohttp costs ~150-200 us before
-any work is done, a framed stream on an asyncio Protocol ~100 us. Every
-frame is::
+The hot hops without HTTP: the SDK to its entry node (``tcp://HOST:PORT``
+entry URLs) and every node to its neighbours. On this kind of machine an HTTP
+round trip through aiohttp costs ~150-200 us before any work is done, a
+framed stream on an asyncio Protocol ~100 us. Every frame is::
 
     u32 payload length | u32 request id | u8 kind | payload
 
@@ -13,30 +13,64 @@ as ``POST /v1/infer`` takes it), :data:`ANSWER` (an ``InferResponse``) or
 wire form). Answers carry their request's id and may come back in any
 order, so one connection carries many queries at once.
 
-:class:`FrameReader` is the pure decoder both ends share; :class:`StreamClient`
-is an asyncio client: ``async with StreamClient(host, port) as c: await
-c.infer(request)``.
+:class:`FrameReader` is the pure decoder both ends share. :class:`StreamClient`
+is the asyncio client (``async with StreamClient(host, port) as c: await
+c.infer(request)``); with ``reconnect=True`` it connects on first use and again
+after the connection is lost, which is how nodes keep one stream per
+neighbour. :class:`BlockingStream` is the blocking client the SDK's
+:class:`~mesh.client.Client` uses. Transport failures raise
+:class:`~mesh.errors.MeshConnectionError`; answers that are errors raise the
+:mod:`mesh.errors` class the node sent.
 """
 
 from __future__ import annotations
 
 import asyncio
 import itertools
+import socket
 import struct
 from typing import Any
+from urllib.parse import urlsplit
 
-from mesh.errors import InvalidInput, MeshConnectionError, PayloadTooLarge, error_from_payload
-from mesh.wire import InferRequest, InferResponse, decode_response, encode_request, unpack
+from mesh.errors import InvalidInput, MeshConnectionError, MeshTimeout, PayloadTooLarge
+from mesh.wire import InferRequest, InferResponse, decode_answer, encode_request, unpack
 
-__all__ = ["INFER", "ANSWER", "ERROR", "HEADER", "frame", "FrameReader", "StreamClient"]
+__all__ = ["INFER", "ANSWER", "ERROR", "HEADER", "SCHEME", "frame", "parse_stream_url",
+           "FrameReader", "StreamClient", "BlockingStream"]
 
 INFER, ANSWER, ERROR = 1, 2, 3
 HEADER = struct.Struct(">IIB")
 DEFAULT_MAX_FRAME = 64 * 1024 * 1024
+#: URL scheme of a stream address: ``tcp://HOST:PORT``.
+SCHEME = "tcp"
 
 
 def frame(request_id: int, kind: int, payload: bytes) -> bytes:
     return HEADER.pack(len(payload), request_id, kind) + payload
+
+
+def parse_stream_url(url: str) -> tuple[str, int]:
+    """``tcp://HOST:PORT`` -> (host, port); raises :class:`ValueError` naming the fix."""
+    parts = urlsplit(url)
+    try:
+        port = parts.port
+    except ValueError:
+        port = None
+    if parts.scheme != SCHEME or not parts.hostname or port is None or parts.path not in ("", "/"):
+        raise ValueError(f"stream address {url!r}: expected {SCHEME}://HOST:PORT")
+    return parts.hostname, port
+
+
+def _answer(kind: int, payload: bytes) -> tuple[int, bytes]:
+    """An ANSWER or ERROR frame as (HTTP-like status, body) for :func:`mesh.wire.decode_answer`."""
+    if kind == ANSWER:
+        return 200, payload
+    try:
+        body: Any = unpack(payload)
+    except InvalidInput:
+        return 500, payload
+    status = body.get("status", 500) if isinstance(body, dict) else 500
+    return (int(status) if isinstance(status, int) and status != 200 else 500), payload
 
 
 class FrameReader:
@@ -69,72 +103,189 @@ class FrameReader:
 
 
 class _ClientProtocol(asyncio.Protocol):
-    def __init__(self, client: StreamClient) -> None:
-        self.client = client
+    """One connection; its own pending queries fail when it is lost (not a successor's)."""
+
+    def __init__(self) -> None:
         self.reader = FrameReader()
+        self.pending: dict[int, asyncio.Future[tuple[int, bytes]]] = {}
+        self.transport: asyncio.Transport | None = None
+
+    def connection_made(self, transport: Any) -> None:
+        self.transport = transport
 
     def data_received(self, data: bytes) -> None:
         try:
             frames = self.reader.feed(data)
         except InvalidInput as exc:
-            self.client._fail_all(MeshConnectionError(f"stream broken: {exc.message}"))
+            self.fail_all(MeshConnectionError(f"stream broken: {exc.message}"))
+            if self.transport is not None:
+                self.transport.abort()
             return
         for request_id, kind, payload in frames:
-            self.client._resolve(request_id, kind, payload)
+            future = self.pending.get(request_id)
+            if future is not None and not future.done():
+                future.set_result((kind, payload))
 
     def connection_lost(self, exc: Exception | None) -> None:
-        self.client._fail_all(MeshConnectionError("the node closed the stream"))
+        self.transport = None
+        self.fail_all(MeshConnectionError("the node closed the stream"))
+
+    @property
+    def usable(self) -> bool:
+        return self.transport is not None and not self.transport.is_closing()
+
+    def fail_all(self, exc: Exception) -> None:
+        for future in self.pending.values():
+            if not future.done():
+                future.set_exception(exc)
+        self.pending.clear()
 
 
 class StreamClient:
-    """One persistent multiplexed connection to a node's stream port. An async context manager."""
+    """One persistent multiplexed connection to a node's stream port. An async context manager.
 
-    def __init__(self, host: str, port: int) -> None:
+    States: unopened -> opened -> closed. Entering connects at once (and raises
+    :class:`MeshConnectionError` when the port cannot be reached), unless
+    ``reconnect`` is set: then the connection is made by the first query and
+    made again by the first query after it is lost; queries in flight on a
+    lost connection fail with :class:`MeshConnectionError` and are not re-sent.
+    Leaving closes the connection and fails whatever is still in flight.
+    """
+
+    def __init__(self, host: str, port: int, *, reconnect: bool = False) -> None:
         self.host, self.port = host, port
-        self._transport: asyncio.Transport | None = None
-        self._pending: dict[int, asyncio.Future[tuple[int, bytes]]] = {}
+        self.reconnect = reconnect
+        self._conn: _ClientProtocol | None = None
+        self._connecting = asyncio.Lock()
         self._ids = itertools.count(1)
+        self._state = "unopened"
+
+    @classmethod
+    def from_url(cls, url: str, *, reconnect: bool = False) -> StreamClient:
+        """A client for ``tcp://HOST:PORT``; raises :class:`ValueError` for anything else."""
+        host, port = parse_stream_url(url)
+        return cls(host, port, reconnect=reconnect)
 
     async def __aenter__(self) -> StreamClient:
-        loop = asyncio.get_running_loop()
-        try:
-            transport, _ = await loop.create_connection(lambda: _ClientProtocol(self),
-                                                        self.host, self.port)
-        except OSError as exc:
-            raise MeshConnectionError(f"cannot reach {self.host}:{self.port}: {exc}") from None
-        self._transport = transport  # type: ignore[assignment]
+        if self._state != "unopened":
+            raise MeshConnectionError(f"stream client cannot be opened twice (it is {self._state})")
+        if not self.reconnect:
+            await self._connect()
+        self._state = "opened"
         return self
 
     async def __aexit__(self, *exc: object) -> None:
-        if self._transport is not None:
-            self._transport.close()
-            self._transport = None
-        self._fail_all(MeshConnectionError("stream closed"))
+        await self.aclose()
 
-    async def infer(self, req: InferRequest) -> InferResponse:
-        """Send one query; raises the :mod:`mesh.errors` class the node answered with."""
-        if self._transport is None or self._transport.is_closing():
-            raise MeshConnectionError("stream is not open; use 'async with StreamClient(...)'")
+    async def aclose(self) -> None:
+        """Close the connection and fail the queries in flight. Idempotent."""
+        self._state = "closed"
+        conn, self._conn = self._conn, None
+        if conn is not None:
+            if conn.transport is not None:
+                conn.transport.close()
+            conn.fail_all(MeshConnectionError("stream closed"))
+
+    async def _connect(self) -> _ClientProtocol:
+        loop = asyncio.get_running_loop()
+        try:
+            _, conn = await loop.create_connection(_ClientProtocol, self.host, self.port)
+        except OSError as exc:
+            raise MeshConnectionError(f"cannot reach {self.host}:{self.port}: {exc}") from None
+        self._conn = conn
+        return conn
+
+    async def _connection(self) -> _ClientProtocol:
+        conn = self._conn
+        if conn is not None and conn.usable:
+            return conn
+        if self._state != "opened" or (not self.reconnect and conn is not None):
+            raise MeshConnectionError(
+                "stream is not open; use 'async with StreamClient(...)'" if self._state != "opened"
+                else "the node closed the stream")
+        async with self._connecting:  # one connect however many queries wait for it
+            conn = self._conn
+            if conn is None or not conn.usable:
+                conn = await self._connect()
+                if self._state != "opened":  # closed while connecting
+                    assert conn.transport is not None
+                    conn.transport.close()
+                    raise MeshConnectionError("stream closed")
+            return conn
+
+    async def send(self, body: bytes) -> tuple[int, bytes]:
+        """Send one encoded ``InferRequest``; returns (status, body) as ``POST /v1/infer`` would.
+
+        Raises :class:`MeshConnectionError` when the stream cannot carry it.
+        """
+        conn = await self._connection()
         request_id = next(self._ids) & 0xFFFFFFFF
         future: asyncio.Future[tuple[int, bytes]] = asyncio.get_running_loop().create_future()
-        self._pending[request_id] = future
-        self._transport.write(frame(request_id, INFER, encode_request(req)))
+        conn.pending[request_id] = future
+        assert conn.transport is not None
+        conn.transport.write(frame(request_id, INFER, body))
         try:
             kind, payload = await future
         finally:
-            self._pending.pop(request_id, None)
-        if kind == ANSWER:
-            return decode_response(payload)
-        body: Any = unpack(payload)
-        raise error_from_payload(int(body.get("status", 500)), body)
+            conn.pending.pop(request_id, None)
+        return _answer(kind, payload)
 
-    def _resolve(self, request_id: int, kind: int, payload: bytes) -> None:
-        future = self._pending.get(request_id)
-        if future is not None and not future.done():
-            future.set_result((kind, payload))
+    async def infer(self, req: InferRequest) -> InferResponse:
+        """Send one query; raises the :mod:`mesh.errors` class the node answered with."""
+        return decode_answer(*await self.send(encode_request(req)))
 
-    def _fail_all(self, exc: Exception) -> None:
-        for future in self._pending.values():
-            if not future.done():
-                future.set_exception(exc)
-        self._pending.clear()
+
+class BlockingStream:
+    """A blocking stream client: one query at a time on one kept connection. Not thread-safe.
+
+    A kept connection found closed when a query is sent is re-opened once, like
+    a kept-alive HTTP connection. Raises :class:`MeshConnectionError` and
+    :class:`~mesh.errors.MeshTimeout`.
+    """
+
+    def __init__(self, host: str, port: int, *, timeout_s: float) -> None:
+        self.host, self.port, self.timeout_s = host, port, timeout_s
+        self._sock: socket.socket | None = None
+        self._reader = FrameReader()
+        self._ids = itertools.count(1)
+
+    def close(self) -> None:
+        if self._sock is not None:
+            self._sock.close()
+            self._sock = None
+
+    def send(self, body: bytes) -> tuple[int, bytes]:
+        """Send one encoded ``InferRequest``; returns (status, body) as ``POST /v1/infer`` would."""
+        for attempt in range(2):
+            fresh = self._sock is None
+            try:
+                if self._sock is None:
+                    self._sock = socket.create_connection((self.host, self.port), self.timeout_s)
+                    self._sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+                    self._reader = FrameReader()
+                request_id = next(self._ids) & 0xFFFFFFFF
+                self._sock.sendall(frame(request_id, INFER, body))
+                return self._receive(self._sock, request_id)
+            except TimeoutError:
+                self.close()
+                raise MeshTimeout(f"no answer from {self.host}:{self.port} within "
+                                  f"{self.timeout_s} s") from None
+            except (OSError, MeshConnectionError) as exc:
+                self.close()
+                if fresh or attempt == 1:
+                    raise MeshConnectionError(f"cannot reach {self.host}:{self.port}: {exc}"
+                                              ) from None
+        raise AssertionError("unreachable")
+
+    def _receive(self, sock: socket.socket, request_id: int) -> tuple[int, bytes]:
+        while True:
+            data = sock.recv(256 * 1024)
+            if not data:
+                raise MeshConnectionError("the node closed the stream")
+            try:
+                frames = self._reader.feed(data)
+            except InvalidInput as exc:
+                raise MeshConnectionError(f"stream broken: {exc.message}") from None
+            for got_id, kind, payload in frames:
+                if got_id == request_id:
+                    return _answer(kind, payload)

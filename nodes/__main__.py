@@ -2,8 +2,10 @@
 
 ``RUN.json`` is written by the testbed (``mesh up``): the topology file, the
 home directory (registry + artifact store), and for every node its listen
-address and the URLs that reach its neighbours through the link emulator
-(and, optionally, ``stream_port`` for the msgpack stream of :mod:`mesh.stream`).
+address and the URLs that reach its neighbours through the link emulator;
+optionally ``stream_port`` for its own msgpack stream (:mod:`mesh.stream`) and
+``stream_neighbours``, the ``tcp://`` addresses of its neighbours' streams,
+over which it forwards queries (HTTP to a neighbour without one).
 """
 
 from __future__ import annotations
@@ -36,24 +38,25 @@ async def serve(config: AgentConfig, address: str) -> None:
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
-    async with NodeAgent(config) as agent, Membership.for_agent(agent) as membership:
-        app = make_app(agent, address=address)
+    log = logging.getLogger("tiermesh.node")
+    async with NodeAgent(config) as agent, Membership.for_agent(agent) as membership, \
+            contextlib.AsyncExitStack() as stack:
+        stream_address = None
+        if config.stream_port is not None:  # open first, so /healthz means both are up
+            stream = await stack.enter_async_context(
+                StreamServer(agent, config.host, config.stream_port))
+            stream_address = f"tcp://{config.host}:{stream.port}"
+        app = make_app(agent, address=address, stream_address=stream_address)
         membership.add_routes(app)
         runner = web.AppRunner(app, access_log=None)
         await runner.setup()
-        site = web.TCPSite(runner, config.host, config.port, reuse_address=True)
-        await site.start()
-        logging.getLogger("tiermesh.node").info(
-            "%s (%s) serving on %s with %s", config.node, agent.spec.tier, address,
-            ", ".join(sorted(agent.loaded)) or "no variants")
         try:
-            async with contextlib.AsyncExitStack() as stack:
-                if config.stream_port is not None:
-                    stream = await stack.enter_async_context(
-                        StreamServer(agent, config.host, config.stream_port))
-                    logging.getLogger("tiermesh.node").info(
-                        "%s msgpack stream on %s:%d", config.node, config.host, stream.port)
-                await stop.wait()
+            site = web.TCPSite(runner, config.host, config.port, reuse_address=True)
+            await site.start()
+            log.info("%s (%s) serving on %s%s with %s", config.node, agent.spec.tier, address,
+                     f" and {stream_address}" if stream_address else "",
+                     ", ".join(sorted(agent.loaded)) or "no variants")
+            await stop.wait()
         finally:
             await runner.cleanup()
 
@@ -78,7 +81,7 @@ def main(argv: list[str] | None = None) -> int:
     config = AgentConfig(
         node=args.node, topology=topology, home=Path(run["home"]),
         neighbours=me["neighbours"], host=me["host"], port=me["port"],
-        stream_port=me.get("stream_port"),
+        stream_port=me.get("stream_port"), stream_neighbours=me.get("stream_neighbours", {}),
     )
     # Runtimes loaded later (torch, LiteRT) size their thread pools from these.
     for key, value in thread_env(topology.hardware_of(args.node).threads).items():

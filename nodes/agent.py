@@ -56,6 +56,7 @@ from mesh.wire import (
 )
 from nodes.artifacts import ArtifactSource, parent_of
 from nodes.cascade import run_cascade
+from nodes.forward import HopFailed, Neighbours
 from nodes.metrics import NodeMetrics, outcome_of
 from nodes.models import ModelConfig, ModelManager
 
@@ -73,6 +74,9 @@ class AgentConfig:
     home: Path
     #: neighbour node name -> base URL that reaches it (through the link emulator).
     neighbours: Mapping[str, str] = field(default_factory=dict)
+    #: neighbour node name -> ``tcp://HOST:PORT`` of its msgpack stream (through the link
+    #: emulator); queries to these go over one persistent stream, to the others over HTTP.
+    stream_neighbours: Mapping[str, str] = field(default_factory=dict)
     host: str = "127.0.0.1"
     port: int = 0
     max_body_bytes: int = 64 * 1024 * 1024
@@ -96,6 +100,10 @@ class AgentConfig:
                 f"node {self.node!r} is not in topology {self.topology.name!r} "
                 f"(nodes: {', '.join(sorted(self.topology.nodes))})"
             )
+        unknown = sorted(set(self.stream_neighbours) - set(self.neighbours))
+        if unknown:
+            raise ValueError(f"stream_neighbours: {', '.join(unknown)} have no HTTP URL in "
+                             "neighbours; every neighbour needs one (status, artifacts, heartbeats)")
 
 
 class NodeAgent:
@@ -117,6 +125,8 @@ class NodeAgent:
         self.metrics = NodeMetrics()
         self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix=f"compute-{self.name}")
         self._http: aiohttp.ClientSession | None = None
+        self.neighbours = Neighbours(config.neighbours, config.stream_neighbours,
+                                     http=lambda: self._http, timeout_s=config.forward_timeout_s)
         parent = parent_of(config.topology, config.node)
         self.artifacts = ArtifactSource(
             self.store, known=lambda: {v.sha256 for v in self.registry.variants.values()},
@@ -147,6 +157,7 @@ class NodeAgent:
             connector=aiohttp.TCPConnector(limit=256),
         )
         try:
+            await self.neighbours.__aenter__()
             await self.models.__aenter__()
             # A hardware class with no profile: measure here before advertising anything.
             for name, profile in (await self.models.profile_missing()).items():
@@ -163,6 +174,7 @@ class NodeAgent:
 
     async def __aexit__(self, *exc: object) -> None:
         self.ready = False
+        await self.neighbours.aclose()
         await self.models.__aexit__(None, None, None)
         await self.artifacts.aclose()
         if self._http is not None:
@@ -347,18 +359,19 @@ class NodeAgent:
             link_ms = self.config.topology.link(self.name, hop).latency_ms
             req.budget_ms -= (time.perf_counter() - arrived) * 1000 + 2 * link_ms
         self.metrics.forwarded(target, hop)
-        url = self.config.neighbours[hop] + "/v1/infer"
         sent = time.perf_counter()
         try:
-            async with self._http.post(url, data=encode_request(req),
-                                       headers={"Content-Type": "application/msgpack"}) as resp:
-                body = await resp.read()
-                status = resp.status
-        except (TimeoutError, aiohttp.ClientError) as exc:
-            self.view.mark_down(hop, self.clock())
-            raise UpstreamError(f"forwarding to {hop} failed: {type(exc).__name__}") from None
+            status, body = await self.neighbours.post(hop, encode_request(req))
+        except HopFailed as exc:
+            # Everything behind a dead hop is unreachable too, until a fresh report says
+            # otherwise; the planner then routes around it instead of failing again.
+            now = self.clock()
+            for node in self.config.topology.behind(self.name, hop):
+                self.view.mark_down(node, now)
+            raise UpstreamError(f"forwarding to {hop} failed: {exc.reason}") from None
         rtt_ms = (time.perf_counter() - sent) * 1000
         self.counters[f"forwarded:{hop}"] += 1
+        self.counters[f"via:{self.neighbours.transport(hop)}"] += 1
         response = decode_answer(status, body)
         downstream_ms = response.timing.get("hop_total_ms", 0.0)
         response.timing["network_ms"] = response.timing.get("network_ms", 0.0) + max(
@@ -369,7 +382,7 @@ class NodeAgent:
         return response
 
     # ------------------------------------------------------------------ status
-    def status(self, address: str = "") -> dict[str, Any]:
+    def status(self, address: str = "", stream_address: str | None = None) -> dict[str, Any]:
         lat = sorted(self._latencies)
         variants: list[dict[str, Any]] = []
         for name in sorted(self.models.variants):
@@ -385,11 +398,13 @@ class NodeAgent:
         forwarded = {k.split(":", 1)[1]: v for k, v in self.counters.items()
                      if k.startswith("forwarded:")}
         errors = {k.split(":", 1)[1]: v for k, v in self.counters.items() if k.startswith("error:")}
+        via = {k.split(":", 1)[1]: v for k, v in self.counters.items() if k.startswith("via:")}
         return {
             "node": self.name,
             "tier": self.spec.tier,
             "hardware": self.spec.hardware,
             "address": address,
+            "stream_address": stream_address,
             "topology": self.config.topology.name,
             "uptime_s": round(self.clock() - self._started, 3),
             "ready": self.ready,
@@ -401,6 +416,10 @@ class NodeAgent:
             "requests": self.counters["requests"],
             "served_local": self.counters["served_local"],
             "forwarded": forwarded,
+            #: forwarded queries by transport ("stream", "http"); neighbour -> transport
+            "forwarded_via": via,
+            "neighbour_transports": {n: self.neighbours.transport(n)
+                                     for n in sorted(self.config.neighbours)},
             "errors": errors,
             "latency_ms": {"p50": _percentile(lat, 0.50), "p99": _percentile(lat, 0.99)},
             "view": self.view.snapshot(self.clock()),

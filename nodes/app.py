@@ -40,6 +40,7 @@ log = logging.getLogger("tiermesh.app")
 
 AGENT = web.AppKey("agent", NodeAgent)
 ADDRESS = web.AppKey("address", str)
+STREAM_ADDRESS = web.AppKey("stream_address", str)
 MSGPACK = "application/msgpack"
 _MSGPACK_TYPES = {MSGPACK, "application/x-msgpack", "application/vnd.msgpack"}
 
@@ -92,7 +93,7 @@ async def infer(request: web.Request) -> web.Response:
 
 
 async def status(request: web.Request) -> web.Response:
-    body = request.app[AGENT].status(request.app[ADDRESS])
+    body = request.app[AGENT].status(request.app[ADDRESS], request.app[STREAM_ADDRESS] or None)
     return web.Response(text=json.dumps(body), content_type="application/json")
 
 
@@ -111,11 +112,13 @@ async def healthz(request: web.Request) -> web.Response:
     return web.Response(text="ok")
 
 
-def make_app(agent: NodeAgent, *, address: str = "") -> web.Application:
+def make_app(agent: NodeAgent, *, address: str = "", stream_address: str | None = None
+             ) -> web.Application:
     app = web.Application(middlewares=[error_middleware],
                           client_max_size=agent.config.max_body_bytes)
     app[AGENT] = agent
     app[ADDRESS] = address
+    app[STREAM_ADDRESS] = stream_address or ""
     app.router.add_post("/v1/infer", infer)
     app.router.add_get("/v1/status", status)
     app.router.add_get("/v1/artifacts/{sha256}", artifact)

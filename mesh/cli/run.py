@@ -29,10 +29,10 @@ def up(ctx: click.Context, topology: str) -> None:
                         f"{len(mesh.topology.links)} links..."):
         state = mesh.start()
     table = Table(title=f"mesh {mesh.topology.name!r} is up")
-    for col in ("node", "tier", "address"):
+    for col in ("node", "tier", "address", "stream address"):
         table.add_column(col)
     for name, info in state.nodes.items():
-        table.add_row(name, info["tier"], info["address"])
+        table.add_row(name, info["tier"], info["address"], info.get("stream_address", ""))
     console.print(table)
     console.print(f"logs in {state.run_dir}/logs; stop with [bold]mesh down[/bold]")
 
@@ -62,7 +62,8 @@ async def fetch_status(nodes: dict[str, dict[str, str]]) -> list[dict[str, Any]]
                 body["up"] = resp.status == 200
                 return body
         except (TimeoutError, aiohttp.ClientError, ValueError):
-            return {"node": name, "tier": info["tier"], "address": info["address"], "up": False}
+            return {"node": name, "tier": info["tier"], "address": info["address"],
+                    "stream_address": info.get("stream_address"), "up": False}
 
     async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=2.0)) as session:
         return list(await asyncio.gather(*(one(session, n, i) for n, i in nodes.items())))

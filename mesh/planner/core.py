@@ -41,9 +41,10 @@ class Planner:
     margin_ms: float = 1.0
     #: Per-tier margin (ms), from the measured prediction error (see mesh.planner.margins).
     margin_ms_by_tier: Mapping[str, float] = CALIBRATED_MARGIN_MS
-    #: Cost of one forwarding hop beyond the wire (HTTP, msgpack, proxy), each way. Fitted
-    #: on the local mesh by benchmarks/prediction.py (suggested_per_hop_ms).
-    per_hop_ms: float = 1.9
+    #: Cost of one forwarding hop beyond the wire (msgpack stream, link emulator), each way.
+    #: Fitted on the local mesh by benchmarks/prediction.py (suggested_per_hop_ms: 1.56 and
+    #: 1.59 over the stream; 1.95 with nodes forwarding over HTTP, the same session).
+    per_hop_ms: float = 1.6
     #: Cost of handing a query to the local runtime (queueing, thread hand-off).
     dispatch_ms: float = 0.3
     #: Hosts kept per (variant, hardware class, tier) in a table: the nearest ones.
@@ -397,6 +398,8 @@ class Planner:
                     continue
             if down and r.node in down:
                 continue
+            # The load terms below repeat the feasible walk's on purpose: a helper call per
+            # candidate costs a measurable share of the 20 us budget. Change both together.
             queue = cold = 0.0
             ld = loads.get(r.node)
             if ld is not None:

@@ -1,8 +1,11 @@
 """Start a whole topology on this machine: one process per node, links emulated.
 
 :class:`LocalMesh` allocates loopback ports, writes the run file every node
-reads (``run.json``: its listen port and the link-emulator URL of each
-neighbour) and the link spec (``links.json``), starts the link-emulator
+reads (``run.json``: its HTTP and stream ports, and the link-emulator URL of
+each neighbour's HTTP and stream ports) and the link spec (``links.json``:
+two emulators per link direction, one for each port, with the same latency
+and bandwidth, so that forwarded queries pay the link whichever transport
+carries them), starts the link-emulator
 process and one ``python -m nodes`` process per node, and waits until every
 node answers ``/healthz``. Its state (pids, addresses) goes to
 ``state.json`` so that ``mesh status`` and ``mesh down`` in another process
@@ -46,7 +49,8 @@ class MeshState:
     topology: str
     home: str
     run_dir: str
-    #: node -> {"tier", "address"} (direct address, not through link emulators)
+    #: node -> {"tier", "address", "stream_address"} (direct addresses, not through link
+    #: emulators; ``stream_address`` is ``tcp://HOST:PORT``)
     nodes: dict[str, dict[str, str]]
     #: {"role": "node"|"links", "name", "pid"}
     processes: list[dict[str, Any]]
@@ -57,6 +61,9 @@ class MeshState:
 
     def address(self, node: str) -> str:
         return self.nodes[node]["address"]
+
+    def stream_address(self, node: str) -> str:
+        return self.nodes[node]["stream_address"]
 
 
 def _free_ports(count: int, host: str) -> list[int]:
@@ -79,7 +86,13 @@ class LocalMesh:
     stop_timeout_s: float = 10.0
 
     def __init__(self, topology: str | Path, *, home: str | Path, run_dir: str | Path | None = None,
-                 host: str = "127.0.0.1") -> None:
+                 host: str = "127.0.0.1", hop_transport: str = "stream") -> None:
+        """``hop_transport``: how nodes forward to their neighbours, ``"stream"`` (one
+        persistent msgpack stream per neighbour) or ``"http"`` (for comparison). Every node
+        serves both either way."""
+        if hop_transport not in ("stream", "http"):
+            raise ValueError(f"hop_transport: expected 'stream' or 'http', got {hop_transport!r}")
+        self.hop_transport = hop_transport
         self.topology_path = Path(topology).resolve()
         self.topology: Topology = load_topology(self.topology_path)
         self.home = Path(home).resolve()
@@ -96,8 +109,14 @@ class LocalMesh:
         self.stop()
 
     def url(self, node: str) -> str:
+        """The node's HTTP entry URL (``http://HOST:PORT``)."""
         assert self.state is not None, "mesh is not started"
         return self.state.address(node)
+
+    def stream_url(self, node: str) -> str:
+        """The node's msgpack stream entry URL (``tcp://HOST:PORT``), for the SDK too."""
+        assert self.state is not None, "mesh is not started"
+        return self.state.stream_address(node)
 
     # ------------------------------------------------------------------ start
     def _check_ready_to_start(self) -> None:
@@ -121,28 +140,37 @@ class LocalMesh:
         (self.run_dir / "logs").mkdir(exist_ok=True)
         topo = self.topology
         names = sorted(topo.nodes)
-        ports = iter(_free_ports(len(names) + 2 * len(topo.links), self.host))
+        ports = iter(_free_ports(2 * len(names) + 4 * len(topo.links), self.host))
         node_port = {n: next(ports) for n in names}
+        stream_port = {n: next(ports) for n in names}
         neighbours: dict[str, dict[str, str]] = {n: {} for n in names}
+        stream_neighbours: dict[str, dict[str, str]] = {n: {} for n in names}
         link_spec = []
         for link in topo.links:
             a, b = link.between
             for src, dst in ((a, b), (b, a)):
-                port = next(ports)
-                neighbours[src][dst] = f"http://{self.host}:{port}"
-                link_spec.append({"name": f"{src}->{dst}", "listen_port": port,
-                                  "target_host": self.host, "target_port": node_port[dst],
-                                  "latency_ms": link.latency_ms,
-                                  "bandwidth_mbps": link.bandwidth_mbps})
+                for suffix, target, urls, scheme in (
+                        ("", node_port, neighbours, "http"),
+                        (" stream", stream_port, stream_neighbours, "tcp")):
+                    port = next(ports)
+                    urls[src][dst] = f"{scheme}://{self.host}:{port}"
+                    link_spec.append({"name": f"{src}->{dst}{suffix}", "listen_port": port,
+                                      "target_host": self.host, "target_port": target[dst],
+                                      "latency_ms": link.latency_ms,
+                                      "bandwidth_mbps": link.bandwidth_mbps})
         run = {"topology": str(self.topology_path), "home": str(self.home),
-               "nodes": {n: {"host": self.host, "port": node_port[n], "neighbours": neighbours[n]}
+               "nodes": {n: {"host": self.host, "port": node_port[n],
+                             "stream_port": stream_port[n], "neighbours": neighbours[n],
+                             "stream_neighbours": stream_neighbours[n]
+                             if self.hop_transport == "stream" else {}}
                          for n in names}}
         run_file = self.run_dir / "run.json"
         run_file.write_text(json.dumps(run, indent=2))
         links_file = self.run_dir / "links.json"
         links_file.write_text(json.dumps(link_spec, indent=2))
 
-        nodes = {n: {"tier": topo.nodes[n].tier, "address": f"http://{self.host}:{node_port[n]}"}
+        nodes = {n: {"tier": topo.nodes[n].tier, "address": f"http://{self.host}:{node_port[n]}",
+                     "stream_address": f"tcp://{self.host}:{stream_port[n]}"}
                  for n in names}
         try:
             if link_spec:

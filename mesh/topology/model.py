@@ -183,6 +183,16 @@ class Topology:
             return None
         return up[1] if len(up) > 1 else down[-2]
 
+    def behind(self, source: str, hop: str) -> list[str]:
+        """Every node ``source`` reaches through its neighbour ``hop`` (``hop`` included)."""
+        if not self.is_tree:
+            return [n for n, p in self.paths_from(source).items()
+                    if len(p.hops) > 1 and p.hops[1] == hop]
+        if self.parent.get(hop) == source:
+            return self.subtree(hop)
+        mine = set(self.subtree(source))
+        return [n for n in self.nodes if n not in mine]
+
     # ------------------------------------------------------------------ health of the file
     def unreachable(self) -> list[str]:
         """Nodes not connected to the largest component of the mesh."""

@@ -284,3 +284,11 @@ def test_topology_check_cli_summarises_metro_quickly() -> None:
     assert as_json.exit_code == 0
     import json
     assert json.loads(as_json.output)["groups"] == {"science-lab": 12, "med-ward": 10}
+
+
+def test_behind_lists_what_a_neighbour_leads_to() -> None:
+    topo = load_topology(ROOT / "topologies" / "local.yaml")
+    assert sorted(topo.behind("edge-1", "mid-1")) == ["core-1", "edge-2", "mid-1"]
+    assert sorted(topo.behind("mid-1", "core-1")) == ["core-1"]
+    assert sorted(topo.behind("mid-1", "edge-2")) == ["edge-2"]
+    assert sorted(topo.behind("core-1", "mid-1")) == ["edge-1", "edge-2", "mid-1"]
