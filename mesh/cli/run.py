@@ -116,7 +116,7 @@ def status(ctx: click.Context, as_json: bool) -> None:
 @cli.command()
 @click.option("--topology", "topology_file", default="topologies/local.yaml", show_default=True,
               type=click.Path(dir_okay=False))
-@click.option("--queries", default=100, show_default=True, help="Queries per SLO class.")
+@click.option("--queries", default=200, show_default=True, help="Queries per SLO class.")
 @click.pass_context
 def demo(ctx: click.Context, topology_file: str, queries: int) -> None:
     """Build, start a mesh, send real digit images under three SLOs, show where they went."""
