@@ -98,3 +98,16 @@ def serving() -> Callable[[AgentConfig], contextlib.AbstractAsyncContextManager[
                 await server.close()
 
     return run
+
+
+@pytest.fixture
+def edge_and_core() -> Any:
+    """Two nodes one 1 ms link apart: the edge hosts linear and MLP, the core the CNN."""
+    return parse_topology({
+        "name": "pair",
+        "hardware": {"box": {"kind": "cpu", "threads": 1, "memory_mb": 256}},
+        "nodes": [{"name": "core-1", "tier": "core", "hardware": "box", "variants": ["digits-cnn"]},
+                  {"name": "edge-1", "tier": "edge", "hardware": "box",
+                   "variants": ["digits-linear", "digits-mlp"]}],
+        "links": [{"between": ["edge-1", "core-1"], "latency_ms": 1, "bandwidth_mbps": 1000}],
+    })

@@ -11,19 +11,9 @@ from typing import Any
 import pytest
 
 from mesh import AsyncClient, UpstreamError
-from mesh.topology import parse_topology
 from mesh.wire import SLO, InferRequest
 from nodes.agent import AgentConfig, NodeAgent
 from nodes.stream import StreamServer
-
-PAIR = {
-    "name": "pair",
-    "hardware": {"box": {"kind": "cpu", "threads": 1, "memory_mb": 256}},
-    "nodes": [{"name": "core-1", "tier": "core", "hardware": "box", "variants": ["digits-cnn"]},
-              {"name": "edge-1", "tier": "edge", "hardware": "box",
-               "variants": ["digits-linear", "digits-mlp"]}],
-    "links": [{"between": ["edge-1", "core-1"], "latency_ms": 1, "bandwidth_mbps": 1000}],
-}
 
 
 def _accurate(images: Any, i: int = 0) -> InferRequest:
@@ -31,9 +21,10 @@ def _accurate(images: Any, i: int = 0) -> InferRequest:
 
 
 @contextlib.asynccontextmanager
-async def _edge(home: Path, serving: Any, core_url: str, stream_url: str, **options: Any
+async def _edge(home: Path, serving: Any, topology: Any, core_url: str, stream_url: str,
+                **options: Any
                 ) -> AsyncIterator[tuple[NodeAgent, str]]:
-    config = AgentConfig(node="edge-1", topology=parse_topology(PAIR), home=home,
+    config = AgentConfig(node="edge-1", topology=topology, home=home,
                          neighbours={"core-1": core_url},
                          stream_neighbours={"core-1": stream_url}, **options)
     async with serving(config) as (edge, server):
@@ -41,16 +32,16 @@ async def _edge(home: Path, serving: Any, core_url: str, stream_url: str, **opti
 
 
 async def test_forwarded_queries_share_one_stream_and_survive_the_neighbour_restarting(
-        digits_home: Path, serving: Any, heldout: Any) -> None:
+        digits_home: Path, serving: Any, heldout: Any, edge_and_core: Any) -> None:
     images, _ = heldout
-    topology = parse_topology(PAIR)
+    topology = edge_and_core
     async with serving(AgentConfig(node="core-1", topology=topology, home=digits_home)
                        ) as (core, core_server):
         core_url = str(core_server.make_url("")).rstrip("/")
         stream = StreamServer(core, "127.0.0.1", 0)
         async with stream:
             port = stream.port
-            async with _edge(digits_home, serving, core_url, f"tcp://127.0.0.1:{port}"
+            async with _edge(digits_home, serving, topology, core_url, f"tcp://127.0.0.1:{port}"
                              ) as (edge, url):
                 async with AsyncClient(url) as client:
                     far = await asyncio.gather(*(client.infer(
@@ -80,7 +71,7 @@ async def test_forwarded_queries_share_one_stream_and_survive_the_neighbour_rest
 
 
 async def test_a_silent_stream_neighbour_times_out_as_upstream_error_and_is_marked_down(
-        digits_home: Path, serving: Any, heldout: Any) -> None:
+        digits_home: Path, serving: Any, heldout: Any, edge_and_core: Any) -> None:
     """A neighbour that accepts the stream but never answers costs forward_timeout_s, no more."""
     images, _ = heldout
     held: list[asyncio.StreamWriter] = []
@@ -94,8 +85,8 @@ async def test_a_silent_stream_neighbour_times_out_as_upstream_error_and_is_mark
     server = await asyncio.start_server(swallow, "127.0.0.1", 0)
     port = server.sockets[0].getsockname()[1]
     try:
-        async with _edge(digits_home, serving, "http://127.0.0.1:9", f"tcp://127.0.0.1:{port}",
-                         forward_timeout_s=0.5) as (edge, _):
+        async with _edge(digits_home, serving, edge_and_core, "http://127.0.0.1:9",
+                         f"tcp://127.0.0.1:{port}", forward_timeout_s=0.5) as (edge, _):
             loop = asyncio.get_running_loop()
             started = loop.time()
             with pytest.raises(UpstreamError, match="forwarding to core-1 failed: TimeoutError"):
@@ -109,7 +100,7 @@ async def test_a_silent_stream_neighbour_times_out_as_upstream_error_and_is_mark
         await server.wait_closed()
 
 
-def test_stream_neighbours_must_also_have_an_http_url(digits_home: Path) -> None:
+def test_stream_neighbours_must_also_have_an_http_url(digits_home: Path, edge_and_core: Any) -> None:
     with pytest.raises(ValueError, match="stream_neighbours: core-1 have no HTTP URL"):
-        AgentConfig(node="edge-1", topology=parse_topology(PAIR), home=digits_home,
+        AgentConfig(node="edge-1", topology=edge_and_core, home=digits_home,
                     stream_neighbours={"core-1": "tcp://127.0.0.1:1"})

@@ -11,17 +11,7 @@ import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
 from mesh import AsyncClient, InvalidInput
-from mesh.topology import parse_topology
 from nodes.agent import AgentConfig
-
-EDGE_AND_CORE = {
-    "name": "pair",
-    "hardware": {"box": {"kind": "cpu", "threads": 1, "memory_mb": 256}},
-    "nodes": [{"name": "core-1", "tier": "core", "hardware": "box", "variants": ["digits-cnn"]},
-              {"name": "edge-1", "tier": "edge", "hardware": "box",
-               "variants": ["digits-linear", "digits-mlp"]}],
-    "links": [{"between": ["edge-1", "core-1"], "latency_ms": 1, "bandwidth_mbps": 1000}],
-}
 
 
 async def _scrape(url: str) -> dict[str, dict[tuple[tuple[str, str], ...], float]]:
@@ -42,9 +32,9 @@ def _value(samples: dict[str, Any], name: str, **labels: str) -> float:
 
 
 async def test_requests_batches_queues_and_memory_are_exported(
-        digits_home: Path, serving: Any, heldout: Any) -> None:
+        digits_home: Path, serving: Any, heldout: Any, edge_and_core: Any) -> None:
     images, _ = heldout
-    topology = parse_topology(EDGE_AND_CORE)
+    topology = edge_and_core
     async with serving(AgentConfig(node="core-1", topology=topology, home=digits_home)
                        ) as (_, core_server):
         core_url = str(core_server.make_url("")).rstrip("/")
