@@ -65,6 +65,13 @@ __all__ = ["AgentConfig", "NodeAgent"]
 log = logging.getLogger("tiermesh.agent")
 
 
+class _HopDown(UpstreamError):
+    """This node's own next hop failed (not an error passed up from further away)."""
+
+    def to_payload(self) -> dict[str, Any]:
+        return super().to_payload() | {"type": "UpstreamError"}  # callers see the public class
+
+
 @dataclass(frozen=True)
 class AgentConfig:
     """Everything a node agent needs, parsed once at start-up."""
@@ -259,6 +266,11 @@ class NodeAgent:
                 raise
             req.budget_ms, req.hops = budget_ms, hops  # as they were before the refused attempt
             response = await self._hand_back(req, inputs, arrived, exc, plan)
+        except _HopDown as exc:
+            # Any node whose own next hop died re-plans, once: its view now counts everything
+            # behind that hop as down, and inference has no side effects to repeat.
+            req.budget_ms, req.hops = budget_ms, hops
+            response = await self._route_around(req, inputs, arrived, exc, plan)
         if plan:
             response.plan = plan
         return response
@@ -295,6 +307,27 @@ class NodeAgent:
                     predicted=scored.prediction.to_dict(),
                     handed_back={"node": first.node, "variant": first.variant,
                                  "reason": refused.message})
+        return await self._dispatch(req, inputs, arrived)
+
+    async def _route_around(self, req: InferRequest, inputs: list[np.ndarray], arrived: float,
+                            failed: _HopDown, plan: dict[str, Any]) -> InferResponse:
+        """Plan a query again after its next hop failed; re-raise when nothing else is left."""
+        assert req.route is not None
+        first = req.route
+        decision = self.planner.plan(req.task, req.slo, self.name, self.view, now=self.clock(),
+                                     rows=int(inputs[0].shape[0]),
+                                     payload_bytes=req.payload_bytes)
+        if (decision.node, decision.variant) == (first.node, first.variant):
+            raise failed
+        log.info("%s: %s; serving %s on %s/%s instead", self.name, failed.message,
+                 req.request_id, decision.node, decision.variant)
+        req.route = Route(decision.node, decision.variant)
+        if plan:
+            plan.update(decision.to_dict(), handed_back={
+                "node": first.node, "variant": first.variant, "reason": failed.message})
+            if req.slo.latency_ms is not None and not req.slo.offline:
+                left = req.slo.latency_ms - (time.perf_counter() - arrived) * 1000
+                req.budget_ms = left if decision.feasible else None
         return await self._dispatch(req, inputs, arrived)
 
     def input_specs(self, task: str) -> tuple[TensorSpec, ...]:
@@ -368,7 +401,7 @@ class NodeAgent:
             now = self.clock()
             for node in self.config.topology.behind(self.name, hop):
                 self.view.mark_down(node, now)
-            raise UpstreamError(f"forwarding to {hop} failed: {exc.reason}") from None
+            raise _HopDown(f"forwarding to {hop} failed: {exc.reason}") from None
         rtt_ms = (time.perf_counter() - sent) * 1000
         self.counters[f"forwarded:{hop}"] += 1
         self.counters[f"via:{self.neighbours.transport(hop)}"] += 1

@@ -139,7 +139,7 @@ def test_mixed_entry_lists_fall_back_across_transports(mesh: LocalMesh, heldout)
 
 def test_a_stream_neighbour_going_away_fails_cleanly_or_reroutes(
         built_home: Path, tmp_path: Path, heldout) -> None:
-    """mid-1 dies: queries that needed it get a 502/503-class error or go elsewhere, never hang."""
+    """mid-1 dies: queries that needed it go elsewhere (or fail with a 5xx), never hang."""
     images, _ = heldout
     with LocalMesh(LOCAL, home=built_home, run_dir=tmp_path / "run") as m:
         with Client(m.stream_url("edge-1"), timeout_s=10) as client:
@@ -148,6 +148,7 @@ def test_a_stream_neighbour_going_away_fails_cleanly_or_reroutes(
             assert {r.served_by.node for r in first} == {"mid-1"}
             m.kill("mid-1")
             outcomes: list[str] = []
+            handed_back: list[dict] = []
             for i in range(8):
                 started = time.monotonic()
                 try:
@@ -160,10 +161,14 @@ def test_a_stream_neighbour_going_away_fails_cleanly_or_reroutes(
                 else:
                     assert r.served_by.node != "mid-1"
                     outcomes.append(f"served by {r.served_by.node}")
+                    handed_back.append(r.plan.get("handed_back", {}))
                 assert time.monotonic() - started < 10
-            # The first query planned through mid-1 fails fast; from then on edge-1 counts
-            # mid-1 and core-1 (behind it) as down and serves the closest variant itself.
-            assert outcomes[0].startswith("forwarding to mid-1 failed: stream"), outcomes
-            assert outcomes[1:] == ["served by edge-1"] * 7, outcomes
+            # The first query planned through mid-1 finds the stream gone; edge-1 then counts
+            # mid-1 and core-1 (behind it) as down, plans that query again and serves the
+            # closest variant itself, as it does every later one.
+            assert outcomes == ["served by edge-1"] * 8, outcomes
+            assert handed_back[0]["node"] == "mid-1"
+            assert handed_back[0]["reason"].startswith("forwarding to mid-1 failed: stream")
+            assert handed_back[1:] == [{}] * 7
             assert _status(m, "edge-1")["view"]["core-1"]["healthy"] is False
             assert _status(m, "edge-1")["view"]["mid-1"]["healthy"] is False

@@ -10,7 +10,8 @@ from typing import Any
 
 import pytest
 
-from mesh import AsyncClient, UpstreamError
+from mesh import AsyncClient, MeshError
+from mesh.topology import parse_topology
 from mesh.wire import SLO, InferRequest
 from nodes.agent import AgentConfig, NodeAgent
 from nodes.stream import StreamServer
@@ -57,8 +58,12 @@ async def test_forwarded_queries_share_one_stream_and_survive_the_neighbour_rest
                 assert "core-1" in edge.view.snapshot(edge.clock())  # piggybacked load
 
                 await stream.__aexit__(None, None, None)  # the neighbour's stream goes away
-                with pytest.raises(UpstreamError, match="forwarding to core-1 failed"):
-                    await edge.infer(_accurate(images))
+                # the query that found it gone is planned again and served here, flagged
+                moved = await edge.infer(_accurate(images))
+                assert moved.served_by.node == "edge-1"
+                assert moved.plan["handed_back"]["node"] == "core-1"
+                assert moved.plan["handed_back"]["reason"].startswith("forwarding to core-1 failed")
+                assert moved.plan["feasible"] is False  # nothing left here reaches 0.99
                 assert edge.view.is_down("core-1", edge.clock())
 
                 # back on the same port: a healthy report clears the mark, the stream reconnects
@@ -70,7 +75,7 @@ async def test_forwarded_queries_share_one_stream_and_survive_the_neighbour_rest
                 assert edge.status()["forwarded_via"] == {"stream": 13}
 
 
-async def test_a_silent_stream_neighbour_times_out_as_upstream_error_and_is_marked_down(
+async def test_a_silent_stream_neighbour_times_out_is_marked_down_and_the_query_moves(
         digits_home: Path, serving: Any, heldout: Any, edge_and_core: Any) -> None:
     """A neighbour that accepts the stream but never answers costs forward_timeout_s, no more."""
     images, _ = heldout
@@ -89,9 +94,10 @@ async def test_a_silent_stream_neighbour_times_out_as_upstream_error_and_is_mark
                          f"tcp://127.0.0.1:{port}", forward_timeout_s=0.5) as (edge, _):
             loop = asyncio.get_running_loop()
             started = loop.time()
-            with pytest.raises(UpstreamError, match="forwarding to core-1 failed: TimeoutError"):
-                await asyncio.wait_for(edge.infer(_accurate(images)), 10)
+            moved = await asyncio.wait_for(edge.infer(_accurate(images)), 10)
             assert loop.time() - started < 10
+            assert moved.served_by.node == "edge-1"
+            assert moved.plan["handed_back"]["reason"] == "forwarding to core-1 failed: TimeoutError"
             assert edge.view.is_down("core-1", edge.clock())
     finally:
         for writer in held:
@@ -104,3 +110,23 @@ def test_stream_neighbours_must_also_have_an_http_url(digits_home: Path, edge_an
     with pytest.raises(ValueError, match="stream_neighbours: core-1 have no HTTP URL"):
         AgentConfig(node="edge-1", topology=edge_and_core, home=digits_home,
                     stream_neighbours={"core-1": "tcp://127.0.0.1:1"})
+
+
+async def test_a_dead_hop_with_nothing_behind_it_is_a_clear_5xx(
+        digits_home: Path, serving: Any, heldout: Any) -> None:
+    """Only the (dead) core hosts the task: the entry answers at once, naming the problem."""
+    images, _ = heldout
+    lonely = parse_topology({
+        "name": "lonely",
+        "hardware": {"box": {"kind": "cpu", "threads": 1, "memory_mb": 256}},
+        "nodes": [{"name": "core-1", "tier": "core", "hardware": "box", "variants": ["digits-*"]},
+                  {"name": "edge-1", "tier": "edge", "hardware": "box", "variants": []}],
+        "links": [{"between": ["edge-1", "core-1"], "latency_ms": 1, "bandwidth_mbps": 1000}],
+    })
+    async with _edge(digits_home, serving, lonely, "http://127.0.0.1:9", "tcp://127.0.0.1:9"
+                     ) as (edge, _):
+        with pytest.raises(MeshError) as info:
+            await asyncio.wait_for(edge.infer(_accurate(images)), 10)
+    assert info.value.status in (502, 503)
+    assert "down" in info.value.message or "failed" in info.value.message
+    assert edge.view.is_down("core-1", edge.clock())
