@@ -10,8 +10,8 @@ import aiohttp
 import numpy as np
 
 # the dev extra installs tritonclient: a standard client must work unmodified, never skip
-import tritonclient.http as tritonhttp  # noqa: E402
-import tritonclient.utils as triton_utils  # noqa: E402
+import tritonclient.http as tritonhttp
+import tritonclient.utils as triton_utils
 
 from mesh.wire import InferRequest, Route
 from nodes.oip import HEADER_LENGTH
