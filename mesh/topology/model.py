@@ -17,7 +17,7 @@ from typing import Any
 
 import networkx as nx
 
-from mesh.topology.schema import TIERS, HardwareClass, Link, MembershipSpec, Node, Tenant
+from mesh.topology.schema import HardwareClass, Link, MembershipSpec, Node, Tenant
 
 __all__ = ["Path_", "Topology"]
 
@@ -97,9 +97,6 @@ class Topology:
     def neighbours(self, node: str) -> list[str]:
         return sorted(self.graph.neighbors(node))
 
-    def tier_of(self, node: str) -> str:
-        return self.nodes[node].tier
-
     def ancestors(self, node: str) -> Iterator[str]:
         """The parent, its parent, ... up to a root (``node`` itself excluded)."""
         parent = self.parent[node]
@@ -115,12 +112,6 @@ class Topology:
             out.append(n)
             stack.extend(self.children[n])
         return out
-
-    def in_subtree(self, node: str, root: str) -> bool:
-        """Whether ``node`` is ``root`` or below it."""
-        if node == root:
-            return True
-        return root in self.ancestors(node) if self.depth[node] > self.depth[root] else False
 
     # ------------------------------------------------------------------ paths
     def paths_from(self, source: str) -> dict[str, Path_]:
@@ -209,5 +200,3 @@ class Topology:
     def nodes_in_tier(self, tier: str) -> list[str]:
         return sorted(n for n, spec in self.nodes.items() if spec.tier == tier)
 
-    def tiers_present(self) -> list[str]:
-        return [t for t in TIERS if any(s.tier == t for s in self.nodes.values())]

@@ -72,9 +72,6 @@ class HardwareClass(_Schema):
         """The key under which variant latencies for this class are stored."""
         return f"{self.kind}-{self.threads}t"
 
-    @property
-    def total_cores(self) -> int:
-        return self.cores if self.cores is not None else self.threads
 
 
 class TierSpec(_Schema):
@@ -99,9 +96,6 @@ class Node(_Schema):
         """Whether this node may host ``variant`` (entries may be glob patterns)."""
         return any(fnmatch.fnmatchcase(variant, pattern) for pattern in self.variants or ())
 
-    @property
-    def queue_limit(self) -> int:
-        return self.max_queue if self.max_queue is not None else 256
 
 
 class Link(_Schema):
