@@ -23,8 +23,7 @@ Inputs are rows of the validation set tiled to each batch size when given
 shape and dtype. Each batch size stops after ``repeats`` runs or
 ``budget_s`` seconds, but never fewer than ``min_repeats`` runs.
 
-:func:`profile_onnx` is the ONNX-only form kept for callers that hold raw
-ONNX bytes.
+:func:`profile_onnx` is a shorthand for one-input ONNX models held as bytes.
 """
 
 from __future__ import annotations
@@ -40,28 +39,15 @@ from collections.abc import Iterable, Sequence
 from pathlib import Path
 
 import numpy as np
-import onnxruntime as ort
 
 from mesh.registry import LatencyFit, Profile, TensorSpec
 from mesh.runtimes import runtime_for, thread_env
 
-__all__ = ["FIT_TOLERANCE", "session_options", "batch_sizes_up_to", "fit_latency",
+__all__ = ["FIT_TOLERANCE", "batch_sizes_up_to", "fit_latency",
            "make_batch", "profile_variant", "peak_memory_bytes", "profile_onnx"]
 
 FIT_TOLERANCE = 0.25
 """Largest relative gap between the linear latency model and a measurement before re-measuring."""
-
-
-def session_options(threads: int) -> ort.SessionOptions:
-    """onnxruntime options for running with ``threads`` compute threads, one op at a time."""
-    if threads < 1:
-        raise ValueError(f"threads must be >= 1, got {threads}")
-    options = ort.SessionOptions()
-    options.intra_op_num_threads = threads
-    options.inter_op_num_threads = 1
-    options.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
-    options.log_severity_level = 3  # errors only; the default logs graph-optimisation chatter
-    return options
 
 
 def batch_sizes_up_to(max_batch: int) -> tuple[int, ...]:
@@ -111,13 +97,6 @@ def make_batch(specs: Sequence[TensorSpec], batch: int, sample: Sequence[np.ndar
     rows = len(sample[0])
     idx = np.arange(batch) % rows
     return [np.ascontiguousarray(a[idx]) for a in sample]
-
-
-class _OnnxFeeds:
-    """Runs an onnxruntime session on a name -> array feed (what :func:`profile_onnx` times)."""
-
-    def run(self, session: ort.InferenceSession, feed: dict[str, np.ndarray]) -> object:
-        return session.run(None, feed)
 
 
 def _ms_since(start: float) -> float:
@@ -224,26 +203,17 @@ def profile_onnx(
     budget_s: float = 0.05,
     seed: int = 0,
 ) -> Profile:
-    """Profile one-input ONNX ``model`` (bytes or a file path) with ``threads`` compute threads.
+    """:func:`profile_variant` for one-input ONNX ``model`` given as bytes or a file path.
 
-    Latency and cold start only (no memory measurement). Raises
-    ``ValueError`` for a non-positive thread count or batch size, or an input
-    spec without a leading ``-1`` batch dimension; onnxruntime's own errors
-    propagate for a model it cannot load or run.
+    Latency and cold start only (no memory measurement); the same errors as
+    :func:`profile_variant`.
     """
-    sizes = sorted(set(batch_sizes))
-    if not sizes or sizes[0] < 1:
-        raise ValueError(f"batch_sizes must be positive integers, got {sizes}")
-    rng = np.random.default_rng(seed)
-    feeds = {b: {input_spec.name: _random_input(input_spec, b, rng)} for b in sizes}
-    source = str(model) if isinstance(model, Path) else model
-
-    start = time.perf_counter()
-    session = ort.InferenceSession(source, session_options(threads),
-                                   providers=["CPUExecutionProvider"])
-    session.run(None, {input_spec.name: _random_input(input_spec, 1, rng)})
-    cold_start_ms = _ms_since(start)
-
-    batch_ms = _time_batches(_OnnxFeeds(), session, feeds, warmup=warmup, repeats=repeats,
-                             min_repeats=min_repeats, budget_s=budget_s)
-    return Profile(batch_ms=batch_ms, cold_start_ms=cold_start_ms, fit=fit_latency(batch_ms))
+    options = {"threads": threads, "batch_sizes": batch_sizes, "memory": False,
+               "warmup": warmup, "repeats": repeats, "min_repeats": min_repeats,
+               "budget_s": budget_s, "seed": seed}
+    if not isinstance(model, bytes):
+        return profile_variant(model, "onnx", [input_spec], **options)
+    with tempfile.TemporaryDirectory(prefix="tiermesh-profile-") as tmp:
+        path = Path(tmp) / "model.onnx"
+        path.write_bytes(model)
+        return profile_variant(path, "onnx", [input_spec], **options)
