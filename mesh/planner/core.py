@@ -19,7 +19,7 @@ from mesh.planner.tables import (
     hosts_by_node,
 )
 from mesh.registry import Registry, Variant
-from mesh.state import MeshView
+from mesh.state import MeshView, NodeLoad
 from mesh.topology import Topology
 from mesh.wire import SLO
 
@@ -255,23 +255,12 @@ class Planner:
                     continue
                 if target is not None and floor * frac + r.margin_ms > target:
                     continue  # too slow even with no queue: no need to look at its load
-            node = r.node
-            if down and node in down:
+            if down and r.node in down:
                 continue
-            queue = cold = 0.0
-            ld = loads.get(node)
-            if ld is not None:
-                if ld.failed and r.variant in ld.failed:
-                    continue
-                if now - ld.reported_at <= stale:
-                    if not ld.healthy:
-                        continue
-                    depth = ld.queue_depth
-                    if depth:
-                        full, rest = divmod(depth, r.batch)
-                        queue = full * r.full_ms + r.rest_ms[rest]
-                    if ld.loaded is not None and r.variant not in ld.loaded:
-                        cold = r.cold_ms
+            terms = _load_terms(r, loads.get(r.node), now, stale)
+            if terms is None:
+                continue
+            queue, cold = terms
             if rows == 1:
                 total = r.fixed_ms + payload * r.ms_per_byte + queue + cold
             else:
@@ -398,22 +387,10 @@ class Planner:
                     continue
             if down and r.node in down:
                 continue
-            # The load terms below repeat the feasible walk's on purpose: a helper call per
-            # candidate costs a measurable share of the 20 us budget. Change both together.
-            queue = cold = 0.0
-            ld = loads.get(r.node)
-            if ld is not None:
-                if ld.failed and r.variant in ld.failed:
-                    continue
-                if now - ld.reported_at <= stale:
-                    if not ld.healthy:
-                        continue
-                    depth = ld.queue_depth
-                    if depth:
-                        full, rest = divmod(depth, r.batch)
-                        queue = full * r.full_ms + r.rest_ms[rest]
-                    if ld.loaded is not None and r.variant not in ld.loaded:
-                        cold = r.cold_ms
+            terms = _load_terms(r, loads.get(r.node), now, stale)
+            if terms is None:
+                continue
+            queue, cold = terms
             if rows == 1:
                 total = r.fixed_ms + payload * r.ms_per_byte + queue + cold
             else:
@@ -475,3 +452,28 @@ def _accurate_enough(table: CandidateTable, policy: str, order: tuple[Row, ...],
         if len(table.cache) < _FILTER_CACHE_LIMIT:  # clients choose the thresholds
             table.cache[key] = cached
     return cached
+
+
+def _load_terms(r: Row, ld: NodeLoad | None, now: float, stale: float
+                ) -> tuple[float, float] | None:
+    """(queue_ms, cold_ms) for row ``r`` from its node's last report; None when it cannot serve.
+
+    A report older than ``stale`` seconds no longer counts (no queue, loaded assumed); a
+    variant the node failed to load never serves, however old the report.
+    """
+    if ld is None:
+        return 0.0, 0.0
+    if ld.failed and r.variant in ld.failed:
+        return None
+    if now - ld.reported_at > stale:
+        return 0.0, 0.0
+    if not ld.healthy:
+        return None
+    queue = cold = 0.0
+    depth = ld.queue_depth
+    if depth:
+        full, rest = divmod(depth, r.batch)
+        queue = full * r.full_ms + r.rest_ms[rest]
+    if ld.loaded is not None and r.variant not in ld.loaded:
+        cold = r.cold_ms
+    return queue, cold
