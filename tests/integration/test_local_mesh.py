@@ -20,12 +20,6 @@ LOCAL = ROOT / "topologies" / "local.yaml"
 pytestmark = pytest.mark.integration
 
 
-@pytest.fixture(scope="module")
-def mesh(built_home: Path, tmp_path_factory: pytest.TempPathFactory):
-    with LocalMesh(LOCAL, home=built_home, run_dir=tmp_path_factory.mktemp("run")) as m:
-        yield m
-
-
 def test_slos_steer_queries_to_the_expected_tier(mesh: LocalMesh, heldout) -> None:
     images, labels = heldout
     with Client(mesh.url("edge-1")) as client:

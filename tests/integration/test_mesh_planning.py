@@ -71,12 +71,6 @@ def test_queries_route_around_a_killed_node(built_home: Path, tmp_path: Path, he
         assert edge_view["core-1"]["healthy"] is False
 
 
-@pytest.fixture(scope="module")
-def mesh(built_home: Path, tmp_path_factory: pytest.TempPathFactory):
-    with LocalMesh(LOCAL, home=built_home, run_dir=tmp_path_factory.mktemp("run")) as m:
-        yield m
-
-
 def test_cascade_escalates_unsure_images_and_buys_accuracy(mesh: LocalMesh, heldout) -> None:
     images, labels = heldout
     batch, truth = images[:300], labels[:300]
