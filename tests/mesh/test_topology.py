@@ -55,6 +55,22 @@ def test_nodes_allow_variants_by_glob() -> None:
          "hardware.edge-cpu.threads: must be >= 1"),
         (lambda d: d["links"].append(dict(d["links"][0])), "links[3].between: duplicates links[0]"),
         (lambda d: d["links"][0].update(between=["mid-1", "mid-1"]), "cannot join 'mid-1' to itself"),
+        (lambda d: d["nodes"][2].update(parent="edge-2"),
+         "nodes[2].parent: 'edge-2' is not linked to 'edge-1'"),
+        (lambda d: d["nodes"][1].update(parent="edge-1"),
+         "nodes[1].parent: 'edge-1' is in a lower tier (edge) than 'mid-1' (intermediate)"),
+        (lambda d: d["nodes"][0].update(parent="nowhere"), "nodes[0].parent: unknown node 'nowhere'"),
+        (lambda d: d["links"][0].update(loss=1), "links[0].loss: must be < 1"),
+        (lambda d: d.update(membership={"heartbeat_interval_s": 0}),
+         "membership.heartbeat_interval_s: must be > 0"),
+        (lambda d: d.update(tenants=[{"name": "a", "nodes": ["zz-*"]}]),
+         "tenants[0].nodes[0]: 'zz-*' matches no node"),
+        (lambda d: d.update(tenants=[{"name": "a"}, {"name": "a"}]),
+         "tenants[1].name: 'a' is already used by tenants[0]"),
+        (lambda d: d.update(tiers={"fog": {}}), "tiers.fog"),
+        (lambda d: d["hardware"]["core-cpu"].update(accelerators=[{"type": "a10", "count": 0}]),
+         "hardware.core-cpu.accelerators[0].count: must be >= 1"),
+        (lambda d: d["hardware"]["core-cpu"].update(power_w=-5), "hardware.core-cpu.power_w: must be >= 0"),
     ],
 )
 def test_errors_name_the_key_path(mutate, expected: str) -> None:
@@ -177,35 +193,6 @@ def test_per_parent_groups_share_out_in_blocks() -> None:
 def test_group_errors_name_the_key_path(overrides: dict, expected: str) -> None:
     with pytest.raises(TopologyError) as info:
         parse_topology(_grouped(**overrides), source="g.yaml")
-    assert any(expected in e for e in info.value.errors), info.value.errors
-
-
-@pytest.mark.parametrize(
-    ("mutate", "expected"),
-    [
-        (lambda d: d["nodes"][2].update(parent="edge-2"),
-         "nodes[2].parent: 'edge-2' is not linked to 'edge-1'"),
-        (lambda d: d["nodes"][1].update(parent="edge-1"),
-         "nodes[1].parent: 'edge-1' is in a lower tier (edge) than 'mid-1' (intermediate)"),
-        (lambda d: d["nodes"][0].update(parent="nowhere"), "nodes[0].parent: unknown node 'nowhere'"),
-        (lambda d: d["links"][0].update(loss=1), "links[0].loss: must be < 1"),
-        (lambda d: d.update(membership={"heartbeat_interval_s": 0}),
-         "membership.heartbeat_interval_s: must be > 0"),
-        (lambda d: d.update(tenants=[{"name": "a", "nodes": ["zz-*"]}]),
-         "tenants[0].nodes[0]: 'zz-*' matches no node"),
-        (lambda d: d.update(tenants=[{"name": "a"}, {"name": "a"}]),
-         "tenants[1].name: 'a' is already used by tenants[0]"),
-        (lambda d: d.update(tiers={"fog": {}}), "tiers.fog"),
-        (lambda d: d["hardware"]["core-cpu"].update(accelerators=[{"type": "a10", "count": 0}]),
-         "hardware.core-cpu.accelerators[0].count: must be >= 1"),
-        (lambda d: d["hardware"]["core-cpu"].update(power_w=-5), "hardware.core-cpu.power_w: must be >= 0"),
-    ],
-)
-def test_more_errors_name_the_key_path(mutate, expected: str) -> None:
-    data = _local()
-    mutate(data)
-    with pytest.raises(TopologyError) as info:
-        parse_topology(data, source="t.yaml")
     assert any(expected in e for e in info.value.errors), info.value.errors
 
 
