@@ -97,8 +97,12 @@ def test_every_variant_is_profiled_from_batch_1_to_its_maximum(full_family) -> N
         assert all(ms > 0 for ms in profile.batch_ms.values())
         assert profile.cold_start_ms > 0
         assert profile.peak_memory_bytes > 0
-        assert profile.fit is not None and profile.fit.max_error_frac >= 0
-        assert profile.fit.per_row_ms >= 0 or profile.fit.max_error_frac > 0
+        # the recorded fit is the line through these measurements, with its true worst gap
+        fit = profile.fit
+        assert fit is not None
+        gaps = [abs(max(fit.intercept_ms + fit.per_row_ms * b, 0.0) - ms) / ms
+                for b, ms in profile.batch_ms.items()]
+        assert fit.max_error_frac == pytest.approx(max(gaps), rel=1e-6, abs=1e-9)
 
 
 def test_registry_survives_a_restart(full_family) -> None:
