@@ -11,6 +11,7 @@ An inference request::
     {"task": "digits", "tensors": [tensor, ...], "request_id": "...",
      "slo": {"latency_ms": 20, "min_accuracy": 0.95, "policy": "cheapest"},
      "budget_ms": 19.2,           # what is left of the latency target (set by nodes)
+     "timeout_ms": 250.0,         # how long the sender waits for this answer (SDK and nodes)
      "hops": 1,                   # how many nodes the query has crossed
      "route": {"node": "core-1", "variant": "digits-cnn"}}   # set by the entry node
 
@@ -133,6 +134,8 @@ class SLO:
     ``policy``: how to choose among feasible candidates.
     ``min_confidence``: for ``cascade``, rows whose top probability is below this
     are escalated to a more accurate variant (the planner's default when unset).
+    ``allow_degraded``: when no (node, variant) can meet ``latency_ms``, answer with
+    the closest one anyway (marked ``slo_met=False``) instead of refusing at once.
     """
 
     latency_ms: float | None = None
@@ -141,6 +144,7 @@ class SLO:
     offline: bool = False
     policy: str = "cheapest"
     min_confidence: float | None = None
+    allow_degraded: bool = False
 
     def to_wire(self) -> dict[str, Any]:
         out: dict[str, Any] = {"policy": self.policy}
@@ -154,6 +158,8 @@ class SLO:
             out["offline"] = True
         if self.min_confidence is not None:
             out["min_confidence"] = self.min_confidence
+        if self.allow_degraded:
+            out["allow_degraded"] = True
         return out
 
     @classmethod
@@ -163,7 +169,7 @@ class SLO:
         if not isinstance(obj, dict):
             raise InvalidInput("slo: must be a map")
         unknown = set(obj) - {"latency_ms", "min_accuracy", "max_cost_per_1k", "offline", "policy",
-                              "min_confidence"}
+                              "min_confidence", "allow_degraded"}
         if unknown:
             raise InvalidInput(f"slo: unknown field(s) {sorted(unknown)}")
         latency = _opt_number(obj, "latency_ms", lo=0.0, hi=3_600_000.0)
@@ -176,7 +182,10 @@ class SLO:
         if policy not in POLICIES:
             raise InvalidInput(f"slo.policy: {policy!r} is not one of {list(POLICIES)}")
         confidence = _opt_number(obj, "min_confidence", lo=0.0, hi=1.0)
-        return cls(latency, accuracy, cost, offline, policy, confidence)
+        degraded = obj.get("allow_degraded", False)
+        if not isinstance(degraded, bool):
+            raise InvalidInput("slo.allow_degraded: must be true or false")
+        return cls(latency, accuracy, cost, offline, policy, confidence, degraded)
 
 
 def _opt_number(obj: dict[str, Any], key: str, *, lo: float, hi: float) -> float | None:
@@ -212,6 +221,9 @@ class InferRequest:
     budget_ms: float | None = None
     hops: int = 0
     route: Route | None = None
+    #: How long the sender waits for the answer, from when it sent the query. Each hop
+    #: forwards what is left of it, so a node gives up on a hop before its caller gives up on it.
+    timeout_ms: float | None = None
 
     @property
     def payload_bytes(self) -> int:
@@ -238,6 +250,8 @@ def encode_request(req: InferRequest) -> bytes:
     }
     if req.budget_ms is not None:
         obj["budget_ms"] = req.budget_ms
+    if req.timeout_ms is not None:
+        obj["timeout_ms"] = req.timeout_ms
     if req.route is not None:
         obj["route"] = {"node": req.route.node, "variant": req.route.variant}
     return pack(obj)
@@ -268,6 +282,10 @@ def decode_request(body: bytes, *, max_elements: int = DEFAULT_MAX_ELEMENTS) -> 
     budget = obj.get("budget_ms")
     if budget is not None and (isinstance(budget, bool) or not isinstance(budget, (int, float))):
         raise InvalidInput("budget_ms: must be a number")
+    timeout = obj.get("timeout_ms")
+    if timeout is not None and (isinstance(timeout, bool) or not isinstance(timeout, (int, float))
+                                or not 0 < timeout <= 3_600_000):
+        raise InvalidInput("timeout_ms: must be a number of milliseconds between 0 and 3600000")
     route = obj.get("route")
     parsed_route = None
     if route is not None:
@@ -286,6 +304,7 @@ def decode_request(body: bytes, *, max_elements: int = DEFAULT_MAX_ELEMENTS) -> 
         budget_ms=float(budget) if budget is not None else None,
         hops=hops,
         route=parsed_route,
+        timeout_ms=float(timeout) if timeout is not None else None,
     )
 
 
