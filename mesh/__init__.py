@@ -12,6 +12,8 @@ node and the hardware::
 from mesh.client import AsyncClient, Client, Result
 from mesh.errors import (
     DeadlineExceeded,
+    Forbidden,
+    InputRejected,
     InvalidInput,
     MeshConnectionError,
     MeshError,
@@ -34,6 +36,8 @@ __all__ = [
     "ServedBy",
     "MeshError",
     "InvalidInput",
+    "InputRejected",
+    "Forbidden",
     "PayloadTooLarge",
     "UnknownTask",
     "TopologyError",

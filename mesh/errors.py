@@ -8,7 +8,9 @@ the only place that turns responses back into errors::
     MeshError                       500  base; never raised bare
     ├── InvalidInput                400  bad shapes, dtypes, fields, msgpack
     │   ├── PayloadTooLarge         413  body or tensor over the node's cap
-    │   └── UnknownTask             404  no variant anywhere serves this task
+    │   ├── UnknownTask             404  no variant anywhere serves this task
+    │   └── InputRejected           422  valid by the task's spec, but the variant could not run it
+    ├── Forbidden                   403  a field only mesh nodes may set (a route), or a peer's bad token
     ├── TopologyError               ---  a topology file failed validation (CLI only)
     ├── ArtifactNotFound            404  no artifact with that sha256 here or upstream
     ├── Overloaded                  429  queue full here; retry after a pause
@@ -34,6 +36,8 @@ __all__ = [
     "InvalidInput",
     "PayloadTooLarge",
     "UnknownTask",
+    "InputRejected",
+    "Forbidden",
     "TopologyError",
     "ArtifactNotFound",
     "Overloaded",
@@ -82,6 +86,16 @@ class PayloadTooLarge(InvalidInput):
 
 class UnknownTask(InvalidInput):
     status = 404
+
+
+class InputRejected(InvalidInput):
+    """The variant failed on this input alone (run by itself, after its batch failed)."""
+
+    status = 422
+
+
+class Forbidden(MeshError):
+    status = 403
 
 
 class TopologyError(MeshError):
@@ -146,6 +160,8 @@ _BY_NAME: dict[str, type[MeshError]] = {
         InvalidInput,
         PayloadTooLarge,
         UnknownTask,
+        InputRejected,
+        Forbidden,
         ArtifactNotFound,
         Overloaded,
         Unavailable,
@@ -158,7 +174,9 @@ _BY_NAME: dict[str, type[MeshError]] = {
 
 _BY_STATUS: dict[int, type[MeshError]] = {
     400: InvalidInput,
+    403: Forbidden,
     404: UnknownTask,
+    422: InputRejected,
     413: PayloadTooLarge,
     429: Overloaded,
     503: Unavailable,
