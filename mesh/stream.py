@@ -35,10 +35,13 @@ from urllib.parse import urlsplit
 from mesh.errors import InvalidInput, MeshConnectionError, MeshTimeout, PayloadTooLarge
 from mesh.wire import InferRequest, InferResponse, decode_answer, encode_request, unpack
 
-__all__ = ["INFER", "ANSWER", "ERROR", "HEADER", "SCHEME", "frame", "parse_stream_url",
+__all__ = ["INFER", "ANSWER", "ERROR", "HELLO", "HEADER", "SCHEME", "frame", "parse_stream_url",
            "FrameReader", "StreamClient", "BlockingStream"]
 
 INFER, ANSWER, ERROR = 1, 2, 3
+#: Sent once by a node on a connection it opens to a neighbour: proves it is a mesh node
+#: (see :mod:`nodes.peers`); queries on that connection may then carry a route.
+HELLO = 4
 HEADER = struct.Struct(">IIB")
 DEFAULT_MAX_FRAME = 64 * 1024 * 1024
 #: URL scheme of a stream address: ``tcp://HOST:PORT``.
@@ -152,19 +155,23 @@ class StreamClient:
     Leaving closes the connection and fails whatever is still in flight.
     """
 
-    def __init__(self, host: str, port: int, *, reconnect: bool = False) -> None:
+    def __init__(self, host: str, port: int, *, reconnect: bool = False,
+                 hello: bytes | None = None) -> None:
         self.host, self.port = host, port
         self.reconnect = reconnect
+        #: payload of a HELLO frame sent first on every connection (nodes only)
+        self.hello = hello
         self._conn: _ClientProtocol | None = None
         self._connecting = asyncio.Lock()
         self._ids = itertools.count(1)
         self._state = "unopened"
 
     @classmethod
-    def from_url(cls, url: str, *, reconnect: bool = False) -> StreamClient:
+    def from_url(cls, url: str, *, reconnect: bool = False, hello: bytes | None = None
+                 ) -> StreamClient:
         """A client for ``tcp://HOST:PORT``; raises :class:`ValueError` for anything else."""
         host, port = parse_stream_url(url)
-        return cls(host, port, reconnect=reconnect)
+        return cls(host, port, reconnect=reconnect, hello=hello)
 
     async def __aenter__(self) -> StreamClient:
         if self._state != "unopened":
@@ -192,6 +199,9 @@ class StreamClient:
             _, conn = await loop.create_connection(_ClientProtocol, self.host, self.port)
         except OSError as exc:
             raise MeshConnectionError(f"cannot reach {self.host}:{self.port}: {exc}") from None
+        if self.hello is not None:
+            assert conn.transport is not None
+            conn.transport.write(frame(0, HELLO, self.hello))
         self._conn = conn
         return conn
 
