@@ -15,8 +15,8 @@ import asyncio
 import logging
 from typing import Any
 
-from mesh.errors import InvalidInput, MeshError, Overloaded
-from mesh.stream import ANSWER, ERROR, INFER, FrameReader, frame
+from mesh.errors import Forbidden, InvalidInput, MeshError, Overloaded
+from mesh.stream import ANSWER, ERROR, HELLO, INFER, FrameReader, frame
 from mesh.wire import decode_request, encode_response, pack
 from nodes.agent import NodeAgent
 
@@ -36,6 +36,8 @@ class _Connection(asyncio.Protocol):
         self.reader = FrameReader(server.agent.config.max_body_bytes)
         self.open: set[asyncio.Task[None]] = set()
         self.transport: asyncio.Transport | None = None
+        #: the mesh node this connection proved to come from (a HELLO frame); None: a client
+        self.peer: str | None = None
 
     def connection_made(self, transport: Any) -> None:
         self.transport = transport
@@ -50,7 +52,14 @@ class _Connection(asyncio.Protocol):
             self.transport.close()
             return
         for request_id, kind, payload in frames:
-            if kind != INFER:
+            if kind == HELLO:
+                self.peer = self.server.agent.peers.peer_of_hello(payload)
+                if self.peer is None:
+                    self.transport.write(_error_frame(request_id, Forbidden(
+                        "HELLO: not a node of this mesh (bad token); clients send INFER only")))
+                    self.transport.close()
+                    return
+            elif kind != INFER:
                 self.transport.write(_error_frame(request_id, InvalidInput(
                     f"frame kind {kind}: a node accepts only INFER ({INFER}) frames")))
             elif len(self.open) >= self.server.max_in_flight:
@@ -71,7 +80,8 @@ class _Connection(asyncio.Protocol):
         agent = self.server.agent
         try:
             req = decode_request(payload, max_elements=agent.config.max_elements)
-            out = frame(request_id, ANSWER, encode_response(await agent.infer(req)))
+            out = frame(request_id, ANSWER, encode_response(
+                await agent.infer(req, from_client=self.peer is None)))
         except MeshError as exc:
             out = _error_frame(request_id, exc)
         except Exception:  # the connection and the node keep serving
