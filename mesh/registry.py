@@ -2,8 +2,12 @@
 
 Every number in an entry was measured: accuracy on the family's held-out
 split, latency per hardware class at several batch sizes. The registry is a
-JSON file beside the artifact store (``<home>/registry.json``) and is written
-atomically, so it survives restarts and concurrent readers.
+JSON file beside the artifact store (``<home>/registry.json``), written
+atomically and durably (:mod:`mesh.durable`), so it survives crashes and
+concurrent readers. :meth:`Registry.save` holds a lock on
+``<home>/registry.lock`` while it re-reads the file and applies this
+registry's own changes to it, so several processes registering variants at
+once never lose each other's updates.
 
 Variants the factory generated but refused (a conversion that failed, or one
 that disagreed with the original) are kept apart in :attr:`Registry.rejected`
@@ -16,17 +20,17 @@ from __future__ import annotations
 
 import bisect
 import json
-import os
-import tempfile
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
+from mesh.durable import locked, remove_stale_temps, write_atomic
 from mesh.errors import UnknownTask
 
 __all__ = ["TensorSpec", "LatencyFit", "Profile", "Variant", "Rejection", "Registry"]
 
 REGISTRY_FILE = "registry.json"
+LOCK_FILE = "registry.lock"
 SCHEMA_VERSION = 1
 
 
@@ -190,12 +194,26 @@ class Rejection:
 
 
 class Registry:
-    """Variants by name, persisted as JSON. Not thread-safe; one writer at a time."""
+    """Variants by name, persisted as JSON. Not thread-safe within a process.
+
+    Across processes, :meth:`save` merges: it writes this registry's own
+    changes (:meth:`add`, :meth:`reject`, :meth:`remove_family`, and whatever
+    the constructor was given) onto the file as it is when saving, so that
+    changes other processes saved since this one was loaded are kept. The
+    last change to one variant name wins.
+    """
 
     def __init__(self, variants: dict[str, Variant] | None = None,
                  rejected: dict[str, Rejection] | None = None) -> None:
-        self.variants: dict[str, Variant] = dict(variants or {})
-        self.rejected: dict[str, Rejection] = dict(rejected or {})
+        self.variants: dict[str, Variant] = {}
+        self.rejected: dict[str, Rejection] = {}
+        #: changes not saved yet, in order: ("add", Variant) / ("reject", Rejection) /
+        #: ("remove_family", family)
+        self._changes: list[tuple[str, Any]] = []
+        for variant in (variants or {}).values():
+            self.add(variant)
+        for rejection in (rejected or {}).values():
+            self.reject(rejection)
 
     # ---------------------------------------------------------------- queries
     def tasks(self) -> list[str]:
@@ -214,19 +232,33 @@ class Registry:
         except KeyError:
             raise KeyError(f"variant {name!r} is not registered") from None
 
+    # ---------------------------------------------------------------- changes
     def add(self, variant: Variant) -> None:
-        self.variants[variant.name] = variant
-        self.rejected.pop(variant.name, None)
+        self._apply("add", variant)
+        self._changes.append(("add", variant))
 
     def reject(self, rejection: Rejection) -> None:
         """Record a refused variant; it replaces an accepted one of the same name."""
-        self.variants.pop(rejection.name, None)
-        self.rejected[rejection.name] = rejection
+        self._apply("reject", rejection)
+        self._changes.append(("reject", rejection))
 
     def remove_family(self, family: str) -> list[str]:
         """Drop every accepted and rejected variant of ``family``; return the names dropped."""
-        gone = sorted(n for n, v in self.variants.items() if v.family == family)
-        gone += sorted(n for n, r in self.rejected.items() if r.family == family)
+        gone = self._apply("remove_family", family)
+        self._changes.append(("remove_family", family))
+        return gone
+
+    def _apply(self, kind: str, arg: Any) -> list[str]:
+        if kind == "add":
+            self.variants[arg.name] = arg
+            self.rejected.pop(arg.name, None)
+            return []
+        if kind == "reject":
+            self.variants.pop(arg.name, None)
+            self.rejected[arg.name] = arg
+            return []
+        gone = sorted(n for n, v in self.variants.items() if v.family == arg)
+        gone += sorted(n for n, r in self.rejected.items() if r.family == arg)
         for name in gone:
             self.variants.pop(name, None)
             self.rejected.pop(name, None)
@@ -235,25 +267,43 @@ class Registry:
     # ---------------------------------------------------------------- persistence
     @classmethod
     def load(cls, home: str | Path) -> Registry:
-        path = Path(home) / REGISTRY_FILE
-        if not path.exists():
-            return cls()
-        data = json.loads(path.read_text())
-        return cls({name: Variant.from_json(v) for name, v in data.get("variants", {}).items()},
-                   {name: Rejection.from_json(r) for name, r in data.get("rejected", {}).items()})
+        """The registry saved in ``home`` (empty when there is none).
+
+        Raises ``ValueError`` when the file is not a registry (damaged by hand).
+        """
+        registry = cls()
+        registry.variants, registry.rejected = _read(Path(home) / REGISTRY_FILE)
+        return registry
 
     def save(self, home: str | Path) -> Path:
+        """Apply this registry's changes to the file in ``home`` under its lock; return its path.
+
+        Afterwards this registry holds what the file holds (its changes plus
+        everyone else's). Raises ``OSError`` when ``home`` is not writable.
+        """
         home = Path(home)
         home.mkdir(parents=True, exist_ok=True)
         path = home / REGISTRY_FILE
-        body = json.dumps(
-            {"schema": SCHEMA_VERSION,
-             "variants": {n: v.to_json() for n, v in sorted(self.variants.items())},
-             "rejected": {n: r.to_json() for n, r in sorted(self.rejected.items())}},
-            indent=2,
-        )
-        fd, tmp = tempfile.mkstemp(dir=home, prefix=".registry-")
-        with os.fdopen(fd, "w") as fh:
-            fh.write(body)
-        os.replace(tmp, path)
+        with locked(home / LOCK_FILE):
+            # Under the lock nobody else writes the registry: leftovers are from dead writers.
+            remove_stale_temps(home)
+            current = Registry()
+            current.variants, current.rejected = _read(path)
+            for kind, arg in self._changes:
+                current._apply(kind, arg)
+            write_atomic(path, json.dumps(
+                {"schema": SCHEMA_VERSION,
+                 "variants": {n: v.to_json() for n, v in sorted(current.variants.items())},
+                 "rejected": {n: r.to_json() for n, r in sorted(current.rejected.items())}},
+                indent=2))
+        self.variants, self.rejected = current.variants, current.rejected
+        self._changes.clear()
         return path
+
+
+def _read(path: Path) -> tuple[dict[str, Variant], dict[str, Rejection]]:
+    if not path.exists():
+        return {}, {}
+    data = json.loads(path.read_text())
+    return ({name: Variant.from_json(v) for name, v in data.get("variants", {}).items()},
+            {name: Rejection.from_json(r) for name, r in data.get("rejected", {}).items()})

@@ -1,17 +1,20 @@
 """A content-addressed artifact store: every file is named by its sha256.
 
 Layout under the store root: ``ab/abcdef...`` (two-character fan-out). Writes
-go to a temporary file and are renamed into place, so a reader never sees a
-half-written artifact. :meth:`ArtifactStore.verify` re-hashes a file; a copy
-that does not match its name is refused.
+go to a temporary file, are fsynced and renamed into place (:mod:`mesh.durable`),
+so a reader never sees a half-written artifact and a crash never leaves one
+under its name. Opening a store removes the temporary files of writes (puts
+and pulls) that died half-way; files other processes are still writing are
+left alone. :meth:`ArtifactStore.verify` re-hashes a file; a copy that does
+not match its name is refused.
 """
 
 from __future__ import annotations
 
 import hashlib
-import os
-import tempfile
 from pathlib import Path
+
+from mesh.durable import PendingFile, remove_stale_temps
 
 __all__ = ["ArtifactStore", "sha256_bytes", "sha256_file"]
 
@@ -31,8 +34,26 @@ def sha256_file(path: str | Path) -> str:
 
 
 class ArtifactStore:
+    """Artifacts under ``root`` by sha256. Opening it cleans up after writers that died."""
+
     def __init__(self, root: str | Path) -> None:
         self.root = Path(root)
+        #: temporary files of dead writers removed when this store was opened
+        self.cleaned: list[Path] = self.remove_partials()
+
+    def remove_partials(self) -> list[Path]:
+        """Remove partial writes (puts, pulls) no live process holds; return what went."""
+        if not self.root.is_dir():
+            return []
+        removed = remove_stale_temps(self.root)
+        for fan in sorted(self.root.iterdir()):
+            if fan.is_dir() and len(fan.name) == 2:
+                removed += remove_stale_temps(fan)
+        return removed
+
+    def pending(self, sha256: str) -> PendingFile:
+        """A new copy of ``sha256`` to write; ``commit()`` puts it in place durably."""
+        return PendingFile(self.path(sha256))
 
     def path(self, sha256: str) -> Path:
         if len(sha256) != 64 or any(c not in "0123456789abcdef" for c in sha256):
@@ -45,18 +66,11 @@ class ArtifactStore:
     def put_bytes(self, data: bytes) -> str:
         """Store ``data``; return its sha256. Storing intact bytes again is a no-op."""
         sha = sha256_bytes(data)
-        target = self.path(sha)
         if self.verify(sha):
             return sha  # an intact copy is already here; a damaged one is replaced below
-        target.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(dir=target.parent, prefix=".tmp-")
-        try:
-            with os.fdopen(fd, "wb") as fh:
-                fh.write(data)
-            os.replace(tmp, target)
-        except BaseException:
-            Path(tmp).unlink(missing_ok=True)
-            raise
+        with self.pending(sha) as pending:
+            pending.write(data)
+            pending.commit()
         return sha
 
     def read(self, sha256: str) -> bytes:

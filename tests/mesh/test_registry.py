@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 import json
+import os
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -75,3 +78,62 @@ def test_remove_family_drops_only_that_family() -> None:
     registry.remove_family("b")
     with pytest.raises(UnknownTask):
         registry.for_task("t")
+
+
+_WRITER = """
+import sys
+from mesh.registry import Registry, TensorSpec, Variant
+
+home, prefix, count = sys.argv[1], sys.argv[2], int(sys.argv[3])
+print("ready", flush=True)
+sys.stdin.readline()  # every writer starts at once
+for i in range(count):
+    registry = Registry.load(home)  # the usual cycle: load, change, save
+    registry.add(Variant(
+        name=f"{prefix}-{i}", task="t", family=prefix, arch="original", format="onnx",
+        precision="fp32", sha256="a" * 64, size_bytes=10, accuracy=0.9,
+        accuracy_metric="top1", macs=0, inputs=(TensorSpec("input", "float32", (-1, 4)),),
+        outputs=(TensorSpec("output", "float32", (-1, 2)),)))
+    registry.save(home)
+"""
+
+
+def test_processes_saving_at_once_lose_no_update(tmp_path: Path) -> None:
+    writers, count = 4, 50
+    root = str(Path(__file__).resolve().parents[2])
+    env = dict(os.environ, PYTHONPATH=root)  # the same mesh package as this test
+    procs = [subprocess.Popen([sys.executable, "-c", _WRITER, str(tmp_path), f"w{k}", str(count)],
+                              stdin=subprocess.PIPE, stdout=subprocess.PIPE, env=env, text=True)
+             for k in range(writers)]
+    try:
+        for proc in procs:
+            assert proc.stdout is not None and proc.stdout.readline() == "ready\n"
+        for proc in procs:
+            assert proc.stdin is not None
+            proc.stdin.write("go\n")
+            proc.stdin.close()
+        assert [proc.wait(timeout=120) for proc in procs] == [0] * writers
+    finally:
+        for proc in procs:
+            if proc.poll() is None:
+                proc.kill()
+                proc.wait()
+            if proc.stdout is not None:
+                proc.stdout.close()
+    saved = Registry.load(tmp_path).variants
+    missing = sorted({f"w{k}-{i}" for k in range(writers) for i in range(count)} - set(saved))
+    assert missing == [], f"{len(missing)} of {writers * count} updates lost"
+    assert [p.name for p in tmp_path.iterdir() if p.name.startswith(".")] == []
+
+
+def test_save_keeps_changes_other_writers_saved_meanwhile(tmp_path: Path) -> None:
+    first = Registry.load(tmp_path)
+    second = Registry.load(tmp_path)
+    first.add(_variant("a-onnx-fp32", family="a"))
+    first.add(_variant("b-onnx-fp32", family="b"))
+    first.save(tmp_path)
+    second.add(_variant("c-onnx-fp32", family="c"))
+    second.remove_family("a")  # applies to what is on disk when saving, not when loaded
+    second.save(tmp_path)
+    assert sorted(Registry.load(tmp_path).variants) == ["b-onnx-fp32", "c-onnx-fp32"]
+    assert sorted(second.variants) == ["b-onnx-fp32", "c-onnx-fp32"]  # it now sees the file

@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import os
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -41,3 +44,44 @@ def test_missing_artifacts_and_bad_names(tmp_path: Path) -> None:
     assert not store.verify("0" * 64) and not store.has("0" * 64)
     with pytest.raises(ValueError, match="not a sha256"):
         store.path("../../etc/passwd")
+
+
+_HALF_WRITER = """
+import sys
+from mesh.store import ArtifactStore
+pending = ArtifactStore(sys.argv[1]).pending("ab" * 32)
+pending.write(b"half of a model")
+print(pending.temp, flush=True)
+sys.stdin.readline()  # killed while still writing
+"""
+
+
+def test_opening_a_store_removes_dead_writers_partials_and_keeps_live_ones(tmp_path: Path) -> None:
+    store = ArtifactStore(tmp_path)
+    sha = store.put_bytes(b"intact model")
+    # a pull and a put that died half-way (a node killed mid-download); nobody holds them
+    dead = [tmp_path / sha[:2] / ".pull-abc123", tmp_path / sha[:2] / f".tmp-{sha}-x1y2"]
+    for path in dead:
+        path.write_bytes(b"truncated")
+    opened = ArtifactStore(tmp_path)
+    assert not any(path.exists() for path in dead)
+    assert sorted(opened.cleaned) == sorted(dead)
+
+    root = str(Path(__file__).resolve().parents[2])
+    writer = subprocess.Popen([sys.executable, "-c", _HALF_WRITER, str(tmp_path)],
+                              stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True,
+                              env=dict(os.environ, PYTHONPATH=root))
+    try:
+        assert writer.stdout is not None
+        live = Path(writer.stdout.readline().strip())
+        assert live.is_file()
+        assert ArtifactStore(tmp_path).cleaned == [] and live.is_file()  # still being written
+    finally:
+        writer.kill()
+        writer.wait()
+        assert writer.stdout is not None and writer.stdin is not None
+        writer.stdout.close()
+        writer.stdin.close()
+    assert ArtifactStore(tmp_path).cleaned == [live] and not live.exists()
+    assert ArtifactStore(tmp_path).read(sha) == b"intact model"
+    assert not store.has("ab" * 32)  # the half-written copy never took its name
