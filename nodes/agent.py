@@ -7,13 +7,27 @@ every query that enters the mesh here, serves it locally or forwards it one
 hop along the topology path, and learns the load of other nodes from the
 reports piggybacked on every answer.
 
+Who may say where a query runs: only mesh nodes. A client's query that
+carries a ``route`` is refused (:class:`~mesh.errors.Forbidden`); a route from
+a neighbour that proved itself (:mod:`nodes.peers`) is honoured only for a
+variant of the query's task that the named node hosts.
+
 Deadlines: a query planned here with a feasible latency target gets a
 budget (``budget_ms``, what is left of the target). Every hop spends its own
 time and reserves the link's round trip before forwarding; the serving node's
 batcher refuses at once (:class:`~mesh.errors.CannotMeetDeadline`) a query
 its queue would make late, and the entry node then hands it to the next
-feasible candidate, once. A query nothing can serve in time is planned
-best-effort, without a budget, so it is still answered.
+feasible candidate, once. A query whose latency target nothing can meet is
+refused at the entry at once, unless its SLO says ``allow_degraded``: then it
+is served best-effort, without a budget, and its answer says the SLO was not
+met. Every hop also bounds how long it waits for the next one: from the
+query's budget (at least ``min_hop_timeout_ms``) and half of what is left of
+the caller's ``timeout_ms``, so a node that gives up on a frozen hop still has
+time to plan the query once around it before its own caller gives up.
+
+The answer's ``plan`` describes what served the query: when a node further
+along planned again, its decision replaces the entry's, and the accuracy and
+feasibility are those of the variant that ran.
 """
 
 from __future__ import annotations
@@ -32,13 +46,14 @@ import numpy as np
 
 from mesh.errors import (
     CannotMeetDeadline,
+    Forbidden,
     InvalidInput,
     MeshError,
     Overloaded,
     Unavailable,
     UpstreamError,
 )
-from mesh.planner import Planner
+from mesh.planner import Decision, Planner
 from mesh.registry import Registry, TensorSpec
 from mesh.state import MeshView
 from mesh.store import ArtifactStore
@@ -54,11 +69,12 @@ from mesh.wire import (
     decode_answer,
     encode_request,
 )
-from nodes.artifacts import ArtifactSource, parent_of
+from nodes.artifacts import ArtifactSource, PullPolicy, parent_of
 from nodes.cascade import run_cascade
 from nodes.forward import HopFailed, Neighbours
 from nodes.metrics import NodeMetrics, outcome_of
 from nodes.models import ModelConfig, ModelManager
+from nodes.peers import PeerKey
 
 __all__ = ["AgentConfig", "NodeAgent"]
 
@@ -86,10 +102,33 @@ class AgentConfig:
     stream_neighbours: Mapping[str, str] = field(default_factory=dict)
     host: str = "127.0.0.1"
     port: int = 0
+    #: ceiling on the body cap; the cap itself is the largest valid query of the tasks the
+    #: mesh serves at max_rows rows (nodes.limits.body_caps), usually far below this
     max_body_bytes: int = 64 * 1024 * 1024
     max_elements: int = DEFAULT_MAX_ELEMENTS
     max_rows: int = 4096
-    forward_timeout_s: float = 30.0
+    #: bytes of large bodies (over large_body_bytes) read and decoded at once, over all
+    #: connections; a large query over it is refused 429 instead of buffered
+    max_buffered_body_bytes: int = 64 * 1024 * 1024
+    large_body_bytes: int = 256 * 1024
+    #: a connection (HTTP or stream) with nothing in flight is closed after this long; an
+    #: HTTP request's headers must come within it too. Proven neighbours' streams stay open.
+    idle_timeout_s: float = 60.0
+    #: a request body, or a stream frame once begun, must arrive within this
+    read_timeout_s: float = 30.0
+    #: queries one stream connection may have open; at the limit the node stops reading it
+    stream_max_in_flight: int = 1024
+    #: answers (bytes) a stream connection has not read yet, over which the node stops
+    #: reading its queries until it reads them
+    stream_max_unread_bytes: int = 1024 * 1024
+    #: longest a node waits for a neighbour's answer (queries' own deadlines are shorter)
+    forward_timeout_s: float = 10.0
+    #: a hop is given up no sooner than this, however tight the query's latency budget
+    min_hop_timeout_ms: float = 250.0
+    #: longest a query without a latency SLO may be predicted to wait in a variant's queue
+    max_queue_wait_ms: float = 2000.0
+    #: the mesh's shared peer key (nodes.peers); None: ``<home>/mesh.key``, created if missing
+    mesh_key: bytes | None = None
     #: a variant's memory estimate, when its profile has no peak memory: file size x this
     memory_size_factor: float = 3.0
     #: caps every variant's max_batch (1 turns batching off)
@@ -107,6 +146,13 @@ class AgentConfig:
                 f"node {self.node!r} is not in topology {self.topology.name!r} "
                 f"(nodes: {', '.join(sorted(self.topology.nodes))})"
             )
+        for name in ("max_body_bytes", "max_buffered_body_bytes", "large_body_bytes",
+                     "idle_timeout_s", "read_timeout_s", "stream_max_in_flight",
+                     "stream_max_unread_bytes"):
+            if not getattr(self, name) > 0:
+                raise ValueError(f"{name}: must be positive, got {getattr(self, name)!r}")
+        if self.max_buffered_body_bytes < self.large_body_bytes:
+            raise ValueError("max_buffered_body_bytes must be at least large_body_bytes")
         unknown = sorted(set(self.stream_neighbours) - set(self.neighbours))
         if unknown:
             raise ValueError(f"stream_neighbours: {', '.join(unknown)} have no HTTP URL in "
@@ -132,17 +178,24 @@ class NodeAgent:
         self.metrics = NodeMetrics()
         self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix=f"compute-{self.name}")
         self._http: aiohttp.ClientSession | None = None
+        self.peers = PeerKey(config.mesh_key) if config.mesh_key is not None else \
+            PeerKey.for_home(config.home)
         self.neighbours = Neighbours(config.neighbours, config.stream_neighbours,
-                                     http=lambda: self._http, timeout_s=config.forward_timeout_s)
+                                     http=lambda: self._http, timeout_s=config.forward_timeout_s,
+                                     headers=self.peers.headers(self.name),
+                                     hello=self.peers.hello(self.name))
         parent = parent_of(config.topology, config.node)
+        policy = PullPolicy(config.topology, config.node, self.registry.variants.values())
         self.artifacts = ArtifactSource(
-            self.store, known=lambda: {v.sha256 for v in self.registry.variants.values()},
+            self.store, known=policy.hosted,  # pulls for itself only what it hosts
             parent=parent, parent_url=config.neighbours.get(parent) if parent else None,
-            http=lambda: self._http, on_fetch=self.metrics.fetched)
+            http=lambda: self._http, on_fetch=self.metrics.fetched, policy=policy,
+            neighbour_urls=config.neighbours, pull_headers=self.peers.headers(self.name))
         self.models = ModelManager(
             ModelConfig(budget_bytes=self.hardware.memory_mb * 1024 * 1024,
                         threads=self.hardware.threads, profile_key=self.hardware.profile_key,
                         max_queue=self.spec.max_queue, size_factor=config.memory_size_factor,
+                        max_queue_wait_ms=config.max_queue_wait_ms,
                         max_batch=config.max_batch, max_wait_ms=config.max_wait_ms,
                         inline_max_ms=config.inline_max_ms,
                         profile_cache=config.home / "profiles"),
@@ -152,6 +205,8 @@ class NodeAgent:
         self.metrics.watch(self.models.gauges, lambda: self.models.config.budget_bytes)
         #: task -> its input specs (the hot path must not scan the registry)
         self._inputs: dict[str, tuple[TensorSpec, ...]] = {}
+        #: (node, variant) routes checked once: -> the variant's task
+        self._routes: dict[tuple[str, str], str] = {}
         self.ready = False
         self._started = clock()
         self._latencies: collections.deque[float] = collections.deque(maxlen=self.latency_window)
@@ -209,11 +264,16 @@ class NodeAgent:
     def queue_depth(self) -> int:
         return sum(entry.batcher.depth for entry in self.models.loaded.values())
 
-    async def infer(self, req: InferRequest) -> InferResponse:
+    async def infer(self, req: InferRequest, *, from_client: bool = False) -> InferResponse:
+        """Serve or forward one query. ``from_client``: it came from outside the mesh.
+
+        The protocol handlers pass ``from_client=True`` for everything but a
+        proven neighbour (:mod:`nodes.peers`); code inside the node may route.
+        """
         started = time.perf_counter()
         self.counters["requests"] += 1
         try:
-            response = await self._infer(req, started)
+            response = await self._infer(req, started, from_client)
         except Exception as exc:
             if isinstance(exc, MeshError):
                 self.counters[f"error:{type(exc).__name__}"] += 1
@@ -231,61 +291,139 @@ class NodeAgent:
         task = req.task if req.task in self._inputs else "(unknown)"
         if response is not None:
             variant, tier = response.served_by.variant, response.served_by.tier
-        elif req.route is not None:
+        elif req.route is not None and req.route in self._routes:
             variant = req.route.variant
-            tier = self.config.topology.nodes[req.route.node].tier \
-                if req.route.node in self.config.topology.nodes else ""
+            tier = self.config.topology.nodes[req.route.node].tier
         else:
             variant = tier = ""
         self.metrics.request(task, variant, tier, outcome_of(error), time.perf_counter() - started)
 
-    async def _infer(self, req: InferRequest, arrived: float) -> InferResponse:
+    async def _infer(self, req: InferRequest, arrived: float, from_client: bool) -> InferResponse:
         if req.hops >= MAX_HOPS:
             raise InvalidInput(f"hops: query crossed {req.hops} nodes; refusing to forward a loop")
         inputs = self._check_inputs(req.task, req.tensors)
+        if from_client:
+            if req.route is not None:
+                raise Forbidden("route: only mesh nodes choose where a query runs; send the task "
+                                "and an SLO, without a route")
+            req.budget_ms, req.hops = None, 0  # set by nodes only
+        elif req.route is not None:
+            self._check_route(req)
+        deadline = None if req.timeout_ms is None else arrived + req.timeout_ms / 1000.0
         plan: dict[str, Any] = {}
         if req.route is not None and req.route.node != self.name and self.view.is_down(
                 req.route.node, self.clock()):
             req.route = None  # this node knows the planned one is down: re-plan from here
         if req.route is None:
-            decision = self.planner.plan(
-                req.task, req.slo, self.name, self.view, now=self.clock(),
-                rows=int(inputs[0].shape[0]), payload_bytes=req.payload_bytes)
+            decision = self._plan(req, inputs, arrived)
             req.route = Route(decision.node, decision.variant)
             plan = decision.to_dict()
-            if req.slo.latency_ms is not None and not req.slo.offline:
-                # a target nothing can meet is served best-effort: no deadline to refuse by
-                req.budget_ms = req.slo.latency_ms if decision.feasible else None
             if decision.escalation is not None:  # cascade: answer here, unsure rows upstream
-                return await run_cascade(self.infer, req, decision, plan)
+                return self._served_plan(await run_cascade(self.infer, req, decision, plan),
+                                         plan, req)
         budget_ms, hops = req.budget_ms, req.hops
         try:
-            response = await self._dispatch(req, inputs, arrived)
+            response = await self._dispatch(req, inputs, arrived, deadline)
         except (CannotMeetDeadline, Overloaded) as exc:
-            if not plan:  # only the entry node re-places a query, and only once
+            if not plan:  # only the node that planned a query re-places it, and only once
                 raise
             req.budget_ms, req.hops = budget_ms, hops  # as they were before the refused attempt
-            response = await self._hand_back(req, inputs, arrived, exc, plan)
+            response = await self._hand_back(req, inputs, arrived, deadline, exc, plan)
         except _HopDown as exc:
             # Any node whose own next hop died re-plans, once: its view now counts everything
             # behind that hop as down, and inference has no side effects to repeat.
             req.budget_ms, req.hops = budget_ms, hops
-            response = await self._route_around(req, inputs, arrived, exc, plan)
+            response = await self._route_around(req, inputs, arrived, deadline, exc, plan)
         if plan:
-            response.plan = plan
+            response = self._served_plan(response, plan, req)
         return response
 
-    async def _dispatch(self, req: InferRequest, inputs: list[np.ndarray], arrived: float
-                        ) -> InferResponse:
+    def _plan(self, req: InferRequest, inputs: list[np.ndarray], arrived: float) -> Decision:
+        """Plan a query that has no route; set its budget. Refuses at once what cannot be on time.
+
+        At the entry node (``hops == 0``) a latency target nothing can meet is
+        refused with :class:`CannotMeetDeadline`, unless the SLO allows a degraded
+        answer; a node further along (re-planning around a failure) answers it late.
+        """
+        now = self.clock()
+        if req.hops == 0:  # the planner must see this node's own queue as it is now
+            self.view.report(self.name, self.queue_depth, now)
+        decision = self.planner.plan(req.task, req.slo, self.name, self.view, now=now,
+                                     rows=int(inputs[0].shape[0]),
+                                     payload_bytes=req.payload_bytes)
+        target = None if req.slo.offline else req.slo.latency_ms
+        if target is None:
+            return decision
+        late = decision.misses_latency(target)
+        if late and req.hops == 0 and not req.slo.allow_degraded:
+            p = decision.prediction
+            raise CannotMeetDeadline(
+                f"no node can answer task {req.task!r} within {target:g} ms now (the closest, "
+                f"{decision.tier} {decision.variant}, is predicted at {p.total_ms:.1f} ms); "
+                "retry later, relax latency_ms, or set allow_degraded to get a late answer",
+                retry_after_s=max((p.queue_ms + p.load_ms) / 1000.0, 0.05))
+        if late:
+            req.budget_ms = None  # served best-effort: no deadline to refuse it by
+        elif req.hops == 0:
+            req.budget_ms = target
+        # a node further along keeps what is left of the budget it was sent
+        return decision
+
+    def _served_plan(self, response: InferResponse, plan: dict[str, Any], req: InferRequest
+                     ) -> InferResponse:
+        """Make the answer's plan describe what served it (for ``slo_met`` and the user)."""
+        sb = response.served_by
+        if (plan.get("node"), plan.get("variant")) != (sb.node, sb.variant) and \
+                "cascade" not in plan:
+            inner = response.plan
+            planned = {"node": plan.get("node"), "variant": plan.get("variant"),
+                       "by": self.name}
+            if (inner.get("node"), inner.get("variant")) == (sb.node, sb.variant):
+                plan = dict(inner)  # a node further along planned again: its decision ran
+            else:
+                plan = dict(plan)
+                plan.pop("predicted", None)  # predicted for another (node, variant)
+            plan["replanned_from"] = planned
+            plan.update(node=sb.node, tier=sb.tier, variant=sb.variant)
+        variant = self.registry.variants.get(sb.variant)
+        accuracy = variant.accuracy if variant is not None else None
+        plan["accuracy"] = accuracy
+        slo = req.slo
+        if slo.min_accuracy is not None and (accuracy is None or accuracy < slo.min_accuracy):
+            plan["feasible"] = False
+        response.plan = plan
+        return response
+
+    def _check_route(self, req: InferRequest) -> None:
+        """A neighbour's route must name a node that hosts a variant of the query's task."""
+        route = req.route
+        assert route is not None
+        task = self._routes.get((route.node, route.variant))
+        if task is None:
+            spec = self.config.topology.nodes.get(route.node)
+            if spec is None:
+                raise InvalidInput(f"route.node: {route.node!r} is not a node of this mesh")
+            variant = self.registry.variants.get(route.variant)
+            if variant is None or not spec.allows(variant.name):
+                raise InvalidInput(f"route.variant: {route.node} hosts no variant "
+                                   f"{route.variant!r}")
+            task = self._routes[(route.node, route.variant)] = variant.task
+        if task != req.task:
+            raise InvalidInput(f"route.variant: {route.variant!r} does not serve task "
+                               f"{req.task!r}")
+
+    async def _dispatch(self, req: InferRequest, inputs: list[np.ndarray], arrived: float,
+                        deadline: float | None) -> InferResponse:
         assert req.route is not None
         if req.route.node == self.name:
             left_ms = None if req.budget_ms is None else (
                 req.budget_ms - (time.perf_counter() - arrived) * 1000)
             return await self._serve_local(req.request_id, req.route.variant, inputs, left_ms)
-        return await self._forward(req, arrived)
+        return await self._forward(req, arrived, deadline)
 
     async def _hand_back(self, req: InferRequest, inputs: list[np.ndarray], arrived: float,
-                         refused: MeshError, plan: dict[str, Any]) -> InferResponse:
+                         deadline: float | None, refused: MeshError, plan: dict[str, Any]
+                         ) -> InferResponse:
         """Place a query its first choice refused on the next feasible candidate, or re-raise."""
         assert req.route is not None
         first = req.route
@@ -307,10 +445,11 @@ class NodeAgent:
                     predicted=scored.prediction.to_dict(),
                     handed_back={"node": first.node, "variant": first.variant,
                                  "reason": refused.message})
-        return await self._dispatch(req, inputs, arrived)
+        return await self._dispatch(req, inputs, arrived, deadline)
 
     async def _route_around(self, req: InferRequest, inputs: list[np.ndarray], arrived: float,
-                            failed: _HopDown, plan: dict[str, Any]) -> InferResponse:
+                            deadline: float | None, failed: _HopDown, plan: dict[str, Any]
+                            ) -> InferResponse:
         """Plan a query again after its next hop failed; re-raise when nothing else is left."""
         assert req.route is not None
         first = req.route
@@ -322,13 +461,13 @@ class NodeAgent:
         log.info("%s: %s; serving %s on %s/%s instead", self.name, failed.message,
                  req.request_id, decision.node, decision.variant)
         req.route = Route(decision.node, decision.variant)
+        if req.budget_ms is not None:
+            left = req.budget_ms - (time.perf_counter() - arrived) * 1000
+            req.budget_ms = left if decision.feasible and left > 0 else None
         if plan:
             plan.update(decision.to_dict(), handed_back={
                 "node": first.node, "variant": first.variant, "reason": failed.message})
-            if req.slo.latency_ms is not None and not req.slo.offline:
-                left = req.slo.latency_ms - (time.perf_counter() - arrived) * 1000
-                req.budget_ms = left if decision.feasible else None
-        return await self._dispatch(req, inputs, arrived)
+        return await self._dispatch(req, inputs, arrived, deadline)
 
     def input_specs(self, task: str) -> tuple[TensorSpec, ...]:
         """The inputs a task takes; raises :class:`UnknownTask`."""
@@ -380,24 +519,41 @@ class NodeAgent:
                     "batch_rows": float(result.batch_rows), "network_ms": 0.0},
         )
 
-    async def _forward(self, req: InferRequest, arrived: float) -> InferResponse:
+    #: Of what is left of the caller's timeout, the share a hop may use: the rest is kept
+    #: for planning the query once around that hop if it does not answer.
+    hop_share: float = 0.5
+
+    def _hop_timeout_s(self, req: InferRequest, deadline: float | None, now: float) -> float:
+        """How long to wait for the next hop: from the query's budget and its caller's timeout."""
+        limit = self.config.forward_timeout_s
+        if req.budget_ms is not None:
+            limit = min(limit, max(req.budget_ms, self.config.min_hop_timeout_ms) / 1000.0)
+        if deadline is not None:
+            limit = min(limit, max(deadline - now, 0.0) * self.hop_share)
+        return max(limit, 0.001)
+
+    async def _forward(self, req: InferRequest, arrived: float, deadline: float | None
+                       ) -> InferResponse:
         assert req.route is not None and self._http is not None
         target = req.route.node
         hop = self.config.topology.next_hop(self.name, target)
         if hop is None or hop not in self.config.neighbours:
             raise Unavailable(f"no path from {self.name} to {target}")
         req.hops += 1
+        sent = time.perf_counter()
+        link_ms = self.config.topology.link(self.name, hop).latency_ms
         if req.budget_ms is not None:
             # what is left once this hop's time and the link's round trip are paid
-            link_ms = self.config.topology.link(self.name, hop).latency_ms
-            req.budget_ms -= (time.perf_counter() - arrived) * 1000 + 2 * link_ms
+            req.budget_ms -= (sent - arrived) * 1000 + 2 * link_ms
+        timeout_s = self._hop_timeout_s(req, deadline, sent)
+        # the next node must give up on its own next hop before this one gives up on it
+        req.timeout_ms = max(timeout_s * 1000 - 2 * link_ms, 1.0)
         self.metrics.forwarded(target, hop)
-        sent = time.perf_counter()
         try:
-            status, body = await self.neighbours.post(hop, encode_request(req))
+            status, body = await self.neighbours.post(hop, encode_request(req), timeout_s)
         except HopFailed as exc:
-            # Everything behind a dead hop is unreachable too, until a fresh report says
-            # otherwise; the planner then routes around it instead of failing again.
+            # Everything behind a dead (or frozen) hop is unreachable too, until a fresh
+            # report says otherwise; the planner then routes around it instead of failing again.
             now = self.clock()
             for node in self.config.topology.behind(self.name, hop):
                 self.view.mark_down(node, now)

@@ -21,11 +21,17 @@ decides, from the queue alone, when a batch closes:
   curve makes waiting worth a few milliseconds.
 
 Admission is decided at :meth:`Batcher.submit`, at once and never by a
-timeout: a full queue is refused with :class:`~mesh.errors.Overloaded`; a
+timeout: a full queue is refused with :class:`~mesh.errors.Overloaded`, and
+so is a request without a deadline that would wait longer than
+``max_queue_wait_ms`` (the queue is bounded in time as well as in length); a
 request whose predicted completion (the work queued ahead, the batch it will
 join, its own compute) falls after its deadline is refused with
 :class:`~mesh.errors.CannotMeetDeadline`, so that the entry node can place it
-elsewhere. Both carry ``retry_after_s``: how long the queue needs to drain.
+elsewhere. All carry ``retry_after_s``: how long the queue needs to drain.
+
+A batch whose run fails is run again one request at a time, so that one bad
+input fails only its own request (:class:`~mesh.errors.InputRejected`). The
+runtime's exception is logged on the node and never sent to the client.
 
 Batches predicted to take less than ``inline_max_ms`` run on the event loop
 thread itself: for a model that takes 10 microseconds the hop to a worker
@@ -48,7 +54,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from mesh.errors import CannotMeetDeadline, MeshError, Overloaded, Unavailable
+from mesh.errors import CannotMeetDeadline, InputRejected, MeshError, Overloaded, Unavailable
 from mesh.registry import Profile
 
 __all__ = ["BatchPolicy", "BatchResult", "Batcher"]
@@ -101,6 +107,8 @@ class BatchPolicy:
     inline_max_ms: float = 0.1
     #: Waiting stops when no request arrived within this many mean arrival gaps.
     gap_factor: float = 2.0
+    #: A request without a deadline is refused when it would wait longer than this.
+    max_queue_wait_ms: float = 2000.0
 
     def __post_init__(self) -> None:
         if self.max_batch < 1:
@@ -265,8 +273,15 @@ class Batcher:
                 f"queue for {self.name} is full ({self.max_queue} waiting); retry shortly",
                 retry_after_s=max(self.predicted_wait_s(now), 0.05),
             )
-        if deadline is not None:
-            wait_s = self.predicted_wait_s(now, rows)
+        wait_s = self.predicted_wait_s(now, rows)
+        if deadline is None:
+            cap_s = self.policy.max_queue_wait_ms / 1000.0
+            if wait_s > cap_s:
+                raise Overloaded(
+                    f"queue for {self.name} holds {wait_s * 1000:.0f} ms of work, over this "
+                    f"node's {self.policy.max_queue_wait_ms:g} ms cap; retry shortly",
+                    retry_after_s=max(wait_s - cap_s, 0.05))
+        else:
             if now + wait_s > deadline:
                 raise CannotMeetDeadline(
                     f"variant {self.name} would answer in {wait_s * 1000:.1f} ms here, over the "
@@ -347,19 +362,23 @@ class Batcher:
             else:
                 joined = [np.concatenate([p.inputs[i] for p in batch])
                           for i in range(len(batch[0].inputs))]
-            if self.policy.runs_inline(rows):
-                outputs = self._run(joined)
-            else:
-                outputs = await loop.run_in_executor(self._executor, self._run, joined)
+            outputs = await self._execute(loop, joined, rows)
         except MeshError as exc:
+            self.in_flight, self._running = 0, []
             self._fail(batch, exc)
             return
-        except Exception as exc:  # a runtime failure must not kill the worker
-            self._fail(batch, Unavailable(f"variant {self.name} failed to run: {exc}"))
+        except Exception:  # a runtime failure must not kill the worker, nor fail the others
+            log.warning("variant %s failed on a batch of %d request(s)", self.name, len(batch),
+                        exc_info=True)
+            try:
+                await self._run_alone(loop, batch)
+            finally:
+                self.in_flight, self._running = 0, []
             return
-        finally:
-            self.in_flight = 0
-            self._running = []
+        except BaseException:
+            self.in_flight, self._running = 0, []
+            raise
+        self.in_flight, self._running = 0, []
         compute_ms = (self._clock() - started) * 1000
         self.batches += 1
         if self._observer is not None:
@@ -372,6 +391,43 @@ class Batcher:
             if not p.future.done():
                 p.future.set_result(
                     BatchResult(part, (started - p.enqueued) * 1000, compute_ms, rows))
+
+    async def _execute(self, loop: asyncio.AbstractEventLoop, joined: list[np.ndarray],
+                       rows: int) -> list[np.ndarray]:
+        if self.policy.runs_inline(rows):
+            return self._run(joined)
+        return await loop.run_in_executor(self._executor, self._run, joined)
+
+    async def _run_alone(self, loop: asyncio.AbstractEventLoop, batch: list[_Pending]) -> None:
+        """After a failed batch: run each request by itself; only those that fail alone fail."""
+        for p in batch:
+            if p.future.done():
+                continue
+            if len(batch) == 1:
+                outcome: list[np.ndarray] | BaseException = RuntimeError("failed alone")
+            else:
+                started = self._clock()
+                try:
+                    outcome = await self._execute(loop, p.inputs, p.rows)
+                except Exception as exc:
+                    outcome = exc
+            if isinstance(outcome, MeshError):
+                self._fail([p], outcome)
+            elif isinstance(outcome, BaseException):
+                if len(batch) > 1:
+                    log.warning("variant %s failed on one request run alone: %r", self.name,
+                                outcome)
+                self._fail([p], InputRejected(
+                    f"variant {self.name} could not run this input (the node logged why); "
+                    "check its values against the task's inputs"))
+            else:
+                compute_ms = (self._clock() - started) * 1000
+                self.batches += 1
+                self.served += 1
+                if self._observer is not None:
+                    self._observer(p.rows, compute_ms)
+                p.future.set_result(BatchResult(outcome, (started - p.enqueued) * 1000,
+                                                compute_ms, p.rows))
 
     @staticmethod
     def _fail(batch: list[_Pending], exc: MeshError) -> None:

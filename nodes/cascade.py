@@ -52,7 +52,8 @@ async def run_cascade(infer: Infer, req: InferRequest, decision: Decision,
     assert escalation is not None
     first_req = InferRequest(task=req.task, tensors=req.tensors, slo=req.slo,
                              request_id=req.request_id, budget_ms=req.budget_ms, hops=req.hops,
-                             route=Route(decision.node, decision.variant))
+                             route=Route(decision.node, decision.variant),
+                             timeout_ms=req.timeout_ms)
     first = await infer(first_req)
     rows = int(req.tensors[0].shape[0])
     stats: dict[str, Any] = {"threshold": escalation.threshold, "rows": rows, "escalated": 0,
@@ -66,7 +67,7 @@ async def run_cascade(infer: Infer, req: InferRequest, decision: Decision,
             second_req = InferRequest(
                 task=req.task, tensors=[t[unsure] for t in req.tensors], slo=req.slo,
                 request_id=f"{req.request_id}.esc", budget_ms=req.budget_ms, hops=req.hops,
-                route=Route(escalation.node, escalation.variant))
+                route=Route(escalation.node, escalation.variant), timeout_ms=req.timeout_ms)
             try:
                 second = await infer(second_req)
             except MeshError as exc:

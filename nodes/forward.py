@@ -38,12 +38,15 @@ class Neighbours:
     """The ways to a node's neighbours. An async context manager that closes its streams."""
 
     def __init__(self, urls: Mapping[str, str], stream_urls: Mapping[str, str], *,
-                 http: Callable[[], aiohttp.ClientSession | None], timeout_s: float) -> None:
+                 http: Callable[[], aiohttp.ClientSession | None], timeout_s: float,
+                 headers: Mapping[str, str] | None = None, hello: bytes | None = None) -> None:
         self.urls = dict(urls)
         self.timeout_s = timeout_s
         self._http = http
+        #: sent with every HTTP query: the peer token that lets a neighbour honour its route
+        self._headers = {"Content-Type": MSGPACK, **(headers or {})}
         #: neighbour -> its stream client; a ValueError here is a bad run file, found at start
-        self.streams = {name: StreamClient.from_url(url, reconnect=True)
+        self.streams = {name: StreamClient.from_url(url, reconnect=True, hello=hello)
                         for name, url in stream_urls.items()}
 
     def transport(self, hop: str) -> str:
@@ -62,15 +65,21 @@ class Neighbours:
         """Close every stream; queries still in flight on them fail. Idempotent."""
         await asyncio.gather(*(client.aclose() for client in self.streams.values()))
 
-    async def post(self, hop: str, body: bytes) -> tuple[int, bytes]:
-        """Send an encoded ``InferRequest`` to ``hop``; raises :class:`HopFailed`."""
+    async def post(self, hop: str, body: bytes, timeout_s: float | None = None
+                   ) -> tuple[int, bytes]:
+        """Send an encoded ``InferRequest`` to ``hop``; raises :class:`HopFailed`.
+
+        ``timeout_s`` (default: the configured one) bounds the whole exchange: a
+        neighbour that does not answer in time (frozen, overloaded) counts as failed.
+        """
+        timeout_s = self.timeout_s if timeout_s is None else timeout_s
         stream = self.streams.get(hop)
         if stream is not None:
             try:
-                async with asyncio.timeout(self.timeout_s):
+                async with asyncio.timeout(timeout_s):
                     return await stream.send(body)
             except TimeoutError:
-                raise HopFailed("TimeoutError") from None
+                raise HopFailed(f"no answer within {timeout_s * 1000:.0f} ms") from None
             except MeshConnectionError as exc:
                 raise HopFailed(f"stream: {exc.message}") from None
         session = self._http()
@@ -78,7 +87,10 @@ class Neighbours:
             raise HopFailed("the node is shutting down")
         try:
             async with session.post(self.urls[hop] + "/v1/infer", data=body,
-                                    headers={"Content-Type": MSGPACK}) as resp:
+                                    headers=self._headers,
+                                    timeout=aiohttp.ClientTimeout(total=timeout_s)) as resp:
                 return resp.status, await resp.read()
-        except (TimeoutError, aiohttp.ClientError) as exc:
+        except TimeoutError:
+            raise HopFailed(f"no answer within {timeout_s * 1000:.0f} ms") from None
+        except aiohttp.ClientError as exc:
             raise HopFailed(type(exc).__name__) from None

@@ -69,6 +69,8 @@ class ModelConfig:
     #: caps every variant's max_batch (1 turns batching off)
     max_batch: int | None = None
     max_wait_ms: float = 2.0
+    #: longest a query without a latency SLO may be predicted to wait in a queue
+    max_queue_wait_ms: float = 2000.0
     inline_max_ms: float = 0.1
     #: where profiles made on this node are cached; None: not cached
     profile_cache: Path | None = None
@@ -299,7 +301,8 @@ class ModelManager:
         cfg = self.config
         max_batch = min(variant.max_batch, cfg.max_batch or variant.max_batch)
         policy = BatchPolicy(max_batch, variant.profile_for(cfg.profile_key),
-                             max_wait_ms=cfg.max_wait_ms, inline_max_ms=cfg.inline_max_ms)
+                             max_wait_ms=cfg.max_wait_ms, inline_max_ms=cfg.inline_max_ms,
+                             max_queue_wait_ms=cfg.max_queue_wait_ms)
         observer = self._metrics.batch_observer(variant.name) if self._metrics else None
 
         def run(inputs: list[np.ndarray]) -> list[np.ndarray]:

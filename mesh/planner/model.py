@@ -131,6 +131,14 @@ class Decision:
     runner_up: str | None = None
     escalation: Escalation | None = None
 
+    def misses_latency(self, target_ms: float | None) -> bool:
+        """True when this decision is predicted (with its margin) to miss ``target_ms``."""
+        if self.feasible or target_ms is None:
+            return False
+        if isinstance(self.why, tuple) and self.why[0] == "closest":
+            return bool(self.why[1] > target_ms)  # the padded prediction it was judged by
+        return self.prediction.total_ms + self.margin_ms > target_ms
+
     @property
     def reason(self) -> str:
         if isinstance(self.why, str):

@@ -9,7 +9,7 @@ from concurrent.futures import ThreadPoolExecutor
 import numpy as np
 import pytest
 
-from mesh.errors import CannotMeetDeadline, Overloaded, Unavailable
+from mesh.errors import CannotMeetDeadline, InputRejected, Overloaded, Unavailable
 from mesh.registry import Profile
 from nodes.batching import Batcher, BatchPolicy, _Pending
 
@@ -75,10 +75,62 @@ async def test_a_failing_model_fails_its_batch_and_the_worker_survives() -> None
 
     with ThreadPoolExecutor(1) as pool:
         async with Batcher("m", flaky, pool, max_batch=4, max_queue=8) as batcher:
-            with pytest.raises(Unavailable, match="failed to run: bad kernel"):
+            with pytest.raises(InputRejected, match="could not run this input") as info:
                 await batcher.submit([np.ones((1, 1), np.float32)])
             ok = await batcher.submit([np.ones((1, 1), np.float32)])
     assert ok.outputs[0].shape == (1, 1)
+    # what the runtime said stays in the node's log: clients see no internals
+    assert "bad kernel" not in info.value.message and "RuntimeError" not in info.value.message
+    assert info.value.status == 422
+
+
+async def test_one_bad_request_fails_alone_and_its_batch_mates_are_answered() -> None:
+    """A batch whose run fails is run again request by request; only the bad one fails."""
+    model = _GatedModel()
+
+    def picky(inputs: list[np.ndarray]) -> list[np.ndarray]:
+        x = model(inputs)[0]
+        if np.isnan(x).any():  # stands for an input the runtime cannot digest
+            raise ValueError("/opt/model/kernels.cc:42 index out of range")
+        return [x]
+
+    with ThreadPoolExecutor(1) as pool:
+        async with Batcher("m", picky, pool, max_batch=8, max_queue=16) as batcher:
+            model.gate.clear()
+            first = asyncio.create_task(batcher.submit([np.ones((1, 1), np.float32)]))
+            await asyncio.sleep(0.05)  # running alone, holding the compute thread
+            rows = [np.full((1, 1), i, np.float32) for i in range(5)]
+            rows[2] = np.full((1, 1), np.nan, np.float32)
+            queued = [asyncio.create_task(batcher.submit([r])) for r in rows]
+            await asyncio.sleep(0.05)
+            model.gate.set()  # the five queued run as one batch, which fails on rows[2]
+            results = await asyncio.gather(first, *queued, return_exceptions=True)
+    assert not isinstance(results[0], BaseException)
+    bad = results[3]
+    assert isinstance(bad, InputRejected) and "kernels.cc" not in bad.message
+    for i in (0, 1, 3, 4):
+        answer = results[1 + i]
+        assert not isinstance(answer, BaseException), answer
+        assert float(answer.outputs[0][0, 0]) == 2.0 * i
+
+
+async def test_a_query_without_slo_is_refused_when_the_queue_holds_too_much_work() -> None:
+    """The queue for queries without a deadline is bounded by time, not only by length."""
+    model = _GatedModel()
+    profile = Profile(batch_ms={1: 100.0, 4: 100.0}, cold_start_ms=1.0)
+    policy = BatchPolicy(1, profile, max_queue_wait_ms=350.0)
+    with ThreadPoolExecutor(1) as pool:
+        async with Batcher("m", model, pool, max_batch=1, max_queue=100,
+                           policy=policy) as batcher:
+            model.gate.clear()
+            admitted = [asyncio.create_task(batcher.submit([np.ones((1, 1), np.float32)]))
+                        for _ in range(3)]
+            await asyncio.sleep(0.05)
+            with pytest.raises(Overloaded, match="350 ms cap") as info:
+                await batcher.submit([np.ones((1, 1), np.float32)])
+            assert info.value.retry_after_s is not None and info.value.retry_after_s > 0
+            model.gate.set()
+            await asyncio.gather(*admitted)
 
 
 async def test_shutdown_fails_waiting_requests_instead_of_hanging() -> None:
