@@ -29,6 +29,7 @@ import asyncio
 import itertools
 import socket
 import struct
+import time
 from typing import Any
 from urllib.parse import urlsplit
 
@@ -156,9 +157,11 @@ class StreamClient:
     """
 
     def __init__(self, host: str, port: int, *, reconnect: bool = False,
-                 hello: bytes | None = None) -> None:
+                 hello: bytes | None = None, connect_timeout_s: float | None = None) -> None:
         self.host, self.port = host, port
         self.reconnect = reconnect
+        #: how long opening a connection may take (None: as long as the OS allows)
+        self.connect_timeout_s = connect_timeout_s
         #: payload of a HELLO frame sent first on every connection (nodes only)
         self.hello = hello
         self._conn: _ClientProtocol | None = None
@@ -167,11 +170,12 @@ class StreamClient:
         self._state = "unopened"
 
     @classmethod
-    def from_url(cls, url: str, *, reconnect: bool = False, hello: bytes | None = None
-                 ) -> StreamClient:
+    def from_url(cls, url: str, *, reconnect: bool = False, hello: bytes | None = None,
+                 connect_timeout_s: float | None = None) -> StreamClient:
         """A client for ``tcp://HOST:PORT``; raises :class:`ValueError` for anything else."""
         host, port = parse_stream_url(url)
-        return cls(host, port, reconnect=reconnect, hello=hello)
+        return cls(host, port, reconnect=reconnect, hello=hello,
+                   connect_timeout_s=connect_timeout_s)
 
     async def __aenter__(self) -> StreamClient:
         if self._state != "unopened":
@@ -196,7 +200,11 @@ class StreamClient:
     async def _connect(self) -> _ClientProtocol:
         loop = asyncio.get_running_loop()
         try:
-            _, conn = await loop.create_connection(_ClientProtocol, self.host, self.port)
+            async with asyncio.timeout(self.connect_timeout_s):
+                _, conn = await loop.create_connection(_ClientProtocol, self.host, self.port)
+        except TimeoutError:
+            raise MeshConnectionError(f"cannot reach {self.host}:{self.port}: no connection "
+                                      f"within {self.connect_timeout_s:g} s") from None
         except OSError as exc:
             raise MeshConnectionError(f"cannot reach {self.host}:{self.port}: {exc}") from None
         if self.hello is not None:
@@ -223,10 +231,13 @@ class StreamClient:
                     raise MeshConnectionError("stream closed")
             return conn
 
-    async def send(self, body: bytes) -> tuple[int, bytes]:
+    async def send(self, body: bytes, *, timeout_s: float | None = None) -> tuple[int, bytes]:
         """Send one encoded ``InferRequest``; returns (status, body) as ``POST /v1/infer`` would.
 
-        Raises :class:`MeshConnectionError` when the stream cannot carry it.
+        Raises :class:`MeshConnectionError` when the stream cannot carry it, and
+        :class:`~mesh.errors.MeshTimeout` (a ``TimeoutError``) when ``timeout_s`` is
+        given and no answer came within it of sending. The connection stays open
+        then: other queries share it, and a late answer is dropped by its id.
         """
         conn = await self._connection()
         request_id = next(self._ids) & 0xFFFFFFFF
@@ -235,7 +246,11 @@ class StreamClient:
         assert conn.transport is not None
         conn.transport.write(frame(request_id, INFER, body))
         try:
-            kind, payload = await future
+            async with asyncio.timeout(timeout_s):
+                kind, payload = await future
+        except TimeoutError:
+            raise MeshTimeout(f"no answer from {self.host}:{self.port} within {timeout_s:g} s"
+                              ) from None
         finally:
             conn.pending.pop(request_id, None)
         return _answer(kind, payload)
@@ -249,12 +264,16 @@ class BlockingStream:
     """A blocking stream client: one query at a time on one kept connection. Not thread-safe.
 
     A kept connection found closed when a query is sent is re-opened once, like
-    a kept-alive HTTP connection. Raises :class:`MeshConnectionError` and
-    :class:`~mesh.errors.MeshTimeout`.
+    a kept-alive HTTP connection. Raises :class:`MeshConnectionError` (also when
+    no connection opens within ``connect_timeout_s``) and
+    :class:`~mesh.errors.MeshTimeout` (no answer within the timeout, counted from
+    sending; the connection is closed then, so that nothing waits on a frozen node).
     """
 
-    def __init__(self, host: str, port: int, *, timeout_s: float) -> None:
+    def __init__(self, host: str, port: int, *, timeout_s: float,
+                 connect_timeout_s: float | None = None) -> None:
         self.host, self.port, self.timeout_s = host, port, timeout_s
+        self.connect_timeout_s = timeout_s if connect_timeout_s is None else connect_timeout_s
         self._sock: socket.socket | None = None
         self._reader = FrameReader()
         self._ids = itertools.count(1)
@@ -264,22 +283,42 @@ class BlockingStream:
             self._sock.close()
             self._sock = None
 
-    def send(self, body: bytes) -> tuple[int, bytes]:
-        """Send one encoded ``InferRequest``; returns (status, body) as ``POST /v1/infer`` would."""
+    def connect(self, timeout_s: float | None = None) -> None:
+        """Open the connection unless it is open; raises :class:`MeshConnectionError`."""
+        if self._sock is not None:
+            return
+        wait = self.connect_timeout_s if timeout_s is None else timeout_s
+        try:
+            sock = socket.create_connection((self.host, self.port), wait)
+        except TimeoutError:
+            raise MeshConnectionError(f"cannot reach {self.host}:{self.port}: no connection "
+                                      f"within {wait:g} s") from None
+        except OSError as exc:
+            raise MeshConnectionError(f"cannot reach {self.host}:{self.port}: {exc}") from None
+        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        self._sock, self._reader = sock, FrameReader()
+
+    def send(self, body: bytes, *, timeout_s: float | None = None) -> tuple[int, bytes]:
+        """Send one encoded ``InferRequest``; returns (status, body) as ``POST /v1/infer`` would.
+
+        ``timeout_s`` (default: the client's) bounds the wait for the answer, from sending.
+        """
+        wait = self.timeout_s if timeout_s is None else timeout_s
+        deadline = time.monotonic() + wait  # a re-sent query gets what is left, not more
         for attempt in range(2):
             fresh = self._sock is None
+            self.connect()
+            sock = self._sock
+            assert sock is not None
             try:
-                if self._sock is None:
-                    self._sock = socket.create_connection((self.host, self.port), self.timeout_s)
-                    self._sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-                    self._reader = FrameReader()
                 request_id = next(self._ids) & 0xFFFFFFFF
-                self._sock.sendall(frame(request_id, INFER, body))
-                return self._receive(self._sock, request_id)
+                sock.settimeout(max(deadline - time.monotonic(), 1e-6))
+                sock.sendall(frame(request_id, INFER, body))
+                return self._receive(sock, request_id, deadline)
             except TimeoutError:
                 self.close()
                 raise MeshTimeout(f"no answer from {self.host}:{self.port} within "
-                                  f"{self.timeout_s} s") from None
+                                  f"{wait:g} s") from None
             except (OSError, MeshConnectionError) as exc:
                 self.close()
                 if fresh or attempt == 1:
@@ -287,8 +326,11 @@ class BlockingStream:
                                               ) from None
         raise AssertionError("unreachable")
 
-    def _receive(self, sock: socket.socket, request_id: int) -> tuple[int, bytes]:
+    def _receive(self, sock: socket.socket, request_id: int, deadline: float
+                 ) -> tuple[int, bytes]:
         while True:
+            # a node trickling bytes must not stretch the wait past the deadline
+            sock.settimeout(max(deadline - time.monotonic(), 1e-6))
             data = sock.recv(256 * 1024)
             if not data:
                 raise MeshConnectionError("the node closed the stream")
