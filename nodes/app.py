@@ -98,8 +98,11 @@ async def status(request: web.Request) -> web.Response:
 
 
 async def artifact(request: web.Request) -> web.StreamResponse:
+    """A child node's pull (nodes.artifacts.PullPolicy); clients and strangers get a 403."""
     sha256 = check_sha256(request.match_info["sha256"])
-    path = await request.app[AGENT].artifacts.ensure(sha256)
+    agent = request.app[AGENT]
+    path = await agent.artifacts.serve(sha256, requester=agent.peers.peer_of(request.headers),
+                                       remote=request.remote)
     return web.FileResponse(path, headers={"Content-Type": "application/octet-stream"})
 
 

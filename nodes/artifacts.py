@@ -5,33 +5,42 @@ name) asks its *parent*, the neighbour on the lowest-latency path towards the
 nearest core node, with ``GET /v1/artifacts/{sha256}``. The parent serves it
 from its own store, pulling it from its parent first when it lacks it too, so
 an artifact flows down the tree once per node. Every copy is hashed while it
-streams in; one that does not hash to its name (corrupt, truncated) is
-refused and fetched again, up to ``attempts`` times. Concurrent requests for
-one artifact share one pull.
+streams in and written durably (:mod:`mesh.durable`); one that does not hash
+to its name (corrupt, truncated) is refused and fetched again, up to
+``attempts`` times. Concurrent requests for one artifact share one pull.
 
-Only artifacts of registered variants are served or pulled: a request for any
-other hash is answered :class:`~mesh.errors.ArtifactNotFound` without
-touching the parent.
+Who gets what (:class:`PullPolicy`): a node pulls and keeps, for itself,
+only the artifacts of variants its topology entry allows. It serves an
+artifact only to a pull from one of its *children* (a neighbour whose parent
+it is) that proved it is a mesh node (the pull carries the node's name and
+peer token, :mod:`nodes.peers`), that comes from that neighbour's address,
+and only when the child hosts a variant with that artifact or some node
+that pulls through the child does. So an intermediate node pulls through,
+and keeps, what the edge nodes below it host, and nothing else; a client,
+or a node asking for what it has no use for, gets a 403 naming the reason
+and nothing is pulled or stored. Until node certificates land, the address
+check is what keeps a leaked token from being used from elsewhere.
 """
 
 from __future__ import annotations
 
 import asyncio
 import hashlib
+import ipaddress
 import logging
-import os
-import tempfile
-from collections.abc import Callable, Collection
+from collections.abc import Callable, Collection, Iterable, Mapping
 from concurrent.futures import Executor
 from pathlib import Path
+from urllib.parse import urlsplit
 
 import aiohttp
 
-from mesh.errors import ArtifactNotFound, InvalidInput, Unavailable
+from mesh.errors import ArtifactNotFound, Forbidden, InvalidInput, Unavailable
+from mesh.registry import Variant
 from mesh.store import ArtifactStore
 from mesh.topology import Topology
 
-__all__ = ["ArtifactSource", "parent_of", "check_sha256"]
+__all__ = ["ArtifactSource", "PullPolicy", "parent_of", "check_sha256"]
 
 log = logging.getLogger("tiermesh.artifacts")
 
@@ -57,6 +66,74 @@ def parent_of(topology: Topology, node: str) -> str | None:
     return paths[cores[0][1]].hops[1]
 
 
+class PullPolicy:
+    """Which artifacts a node keeps for itself, and which child may pull which. Pure.
+
+    Built from the topology and the registry's variants; what it computes
+    about the pull tree is kept, so checks after the first are dictionary
+    look-ups.
+    """
+
+    def __init__(self, topology: Topology, node: str, variants: Iterable[Variant]) -> None:
+        self.topology = topology
+        self.node = node
+        self._names: dict[str, list[str]] = {}
+        for variant in variants:
+            self._names.setdefault(variant.sha256, []).append(variant.name)
+        self._parents: dict[str, str | None] = {}
+        self._pullers: dict[str, frozenset[str]] = {}
+
+    def hosted(self) -> frozenset[str]:
+        """The artifacts of the variants this node may host: all it pulls for itself."""
+        spec = self.topology.nodes[self.node]
+        return frozenset(sha for sha, names in self._names.items()
+                         if any(spec.allows(n) for n in names))
+
+    def parent(self, node: str) -> str | None:
+        if node not in self._parents:
+            self._parents[node] = parent_of(self.topology, node)
+        return self._parents[node]
+
+    def pullers(self, node: str) -> frozenset[str]:
+        """``node`` and every node whose pulls pass through it (its subtree in the pull tree)."""
+        found = self._pullers.get(node)
+        if found is None:
+            out, stack = {node}, [node]
+            while stack:
+                here = stack.pop()
+                for child in self.topology.neighbours(here):
+                    if child not in out and self.parent(child) == here:
+                        out.add(child)
+                        stack.append(child)
+            found = self._pullers[node] = frozenset(out)
+        return found
+
+    def check(self, requester: str | None, sha256: str) -> None:
+        """Whether ``requester`` (a proven mesh node, or None) may pull ``sha256`` from here.
+
+        Raises :class:`Forbidden` saying why not, or :class:`ArtifactNotFound`
+        for a hash no registered variant has.
+        """
+        if requester is None:
+            raise Forbidden("artifacts are served only to the pulls of this node's neighbours, "
+                            "which name themselves with a mesh peer token; this request has none")
+        if requester not in self.topology.nodes or \
+                requester not in self.topology.neighbours(self.node):
+            raise Forbidden(f"node {requester!r} is not a neighbour of {self.node}; "
+                            "artifacts are pulled from the parent only")
+        if self.parent(requester) != self.node:
+            raise Forbidden(f"{requester} pulls its artifacts from "
+                            f"{self.parent(requester) or 'nowhere (it is a core node)'}, "
+                            f"not from {self.node}")
+        names = self._names.get(sha256)
+        if not names:
+            raise ArtifactNotFound(f"no registered variant has artifact {sha256[:12]}")
+        below = self.pullers(requester)
+        if not any(self.topology.nodes[n].allows(name) for n in below for name in names):
+            raise Forbidden(f"{requester} hosts no variant with artifact {sha256[:12]}, and no "
+                            "node that pulls through it does")
+
+
 class ArtifactSource:
     """Verified local copies of artifacts, pulled from the parent on first need."""
 
@@ -69,14 +146,26 @@ class ArtifactSource:
                  parent: str | None = None, parent_url: str | None = None,
                  http: Callable[[], aiohttp.ClientSession | None] = lambda: None,
                  executor: Executor | None = None,
-                 on_fetch: Callable[[str], None] | None = None) -> None:
+                 on_fetch: Callable[[str], None] | None = None,
+                 policy: PullPolicy | None = None,
+                 neighbour_urls: Mapping[str, str] | None = None,
+                 pull_headers: Mapping[str, str] | None = None) -> None:
+        """``known``: the artifacts this node pulls for itself (those of the variants it
+        hosts). ``policy`` decides which child may pull what from here (None: nobody);
+        ``neighbour_urls`` are the neighbours' URLs, whose hosts are the only addresses a
+        pull is taken from; ``pull_headers`` name this node (and prove it) on its own pulls.
+        """
         self.store = store
         self.parent = parent
         self.parent_url = parent_url
+        self.policy = policy
         self._known = known
         self._http = http
         self._executor = executor
         self._on_fetch = on_fetch
+        self._neighbour_urls = dict(neighbour_urls or {})
+        self._pull_headers = dict(pull_headers or {})
+        self._addresses: dict[str, frozenset[ipaddress.IPv4Address | ipaddress.IPv6Address]] = {}
         self._verified: set[str] = set()
         self._pulls: dict[str, asyncio.Task[Path]] = {}
         #: "ok" / "corrupt" / "failed" -> count, for status and metrics.
@@ -100,24 +189,62 @@ class ArtifactSource:
         self._verified.discard(sha256)
 
     async def ensure(self, sha256: str) -> Path:
-        """The path of a verified local copy, pulling it from the parent when needed.
+        """The path of a verified local copy of an artifact this node hosts, pulled when needed.
 
-        Raises :class:`ArtifactNotFound` for a hash no registered variant has,
-        or when there is no parent to ask; :class:`Unavailable` when the
-        parent could not deliver an intact copy.
+        Raises :class:`ArtifactNotFound` for a hash of no variant this node
+        hosts (nothing is pulled), or when there is no parent to ask;
+        :class:`Unavailable` when the parent could not deliver an intact copy.
         """
         check_sha256(sha256)
         path = self.store.path(sha256)
         if sha256 in self._verified and path.is_file():
             return path
         if sha256 not in self._known():
-            raise ArtifactNotFound(f"no registered variant has artifact {sha256[:12]}")
+            raise ArtifactNotFound(f"no variant this node hosts has artifact {sha256[:12]}")
+        return await self._local_copy(sha256)
+
+    async def serve(self, sha256: str, *, requester: str | None, remote: str | None) -> Path:
+        """The local copy to send to a pull from ``requester`` at address ``remote``.
+
+        ``requester`` is the mesh node the request proved it comes from (None:
+        a client). Everything is checked before anything is pulled: raises
+        :class:`InvalidInput` for a malformed hash, :class:`Forbidden` when
+        the requester may not have it (see :class:`PullPolicy`) or the request
+        does not come from the requester's address, :class:`ArtifactNotFound`
+        for an unknown hash; then as :meth:`ensure`.
+        """
+        check_sha256(sha256)
+        if self.policy is None:
+            raise Forbidden("this node serves no artifacts")
+        self.policy.check(requester, sha256)
+        assert requester is not None  # the policy refuses anonymous pulls
+        await self._check_address(requester, remote)
+        path = self.store.path(sha256)
+        if sha256 in self._verified and path.is_file():
+            return path
+        return await self._local_copy(sha256)
+
+    async def _check_address(self, requester: str, remote: str | None) -> None:
+        allowed = self._addresses.get(requester)
+        if allowed is None:
+            url = self._neighbour_urls.get(requester)
+            host = urlsplit(url).hostname if url else None
+            if not host:
+                raise Forbidden(f"this node has no address for its neighbour {requester}, so it "
+                                "takes no pulls from it (the run file lists no URL for it)")
+            allowed = await _resolve(host)
+            if allowed:  # a name that does not resolve now may resolve later
+                self._addresses[requester] = allowed
+        if _ip(remote) not in allowed:
+            raise Forbidden(f"this pull names {requester} but does not come from its address")
+
+    def _local_copy(self, sha256: str) -> asyncio.Future[Path]:
         task = self._pulls.get(sha256)
         if task is None:
             task = asyncio.create_task(self._obtain(sha256), name=f"artifact:{sha256[:12]}")
             self._pulls[sha256] = task
             task.add_done_callback(lambda _t, s=sha256: self._pulls.pop(s, None))
-        return await asyncio.shield(task)
+        return asyncio.shield(task)
 
     async def _obtain(self, sha256: str) -> Path:
         loop = asyncio.get_running_loop()
@@ -155,27 +282,58 @@ class ArtifactSource:
             f"{self.attempts} attempts: {problem}", retry_after_s=1.0)
 
     async def _download(self, sha256: str) -> bool:
-        """Stream one copy from the parent, hashing it; keep it only if it verifies."""
+        """Stream one copy from the parent, hashing it; keep it (durably) only if it verifies."""
         session = self._http()
         if session is None:
             raise Unavailable("no HTTP session to reach the parent (agent not started)")
-        target = self.store.path(sha256)
-        target.parent.mkdir(parents=True, exist_ok=True)
         digest = hashlib.sha256()
-        fd, tmp = tempfile.mkstemp(dir=target.parent, prefix=".pull-")
-        try:
-            with os.fdopen(fd, "wb") as fh:
-                async with session.get(f"{self.parent_url}/v1/artifacts/{sha256}") as resp:
-                    if resp.status == 404:
-                        raise ArtifactNotFound(f"parent {self.parent} has no artifact {sha256[:12]}")
-                    if resp.status != 200:
-                        raise Unavailable(f"parent {self.parent} answered HTTP {resp.status}")
-                    async for chunk in resp.content.iter_chunked(1 << 16):
-                        digest.update(chunk)
-                        fh.write(chunk)
+        with self.store.pending(sha256) as pending:
+            async with session.get(f"{self.parent_url}/v1/artifacts/{sha256}",
+                                   headers=self._pull_headers) as resp:
+                if resp.status == 404:
+                    raise ArtifactNotFound(f"parent {self.parent} has no artifact {sha256[:12]}")
+                if resp.status == 403:
+                    raise ArtifactNotFound(f"parent {self.parent} refused artifact {sha256[:12]}: "
+                                           f"{await _reason(resp)}")
+                if resp.status != 200:
+                    raise Unavailable(f"parent {self.parent} answered HTTP {resp.status}")
+                async for chunk in resp.content.iter_chunked(1 << 16):
+                    digest.update(chunk)
+                    pending.write(chunk)
             if digest.hexdigest() != sha256:
                 return False
-            os.replace(tmp, target)
+            # fsync of tens of megabytes: off the event loop
+            await asyncio.get_running_loop().run_in_executor(self._executor, pending.commit)
             return True
-        finally:
-            Path(tmp).unlink(missing_ok=True)
+
+
+async def _reason(resp: aiohttp.ClientResponse) -> str:
+    try:
+        body = await resp.json(content_type=None)
+        return str(body["error"]["message"])[:300]
+    except (ValueError, KeyError, TypeError, aiohttp.ClientError):
+        return f"HTTP {resp.status}"
+
+
+def _ip(text: str | None) -> ipaddress.IPv4Address | ipaddress.IPv6Address | None:
+    if not text:
+        return None
+    try:
+        address = ipaddress.ip_address(text.split("%", 1)[0])
+    except ValueError:
+        return None
+    if isinstance(address, ipaddress.IPv6Address) and address.ipv4_mapped is not None:
+        return address.ipv4_mapped  # an IPv4 peer on a dual-stack socket
+    return address
+
+
+async def _resolve(host: str) -> frozenset[ipaddress.IPv4Address | ipaddress.IPv6Address]:
+    """Every address ``host`` (a name or a literal) resolves to; empty when it does not."""
+    literal = _ip(host.strip("[]"))
+    if literal is not None:
+        return frozenset({literal})
+    try:
+        infos = await asyncio.get_running_loop().getaddrinfo(host, None)
+    except OSError:
+        return frozenset()
+    return frozenset(a for a in (_ip(str(info[4][0])) for info in infos) if a is not None)
