@@ -30,8 +30,6 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
-import os
-import tempfile
 import time
 from collections.abc import Callable, Iterable, Mapping
 from concurrent.futures import Executor, ThreadPoolExecutor
@@ -41,6 +39,7 @@ from typing import Any
 
 import numpy as np
 
+from mesh.durable import write_atomic
 from mesh.errors import ArtifactNotFound, MeshError, Overloaded, Unavailable
 from mesh.registry import Profile, TensorSpec, Variant
 from mesh.runtimes import ModelRuntime, runtime_for
@@ -384,11 +383,7 @@ class ModelManager:
         path = self._profile_path(variant)
         if path is None:
             return
-        path.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=".profile-")
-        with os.fdopen(fd, "w") as fh:
-            json.dump(profile.to_json(), fh)
-        os.replace(tmp, path)
+        write_atomic(path, json.dumps(profile.to_json()))  # fsynced: survives a crash
 
 
 def _open(runtime: ModelRuntime, path: str, variant: Variant, threads: int) -> Any:
