@@ -112,3 +112,22 @@ async def test_a_query_its_first_choice_cannot_take_in_time_goes_to_the_next_fea
         assert result.plan["variant"] == "digits-linear" and result.plan["feasible"] is True
         assert result.slo_met
         assert (await held)[0] == 200
+
+
+async def test_a_latency_target_nothing_can_meet_is_refused_unless_degraded_answers_are_allowed(
+        digits_home: Path, solo_config: Any, serving: Any) -> None:
+    _slow(digits_home, "digits-mlp", 200.0)  # the only variant takes 200 ms, says its profile
+    config = solo_config(["digits-mlp"])
+    async with serving(config) as (agent, server), aiohttp.ClientSession() as session:
+        url = str(server.make_url("")).rstrip("/")
+        status, headers, body = await _post(session, url, SLO(latency_ms=50))
+        assert status == 503 and int(headers["Retry-After"]) >= 1
+        assert body["error"]["type"] == "CannotMeetDeadline"
+        assert "within 50 ms" in body["error"]["message"]
+        assert "allow_degraded" in body["error"]["message"]  # says how to get an answer
+        assert agent.models.get("digits-mlp").batcher.served == 0  # refused before queueing
+
+        async with AsyncClient(url) as client:
+            late = await client.infer("digits", X, latency_ms=50, allow_degraded=True)
+        assert late.served_by.variant == "digits-mlp"
+        assert late.plan["feasible"] is False and not late.slo_met
