@@ -10,7 +10,7 @@
     mesh models add NAME --task T --model FILE --validation V.npz [--train T.npz]
                                        register a model; its variants are made, checked, measured
     mesh topology check FILE           validate and summarise a topology file
-    mesh down                          stop everything ``mesh up`` started
+    mesh down                          stop every process of the mesh (also nodes restarted by hand)
     mesh demo                          all of the above with real queries
 
 Every command takes ``--home`` (default ``.tiermesh``, or ``$TIERMESH_HOME``):

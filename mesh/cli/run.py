@@ -40,14 +40,26 @@ def up(ctx: click.Context, topology: str) -> None:
 @cli.command()
 @click.pass_context
 def down(ctx: click.Context) -> None:
-    """Stop every process that 'mesh up' started."""
+    """Stop every process of the mesh: what 'mesh up' started and nodes restarted since.
+
+    Exits with status 1, naming them, when some process could not be stopped.
+    """
     from mesh.testbed.local import stop_mesh
 
-    state = stop_mesh(home_of(ctx) / "run")
-    if state is None:
+    result = stop_mesh(home_of(ctx) / "run")
+    if result is None:
         console.print("no mesh is running")
-    else:
-        console.print(f"stopped {len(state.processes)} processes ({len(state.nodes)} nodes)")
+        return
+    nodes = sorted({p.name for p in result.stopped if p.role == "node"})
+    console.print(f"stopped {len(result.stopped)} processes ({len(nodes)} nodes)")
+    later = result.unrecorded()
+    if later:
+        console.print(f"  of which {len(later)} not started by 'mesh up': "
+                      + ", ".join(p.label() for p in later))
+    if result.failed:
+        for proc, why in result.failed:
+            click.echo(f"could not stop {proc.label()}: {why}", err=True)
+        ctx.exit(1)
 
 
 # ---------------------------------------------------------------------- status

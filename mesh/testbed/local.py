@@ -9,8 +9,12 @@ carries them), starts the link-emulator
 process and one ``python -m nodes`` process per node, and waits until every
 node answers ``/healthz``. Its state (pids, addresses) goes to
 ``state.json`` so that ``mesh status`` and ``mesh down`` in another process
-find it. Every process runs in its own session, so stopping kills the whole
-process group and leaves nothing behind.
+find it; every file is written atomically and durably (:mod:`mesh.durable`).
+Every process runs in its own session, so stopping kills the whole process
+group. Stopping finds the mesh's processes by their command lines
+(:mod:`mesh.testbed.processes`), not only by the pids it recorded, so a node
+restarted by hand with the same run file is stopped too; a process that
+cannot be stopped is reported, never silently left behind.
 """
 
 from __future__ import annotations
@@ -29,11 +33,20 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from mesh.durable import write_atomic
 from mesh.errors import MeshError
 from mesh.registry import Registry
+from mesh.testbed.processes import (
+    LINKS_FILE,
+    RUN_FILE,
+    MeshProcess,
+    StopResult,
+    find_processes,
+    stop_processes,
+)
 from mesh.topology import Topology, load_topology
 
-__all__ = ["LocalMesh", "MeshState", "read_state", "stop_mesh"]
+__all__ = ["LocalMesh", "MeshState", "MeshStop", "read_state", "stop_mesh"]
 
 STATE_FILE = "state.json"
 
@@ -64,6 +77,21 @@ class MeshState:
 
     def stream_address(self, node: str) -> str:
         return self.nodes[node]["stream_address"]
+
+
+@dataclass(frozen=True)
+class MeshStop:
+    """What :func:`stop_mesh` did. ``state`` is None when the mesh left no state file."""
+
+    state: MeshState | None
+    stopped: list[MeshProcess]
+    #: (process, why it is still running)
+    failed: list[tuple[MeshProcess, str]]
+
+    def unrecorded(self) -> list[MeshProcess]:
+        """Stopped processes that ``mesh up`` did not start (restarted by hand, say)."""
+        recorded = {int(p["pid"]) for p in self.state.processes} if self.state else set()
+        return [p for p in self.stopped if p.pid not in recorded]
 
 
 def _free_ports(count: int, host: str) -> list[int]:
@@ -120,11 +148,13 @@ class LocalMesh:
 
     # ------------------------------------------------------------------ start
     def _check_ready_to_start(self) -> None:
-        existing = read_state(self.run_dir)
-        if existing is not None and any(is_mesh_process(p) for p in existing.processes):
+        running = find_processes(self.run_dir)
+        if running:
+            existing = read_state(self.run_dir)
+            what = f"topology {existing.topology}, " if existing is not None else ""
             raise TestbedError(
-                f"a mesh is already running from {self.run_dir} (topology {existing.topology}); "
-                "stop it with 'mesh down' first")
+                f"a mesh is already running from {self.run_dir} ({what}{len(running)} processes: "
+                f"{', '.join(p.label() for p in running)}); stop it with 'mesh down' first")
         registry = Registry.load(self.home)
         hosted = [n for n, spec in self.topology.nodes.items()
                   if any(spec.allows(v) for v in registry.variants)]
@@ -164,10 +194,8 @@ class LocalMesh:
                              "stream_neighbours": stream_neighbours[n]
                              if self.hop_transport == "stream" else {}}
                          for n in names}}
-        run_file = self.run_dir / "run.json"
-        run_file.write_text(json.dumps(run, indent=2))
-        links_file = self.run_dir / "links.json"
-        links_file.write_text(json.dumps(link_spec, indent=2))
+        run_file = write_atomic(self.run_dir / RUN_FILE, json.dumps(run, indent=2))
+        links_file = write_atomic(self.run_dir / LINKS_FILE, json.dumps(link_spec, indent=2))
 
         nodes = {n: {"tier": topo.nodes[n].tier, "address": f"http://{self.host}:{node_port[n]}",
                      "stream_address": f"tcp://{self.host}:{stream_port[n]}"}
@@ -182,7 +210,7 @@ class LocalMesh:
             self.state = MeshState(str(self.topology_path), str(self.home), str(self.run_dir),
                                    nodes, [{"role": r, "name": nm, "pid": p.pid}
                                            for r, nm, p in self._procs])
-            (self.run_dir / STATE_FILE).write_text(json.dumps(self.state.to_json(), indent=2))
+            write_atomic(self.run_dir / STATE_FILE, json.dumps(self.state.to_json(), indent=2))
             self._wait_ready(link_spec, nodes)
         except BaseException:
             self.stop()
@@ -248,14 +276,42 @@ class LocalMesh:
 
     # ------------------------------------------------------------------ stop
     def stop(self) -> None:
-        _terminate([p.pid for _, _, p in self._procs], self.stop_timeout_s,
-                   waiters={p.pid: p for _, _, p in self._procs})
+        """Stop every process of this mesh, also ones started after it (by hand).
+
+        Raises :class:`TestbedError` naming the processes it could not stop.
+        """
+        ours = {p.pid: p for _, _, p in self._procs}
+        procs = {p.pid: p for p in find_processes(self.run_dir)}
+        for role, name, proc in self._procs:
+            if proc.pid not in procs:  # not running our command line (yet): still ours to stop
+                found = _child(proc.pid, role, name)
+                if found is not None:
+                    procs[proc.pid] = found
+        result = stop_processes(procs.values(), self.stop_timeout_s, waiters=ours)
+        for proc in ours.values():
+            if proc.poll() is None and proc.pid not in {p.pid for p, _ in result.failed}:
+                proc.wait(timeout=self.stop_timeout_s)
         self._procs.clear()
-        (self.run_dir / STATE_FILE).unlink(missing_ok=True)
         self.state = None
+        if result.failed:
+            raise TestbedError(_failures(result))
+        (self.run_dir / STATE_FILE).unlink(missing_ok=True)
 
 
 # ---------------------------------------------------------------------- other processes
+
+
+def _child(pid: int, role: str, name: str) -> MeshProcess | None:
+    """One of our children that does not (yet) show the command line we gave it."""
+    try:
+        text = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return None
+    return MeshProcess(pid, role, name, int(text[text.rindex(")") + 2:].split()[19]))
+
+
+def _failures(result: StopResult) -> str:
+    return "could not stop " + "; ".join(f"{p.label()}: {why}" for p, why in result.failed)
 
 
 def read_state(run_dir: str | Path) -> MeshState | None:
@@ -271,7 +327,7 @@ def read_state(run_dir: str | Path) -> MeshState | None:
 
 
 def is_mesh_process(proc: dict[str, Any]) -> bool:
-    """True when ``pid`` still runs one of ours (pids get reused)."""
+    """True when ``pid`` still runs a node agent or link emulator (of any mesh; pids get reused)."""
     try:
         cmdline = Path(f"/proc/{int(proc['pid'])}/cmdline").read_bytes()
     except OSError:
@@ -279,44 +335,21 @@ def is_mesh_process(proc: dict[str, Any]) -> bool:
     return b"nodes" in cmdline or b"mesh.testbed.links" in cmdline
 
 
-def _terminate(pids: list[int], timeout_s: float,
-               waiters: dict[int, subprocess.Popen[bytes]] | None = None) -> list[int]:
-    """SIGTERM each process group, then SIGKILL what is left. Returns the pids stopped."""
-    waiters = waiters or {}
-    for pid in pids:
-        try:
-            os.killpg(pid, signal.SIGTERM)
-        except (ProcessLookupError, PermissionError):
-            pass
-    deadline = time.monotonic() + timeout_s
-    remaining = set(pids)
-    while remaining and time.monotonic() < deadline:
-        for pid in list(remaining):
-            proc = waiters.get(pid)
-            if proc is not None:
-                if proc.poll() is not None:
-                    remaining.discard(pid)
-            elif not is_mesh_process({"pid": pid}):
-                remaining.discard(pid)
-        if remaining:
-            time.sleep(0.05)
-    for pid in remaining:
-        try:
-            os.killpg(pid, signal.SIGKILL)
-        except (ProcessLookupError, PermissionError):
-            pass
-        if pid in waiters:
-            waiters[pid].wait(timeout=5)
-    return pids
+def stop_mesh(run_dir: str | Path, timeout_s: float = 10.0) -> MeshStop | None:
+    """Stop the mesh of ``run_dir`` (from any process). None if nothing of it was running.
 
-
-def stop_mesh(run_dir: str | Path, timeout_s: float = 10.0) -> MeshState | None:
-    """Stop the mesh recorded in ``run_dir`` (from any process). None if nothing was up."""
-    state = read_state(run_dir)
-    if state is None:
+    Stops every process whose command line runs on this run directory's
+    files, whether ``mesh up`` started it or someone did later; the state
+    file is removed only when all of them stopped.
+    """
+    try:
+        state = read_state(run_dir)
+    except TestbedError:
+        state = None  # a damaged state file must not keep the processes alive
+    procs = find_processes(run_dir)
+    if state is None and not procs:
         return None
-    pids = [int(p["pid"]) for p in state.processes if is_mesh_process(p)]
-    _terminate(pids, timeout_s)
-    (Path(run_dir) / STATE_FILE).unlink(missing_ok=True)
-    return state
-
+    result = stop_processes(procs, timeout_s)
+    if not result.failed:
+        (Path(run_dir) / STATE_FILE).unlink(missing_ok=True)
+    return MeshStop(state, result.stopped, result.failed)
