@@ -30,8 +30,8 @@ from pathlib import Path
 from types import TracebackType
 from typing import BinaryIO
 
-__all__ = ["PendingFile", "write_atomic", "fsync_dir", "locked", "remove_stale_temps",
-           "TEMP_PREFIX"]
+__all__ = ["PendingFile", "write_atomic", "fsync_dir", "make_dirs", "locked",
+           "remove_stale_temps", "TEMP_PREFIX"]
 
 #: Every temporary file this module creates starts with this.
 TEMP_PREFIX = ".tmp-"
@@ -48,6 +48,21 @@ def fsync_dir(directory: str | Path) -> None:
         os.close(fd)
 
 
+def make_dirs(directory: str | Path) -> None:
+    """``mkdir -p``, fsyncing the parent of every directory it creates, so that it stays."""
+    missing: list[Path] = []
+    here = Path(directory)
+    while not here.is_dir():
+        missing.append(here)
+        here = here.parent
+    for new in reversed(missing):
+        try:
+            new.mkdir()
+        except FileExistsError:
+            continue  # another writer made it (and fsyncs its parent)
+        fsync_dir(new.parent)
+
+
 class PendingFile:
     """A new version of ``target``, written to a locked temporary file beside it.
 
@@ -59,7 +74,7 @@ class PendingFile:
 
     def __init__(self, target: str | Path) -> None:
         self.target = Path(target)
-        self.target.parent.mkdir(parents=True, exist_ok=True)
+        make_dirs(self.target.parent)
         self._file, self.temp = _locked_temp(self.target)
         self.committed = False
 

@@ -269,7 +269,8 @@ class Registry:
     def load(cls, home: str | Path) -> Registry:
         """The registry saved in ``home`` (empty when there is none).
 
-        Raises ``ValueError`` when the file is not a registry (damaged by hand).
+        Raises ``ValueError`` (not JSON) or ``KeyError`` / ``TypeError`` (a field
+        missing or of the wrong kind) when the file was damaged by hand.
         """
         registry = cls()
         registry.variants, registry.rejected = _read(Path(home) / REGISTRY_FILE)
