@@ -173,6 +173,7 @@ class _Conn(asyncio.Protocol):
             now = time.perf_counter()
             if now >= self.warm_until:
                 self.stats["status"][status] = self.stats["status"].get(status, 0) + 1
+                self.stats["by_status"].setdefault(status, []).append(now - self.sent)
                 if status == 200:
                     self.stats["latencies"].append(now - self.sent)
             if now >= self.stop_at:
@@ -188,9 +189,9 @@ class _Conn(asyncio.Protocol):
 
 
 async def _closed_loop(port: int, request: bytes, concurrency: int, seconds: float,
-                       warmup_s: float) -> dict[str, Any]:
+                       warmup_s: float, keep_samples: bool = False) -> dict[str, Any]:
     loop = asyncio.get_running_loop()
-    stats: dict[str, Any] = {"status": {}, "latencies": []}
+    stats: dict[str, Any] = {"status": {}, "latencies": [], "by_status": {}}
     start = time.perf_counter()
     warm_until, stop_at = start + warmup_s, start + warmup_s + seconds
     dones = []
@@ -203,23 +204,30 @@ async def _closed_loop(port: int, request: bytes, concurrency: int, seconds: flo
     ok = stats["status"].get(200, 0)
     return {"completed": ok, "status": {str(k): v for k, v in stats["status"].items()},
             "duration_s": seconds, "throughput_rps": round(ok / seconds, 1),
-            "latency": percentiles_us(stats["latencies"]) if stats["latencies"] else {}}
+            "latency": percentiles_us(stats["latencies"]) if stats["latencies"] else {},
+            "latency_by_status": {str(k): percentiles_us(v) for k, v in stats["by_status"].items()},
+            **({"ok_latencies_s": stats["latencies"]} if keep_samples else {})}
 
 
 def _closed_loop_child(port: int, request: bytes, concurrency: int, seconds: float,
-                       warmup_s: float, out: Any) -> None:
+                       warmup_s: float, keep_samples: bool, out: Any) -> None:
     import uvloop
 
-    out.send(uvloop.run(_closed_loop(port, request, concurrency, seconds, warmup_s)))
+    out.send(uvloop.run(_closed_loop(port, request, concurrency, seconds, warmup_s,
+                                     keep_samples)))
 
 
 def closed_loop(port: int, request: bytes, *, concurrency: int, seconds: float,
-                warmup_s: float = 1.0) -> dict[str, Any]:
-    """Saturate a server with ``concurrency`` connections from a child process."""
+                warmup_s: float = 1.0, keep_samples: bool = False) -> dict[str, Any]:
+    """Saturate a server with ``concurrency`` connections from a child process.
+
+    ``keep_samples``: also return every answered query's latency (``ok_latencies_s``).
+    """
     ctx = mp.get_context("spawn")
     parent, child = ctx.Pipe(duplex=False)
     proc = ctx.Process(target=_closed_loop_child,
-                       args=(port, request, concurrency, seconds, warmup_s, child), daemon=True)
+                       args=(port, request, concurrency, seconds, warmup_s, keep_samples, child),
+                       daemon=True)
     proc.start()
     try:
         if not parent.poll(warmup_s + seconds + 60):
@@ -244,8 +252,12 @@ def one_node_topology(variants: list[str], *, threads: int = 1, memory_mb: int =
 
 @contextlib.contextmanager
 def start_agent(home: Path, topology: dict[str, Any], *, options: dict[str, Any] | None = None,
-                timeout_s: float = 60.0) -> Iterator[int]:
-    """A node agent process serving ``edge-1`` of ``topology``; yields its port."""
+                timeout_s: float = 60.0, root: Path = ROOT) -> Iterator[int]:
+    """A node agent process serving ``edge-1`` of ``topology``; yields its port.
+
+    ``root``: the checkout whose code the agent runs (another one, e.g. a git worktree
+    of an older commit, makes a baseline measured in the same run).
+    """
     port = free_port()
     with tempfile.TemporaryDirectory(prefix="tiermesh-bench-") as tmp:
         topo = Path(tmp) / "topology.yaml"
@@ -253,8 +265,10 @@ def start_agent(home: Path, topology: dict[str, Any], *, options: dict[str, Any]
         spec = {"topology": str(topo), "home": str(home), "node": "edge-1", "port": port,
                 "options": options or {}}
         log = open(Path(tmp) / "agent.log", "wb")  # noqa: SIM115 - closed below
-        proc = subprocess.Popen([sys.executable, __file__, "agent", json.dumps(spec)],
-                                stdout=log, stderr=subprocess.STDOUT, cwd=ROOT)
+        script = root / "benchmarks" / "_loadgen.py"
+        proc = subprocess.Popen([sys.executable, str(script), "agent", json.dumps(spec)],
+                                stdout=log, stderr=subprocess.STDOUT, cwd=root,
+                                env={**os.environ, "PYTHONPATH": str(root)})
         try:
             deadline = time.monotonic() + timeout_s
             while True:

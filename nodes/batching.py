@@ -45,6 +45,7 @@ from __future__ import annotations
 
 import asyncio
 import collections
+import dataclasses
 import itertools
 import logging
 import time
@@ -109,6 +110,9 @@ class BatchPolicy:
     gap_factor: float = 2.0
     #: A request without a deadline is refused when it would wait longer than this.
     max_queue_wait_ms: float = 2000.0
+    #: Measured compute time over the profile's, as the batcher last observed it (a node
+    #: whose cores are contended runs slower than it was profiled; admission must know).
+    slowdown: float = 1.0
 
     def __post_init__(self) -> None:
         if self.max_batch < 1:
@@ -120,7 +124,8 @@ class BatchPolicy:
         """Predicted compute for ``rows`` rows, with the safety margin, in seconds."""
         if self.profile is None or rows <= 0:
             return 0.0
-        return (self.profile.latency_ms(rows) * (1 + self.margin_frac) + self.margin_ms) / 1000.0
+        return (self.profile.latency_ms(rows) * self.slowdown * (1 + self.margin_frac)
+                + self.margin_ms) / 1000.0
 
     def runs_inline(self, rows: int) -> bool:
         return self.profile is not None and self.profile.latency_ms(rows) <= self.inline_max_ms
@@ -185,6 +190,17 @@ class Batcher:
 
     #: Weight of the newest arrival gap in the running mean.
     gap_alpha: float = 0.2
+    #: Weight of the newest batch in the running slowdown estimate (measured / profiled).
+    slowdown_alpha: float = 0.2
+    #: Bounds of the slowdown estimate, and the shortest profiled batch that updates it
+    #: (below it, Python's own overhead dwarfs the model and the ratio means nothing).
+    slowdown_bounds: tuple[float, float] = (0.5, 20.0)
+    slowdown_min_ms: float = 0.5
+    #: Without new batches the estimate relaxes towards 1 with this half-life, so that a
+    #: variant refused because it ran slow once is tried again (and measured again).
+    slowdown_half_life_s: float = 2.0
+    #: Weight of the newest observation in the running event-loop lag estimate.
+    lag_alpha: float = 0.2
 
     def __init__(self, name: str, run: RunFn, executor: Executor, *, max_batch: int,
                  max_queue: int, policy: BatchPolicy | None = None,
@@ -210,6 +226,13 @@ class Batcher:
         self._running_until = 0.0
         self._arrived_during_run = False
         self._gap_s: float | None = None
+        self._slowdown = self.policy.slowdown
+        self._slowdown_at = 0.0
+        #: running estimate of the time between work done and its answer on its way: the
+        #: compute thread's result waiting for the loop, then the caller waiting for it
+        self._lag_s = 0.0
+        self._resume_lag_s = 0.0
+        self._delivered_at = 0.0
         self._last_arrival = 0.0
         self.in_flight = 0
         self.batches = 0
@@ -253,7 +276,7 @@ class Batcher:
     def predicted_wait_s(self, now: float, rows: int = 0) -> float:
         """Until a request of ``rows`` rows admitted now would be answered."""
         ahead = max(self._running_until - now, 0.0) if self.in_flight else 0.0
-        return ahead + self.policy.drain_s(self._queued_rows + rows)
+        return ahead + self.policy.drain_s(self._queued_rows + rows) + self._lag_s
 
     async def submit(self, inputs: list[np.ndarray], *, budget_ms: float | None = None
                      ) -> BatchResult:
@@ -273,6 +296,8 @@ class Batcher:
                 f"queue for {self.name} is full ({self.max_queue} waiting); retry shortly",
                 retry_after_s=max(self.predicted_wait_s(now), 0.05),
             )
+        if self._slowdown != 1.0 and not self.in_flight:
+            self._apply_slowdown(self._relaxed_slowdown(now))
         wait_s = self.predicted_wait_s(now, rows)
         if deadline is None:
             cap_s = self.policy.max_queue_wait_ms / 1000.0
@@ -298,7 +323,9 @@ class Batcher:
         self._queue.append(_Pending(inputs, rows, now, deadline, future))
         self._queued_rows += rows
         self._wakeup.set()
-        return await future
+        result = await future
+        self._learn_lag(self._resume_lag_s + self._clock() - self._delivered_at)
+        return result
 
     # ------------------------------------------------------------------ worker
     async def _worker(self) -> None:
@@ -383,6 +410,8 @@ class Batcher:
         self.batches += 1
         if self._observer is not None:
             self._observer(rows, compute_ms)
+        self._learn_slowdown(rows, compute_ms)
+        self._delivered_at = self._clock()
         offset = 0
         for p in batch:
             part = outputs if len(batch) == 1 else [o[offset:offset + p.rows] for o in outputs]
@@ -392,11 +421,53 @@ class Batcher:
                 p.future.set_result(
                     BatchResult(part, (started - p.enqueued) * 1000, compute_ms, rows))
 
+    def _learn_slowdown(self, rows: int, compute_ms: float) -> None:
+        """Track how much slower (or faster) than its profile the variant runs here now."""
+        profile = self.policy.profile
+        if profile is None:
+            return
+        expected = profile.latency_ms(rows)
+        if expected < self.slowdown_min_ms:
+            return
+        now = self._clock()
+        current = self._relaxed_slowdown(now)
+        lo, hi = self.slowdown_bounds
+        self._slowdown = min(max(current + self.slowdown_alpha * (compute_ms / expected - current),
+                                 lo), hi)
+        self._slowdown_at = now
+        self._apply_slowdown(self._slowdown)
+
+    def _relaxed_slowdown(self, now: float) -> float:
+        age = now - self._slowdown_at
+        if age <= 0 or self._slowdown == 1.0:
+            return self._slowdown
+        return 1.0 + (self._slowdown - 1.0) * 0.5 ** (age / self.slowdown_half_life_s)
+
+    def _apply_slowdown(self, value: float) -> None:
+        if abs(value - self.policy.slowdown) > 0.05 * self.policy.slowdown:
+            self.policy = dataclasses.replace(self.policy, slowdown=value)
+
+    @property
+    def slowdown(self) -> float:
+        """Measured compute time over the profiled one (running estimate; 1.0 at start)."""
+        return self._relaxed_slowdown(self._clock())
+
     async def _execute(self, loop: asyncio.AbstractEventLoop, joined: list[np.ndarray],
                        rows: int) -> list[np.ndarray]:
         if self.policy.runs_inline(rows):
+            self._resume_lag_s = 0.0
             return self._run(joined)
-        return await loop.run_in_executor(self._executor, self._run, joined)
+        outputs, ended = await loop.run_in_executor(self._executor, self._timed_run, joined)
+        self._resume_lag_s = self._clock() - ended
+        return outputs
+
+    def _timed_run(self, joined: list[np.ndarray]) -> tuple[list[np.ndarray], float]:
+        """On the compute thread: the outputs, and when they were ready."""
+        return self._run(joined), self._clock()
+
+    def _learn_lag(self, lag_s: float) -> None:
+        """How long finished work waits for the event loop (busy answering others)."""
+        self._lag_s += self.lag_alpha * (max(lag_s, 0.0) - self._lag_s)
 
     async def _run_alone(self, loop: asyncio.AbstractEventLoop, batch: list[_Pending]) -> None:
         """After a failed batch: run each request by itself; only those that fail alone fail."""
@@ -422,6 +493,7 @@ class Batcher:
                     "check its values against the task's inputs"))
             else:
                 compute_ms = (self._clock() - started) * 1000
+                self._delivered_at = self._clock()
                 self.batches += 1
                 self.served += 1
                 if self._observer is not None:
