@@ -236,3 +236,28 @@ async def test_a_request_the_queue_would_make_late_is_refused_at_once() -> None:
             assert batcher.depth == 2
             model.gate.set()
             await asyncio.gather(running, queued)
+
+
+async def test_a_variant_running_slower_than_profiled_is_admitted_by_what_it_measures() -> None:
+    """Profiled at 3 ms, it takes 30 ms here (a contended node): admission learns that."""
+    import time
+
+    def slow(inputs: list[np.ndarray]) -> list[np.ndarray]:
+        time.sleep(0.03)
+        return [inputs[0]]
+
+    profile = Profile(batch_ms={1: 3.0, 8: 3.0}, cold_start_ms=1.0)
+    with ThreadPoolExecutor(1) as pool:
+        async with Batcher("m", slow, pool, max_batch=8, max_queue=16,
+                           policy=BatchPolicy(8, profile)) as batcher:
+            x = [np.ones((1, 1), np.float32)]
+            await batcher.submit(x, budget_ms=15)  # the profile says it fits: admitted
+            for _ in range(8):
+                await batcher.submit(x)
+            assert batcher.slowdown > 5
+            with pytest.raises(CannotMeetDeadline):
+                await batcher.submit(x, budget_ms=15)
+            # unobserved, the estimate relaxes back so that the variant is measured again
+            batcher.slowdown_half_life_s = 0.01
+            await asyncio.sleep(0.2)
+            assert batcher.slowdown < 1.1
