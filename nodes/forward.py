@@ -80,8 +80,9 @@ class Neighbours:
                     return await stream.send(body)
             except TimeoutError:
                 raise HopFailed(f"no answer within {timeout_s * 1000:.0f} ms") from None
-            except MeshConnectionError as exc:
-                raise HopFailed(f"stream: {exc.message}") from None
+            except MeshConnectionError:
+                # the reason travels back to clients in the plan: no addresses, no OS text
+                raise HopFailed("the stream to it failed") from None
         session = self._http()
         if session is None:
             raise HopFailed("the node is shutting down")
@@ -92,5 +93,5 @@ class Neighbours:
                 return resp.status, await resp.read()
         except TimeoutError:
             raise HopFailed(f"no answer within {timeout_s * 1000:.0f} ms") from None
-        except aiohttp.ClientError as exc:
-            raise HopFailed(type(exc).__name__) from None
+        except aiohttp.ClientError:
+            raise HopFailed("it could not be reached over HTTP") from None

@@ -139,6 +139,8 @@ class ModelManager:
         self._clock = clock
         self.loaded: dict[str, LoadedVariant] = {}
         self.unavailable: dict[str, str] = {}
+        #: what clients are told instead, where the reason holds a runtime's own words
+        self._public_reasons: dict[str, str] = {}
         self._loading: dict[str, asyncio.Task[LoadedVariant]] = {}
         self._waiting: dict[str, int] = {}
         self._reserved = 0
@@ -206,7 +208,7 @@ class ModelManager:
         if name not in self.variants:
             raise Unavailable(f"variant {name} is not hosted on this node")
         if name in self.unavailable:
-            raise Unavailable(f"variant {name} is unavailable here: {self.unavailable[name]}")
+            raise Unavailable(f"variant {name} is unavailable here: {self._public_reasons[name]}")
         task = self._loading.get(name)
         if task is None:
             task = asyncio.create_task(self._load(name), name=f"load:{name}")
@@ -243,8 +245,10 @@ class ModelManager:
         return (f"needs about {self.need_bytes(name) / _MB:.1f} MB of memory, more than this "
                 f"node's {self.config.budget_bytes / _MB:.1f} MB for models (out of memory)")
 
-    def _mark(self, name: str, reason: str) -> None:
+    def _mark(self, name: str, reason: str, *, public: str | None = None) -> None:
+        """``reason`` is for operators (status, log); ``public``, when given, is what clients see."""
         self.unavailable[name] = reason
+        self._public_reasons[name] = public or reason
         log.warning("variant %s unavailable: %s", name, reason)
         if self._metrics is not None:
             self._metrics.loaded(name, "failed")
@@ -278,10 +282,11 @@ class ModelManager:
                               ) from None
         except Exception as exc:  # a corrupt model must not take the node down
             detail = str(exc).replace(str(path), f"<{name} artifact>")[:300]
-            self._mark(name, f"failed to load: {type(exc).__name__}: {detail}")
+            # the runtime's words go to the node's status (operators), never to clients
+            public = "failed to load (the node's status says why)"
+            self._mark(name, f"failed to load: {type(exc).__name__}: {detail}", public=public)
             self.artifacts.forget(variant.sha256)
-            raise Unavailable(f"variant {name} is unavailable here: {self.unavailable[name]}"
-                              ) from None
+            raise Unavailable(f"variant {name} is unavailable here: {public}") from None
         finally:
             self._reserved -= need
         batcher = self._batcher(variant, runtime, session)
@@ -359,7 +364,8 @@ class ModelManager:
                     self._mark(name, f"cannot be profiled here: {exc.message}")
                     continue
                 except Exception as exc:  # noqa: BLE001 - same as a failed load
-                    self._mark(name, f"cannot be profiled here: {type(exc).__name__}: {exc}"[:300])
+                    self._mark(name, f"cannot be profiled here: {type(exc).__name__}: {exc}"[:300],
+                               public="cannot be profiled here (the node's status says why)")
                     continue
                 self._store_profile(variant, profile)
             made[name] = profile

@@ -122,8 +122,11 @@ async def test_a_corrupt_model_is_unavailable_with_its_reason_and_the_rest_load(
             with pytest.raises(Unavailable, match="failed to load") as info:
                 await manager.acquire("digits-broken")
             reason = manager.unavailable["digits-broken"]
-            assert reason.startswith("failed to load: ")
+            assert reason.startswith("failed to load: ")  # for operators, with the runtime's words
             assert str(digits_home) not in reason and str(digits_home) not in info.value.message
+            # clients get no runtime text, path or exception class
+            assert "Error" not in info.value.message and "Fail" not in info.value.message
+            assert "status says why" in info.value.message
             with pytest.raises(Unavailable, match="unavailable here: failed to load"):
                 await manager.acquire("digits-broken")  # marked: no second attempt
             await manager.preload(["digits-linear", "digits-mlp", "digits-cnn"])
