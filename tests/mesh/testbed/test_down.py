@@ -4,9 +4,11 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
+import tempfile
 import time
 import urllib.error
 import urllib.request
@@ -100,3 +102,41 @@ def test_down_stops_a_node_restarted_by_hand(built_home: Path, tmp_path: Path) -
         if hand is not None:  # the old 'mesh down' left it running
             hand.kill()
             hand.wait()
+
+
+@pytest.mark.skipif(os.geteuid() != 0 or shutil.which("setpriv") is None,
+                    reason="runs 'mesh down' as another user: needs root and setpriv (util-linux)")
+def test_down_names_what_it_cannot_stop_and_exits_1() -> None:
+    """A node of the mesh that 'mesh down' may not signal (another user's) is named, exit 1."""
+    root = Path(tempfile.mkdtemp(prefix="tiermesh-down-"))
+    node: subprocess.Popen[bytes] | None = None
+    try:
+        root.chmod(0o755)  # readable by the unprivileged 'mesh down'
+        fake = root / "fake" / "nodes"  # runs as 'python -m nodes --runtime ...', then only sleeps
+        fake.mkdir(parents=True)
+        (fake / "__init__.py").write_text("")
+        (fake / "__main__.py").write_text("import time\ntime.sleep(120)\n")
+        (root / "home" / "run").mkdir(parents=True)
+        for path in [root, *root.rglob("*")]:
+            path.chmod(0o755 if path.is_dir() else 0o644)
+        node = subprocess.Popen([sys.executable, "-m", "nodes", "--runtime",
+                                 str(root / "home" / "run" / "run.json"), "--node", "edge-1"],
+                                cwd=root / "fake")
+        deadline = time.monotonic() + 10
+        while not find_processes(root / "home" / "run"):
+            assert time.monotonic() < deadline, "the stand-in node never started"
+            time.sleep(0.05)
+        nobody = ["setpriv", "--reuid=65534", "--regid=65534", "--clear-groups"]
+        down = subprocess.run([*nobody, sys.executable, "-m", "mesh.cli", "--home",
+                               str(root / "home"), "down"],
+                              capture_output=True, text=True, timeout=60, cwd="/",
+                              env=dict(os.environ, PYTHONPATH=str(Path(__file__).parents[3])))
+        assert down.returncode == 1, down.stdout + down.stderr
+        assert f"could not stop pid {node.pid} (node edge-1): not permitted" in down.stderr
+        assert "Traceback" not in down.stderr
+        assert node.poll() is None  # still running, as reported
+    finally:
+        if node is not None:
+            node.kill()
+            node.wait()
+        shutil.rmtree(root)
