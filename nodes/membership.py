@@ -34,10 +34,11 @@ from typing import Any
 import aiohttp
 from aiohttp import web
 
-from mesh.errors import InvalidInput
+from mesh.errors import Forbidden, InvalidInput
 from mesh.state import FailureDetector, LoadEntry, MeshView, RateMeter, Subtree, apply_entries
 from mesh.topology import Topology
 from mesh.wire import pack, unpack
+from nodes.peers import PeerKey
 
 __all__ = ["LocalLoad", "Membership", "HEARTBEAT_PATH"]
 
@@ -76,8 +77,11 @@ class Membership:
 
     def __init__(self, node: str, topology: Topology, view: MeshView, *,
                  neighbours: Mapping[str, str], local_load: Callable[[], LocalLoad],
-                 clock: Callable[[], float] = time.monotonic) -> None:
+                 clock: Callable[[], float] = time.monotonic,
+                 peers: PeerKey | None = None) -> None:
         self.node = node
+        #: with a key, heartbeats are signed and only a child's own signed heartbeat counts
+        self.peers = peers
         self.topology = topology
         self.view = view
         self.spec = topology.membership
@@ -110,7 +114,8 @@ class Membership:
         """Membership for a :class:`~nodes.agent.NodeAgent` (its view, neighbours, status)."""
         config = agent.config
         return cls(config.node, config.topology, agent.view, neighbours=config.neighbours,
-                   local_load=lambda: load_from_status(agent.status()), clock=agent.clock)
+                   local_load=lambda: load_from_status(agent.status()), clock=agent.clock,
+                   peers=agent.peers)
 
     # ------------------------------------------------------------------ lifecycle
     async def __aenter__(self) -> Membership:
@@ -178,8 +183,10 @@ class Membership:
         if url is not None:
             self.heartbeats_sent += 1
             try:
+                headers = {"Content-Type": MSGPACK,
+                           **(self.peers.headers(self.node) if self.peers else {})}
                 async with self._http.post(url + HEARTBEAT_PATH, data=pack(body),
-                                           headers={"Content-Type": MSGPACK}) as resp:
+                                           headers=headers) as resp:
                     data = await resp.read()
                     if resp.status == 200:
                         reply = unpack(data)
@@ -215,13 +222,21 @@ class Membership:
         return [n for n in self.topology.nodes if n not in mine]
 
     # ------------------------------------------------------------------ the parent's side
-    def on_heartbeat(self, body: Any) -> dict[str, Any]:
-        """A child's heartbeat: record it, answer with our summary if its copy is stale."""
+    def on_heartbeat(self, body: Any, *, sender: str | None = None) -> dict[str, Any]:
+        """A child's heartbeat: record it, answer with our summary if its copy is stale.
+
+        ``sender``: the node the request proved it came from (:mod:`nodes.peers`); with a
+        mesh key, a heartbeat counts only from that node itself and only if it is a child.
+        """
         if not isinstance(body, dict):
             raise InvalidInput("heartbeat: must be a map with node, version and entries")
         child, entries = body.get("node"), body.get("entries")
         if not isinstance(child, str) or not isinstance(entries, list) or not entries:
             raise InvalidInput("heartbeat: node (a name) and entries (a non-empty list) required")
+        if self.peers is not None and (sender != child
+                                       or child not in self.topology.children[self.node]):
+            raise Forbidden(f"heartbeat: only a child node of {self.node} may send one, signed "
+                            "with the mesh key")
         version = body.get("version", -1)
         if not isinstance(version, int) or isinstance(version, bool):
             raise InvalidInput("heartbeat.version: must be an integer")
@@ -262,7 +277,8 @@ MEMBERSHIP = web.AppKey("membership", Membership)
 
 async def _heartbeat_handler(request: web.Request) -> web.Response:
     membership = request.app[MEMBERSHIP]
-    reply = membership.on_heartbeat(unpack(await request.read()))
+    sender = membership.peers.peer_of(request.headers) if membership.peers else None
+    reply = membership.on_heartbeat(unpack(await request.read()), sender=sender)
     return web.Response(body=pack(reply), content_type=MSGPACK)
 
 

@@ -100,3 +100,37 @@ def test_nodes_sharing_a_home_share_one_mesh_key(tmp_path: Path) -> None:
     assert first.verify("edge-1", second.token("edge-1"))
     assert not first.verify("edge-2", second.token("edge-1"))
     assert (tmp_path / "mesh.key").stat().st_mode & 0o077 == 0  # owner only
+
+
+async def test_only_a_child_may_heartbeat_and_only_signed(digits_home: Path) -> None:
+    """A forged heartbeat could mark nodes down or loaded at will; it is refused 403."""
+    from aiohttp import web
+    from aiohttp.test_utils import TestServer
+
+    from mesh.state import MeshView
+    from mesh.topology import load_topology
+    from mesh.wire import pack
+    from nodes.app import error_middleware
+    from nodes.membership import HEARTBEAT_PATH, LocalLoad, Membership
+
+    topology = load_topology(Path(__file__).resolve().parents[2] / "topologies" / "local.yaml")
+    parent = next(n for n in topology.nodes if topology.children[n])
+    child = topology.children[parent][0]
+    key = PeerKey(b"k" * 32)
+    view = MeshView()
+    membership = Membership(parent, topology, view, neighbours={},
+                            local_load=lambda: LocalLoad(0, frozenset(), frozenset(), 0),
+                            peers=key)
+    app = web.Application(middlewares=[error_middleware])
+    membership.add_routes(app)
+    body = pack({"node": child, "version": -1,
+                 "entries": [{"node": child, "q": 7}]})
+    async with TestServer(app) as server, aiohttp.ClientSession() as session:
+        url = str(server.make_url(HEARTBEAT_PATH))
+        for headers in ({}, key.headers("someone-else"), PeerKey(b"x" * 32).headers(child)):
+            async with session.post(url, data=body, headers={**MSGPACK, **headers}) as resp:
+                assert resp.status == 403
+        assert child not in view.loads  # nothing forged reached the view
+        async with session.post(url, data=body, headers={**MSGPACK, **key.headers(child)}) as r:
+            assert r.status == 200
+        assert view.loads[child].queue_depth == 7
