@@ -23,6 +23,7 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
+from mesh.durable import fsync_dir, make_dirs
 from mesh.errors import InvalidInput
 from mesh.wire import pack, unpack
 
@@ -50,7 +51,7 @@ class PeerKey:
             return cls(bytes.fromhex(path.read_text().strip()))
         except FileNotFoundError:
             pass
-        home.mkdir(parents=True, exist_ok=True)
+        make_dirs(home)
         tmp = home / f".{KEY_FILE}.{os.getpid()}.{secrets.token_hex(4)}"
         fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
         try:
@@ -62,6 +63,8 @@ class PeerKey:
                 os.link(tmp, path)  # fails if another process won the race: use theirs
             except FileExistsError:
                 pass
+            else:
+                fsync_dir(home)
         finally:
             tmp.unlink(missing_ok=True)
         return cls(bytes.fromhex(path.read_text().strip()))
