@@ -72,6 +72,7 @@ from mesh.wire import (
 from nodes.artifacts import ArtifactSource, PullPolicy, parent_of
 from nodes.cascade import run_cascade
 from nodes.forward import HopFailed, Neighbours
+from nodes.membership import LocalLoad
 from nodes.metrics import NodeMetrics, outcome_of
 from nodes.models import ModelConfig, ModelManager
 from nodes.peers import PeerKey
@@ -210,7 +211,6 @@ class NodeAgent:
         self.ready = False
         self._started = clock()
         self._latencies: collections.deque[float] = collections.deque(maxlen=self.latency_window)
-        self.counters: collections.Counter[str] = collections.Counter()
 
     # ------------------------------------------------------------------ lifecycle
     async def __aenter__(self) -> NodeAgent:
@@ -271,12 +271,9 @@ class NodeAgent:
         proven neighbour (:mod:`nodes.peers`); code inside the node may route.
         """
         started = time.perf_counter()
-        self.counters["requests"] += 1
         try:
             response = await self._infer(req, started, from_client)
         except Exception as exc:
-            if isinstance(exc, MeshError):
-                self.counters[f"error:{type(exc).__name__}"] += 1
             self._observe(req, None, exc, started)
             raise
         elapsed_ms = (time.perf_counter() - started) * 1000
@@ -319,7 +316,7 @@ class NodeAgent:
             req.route = Route(decision.node, decision.variant)
             plan = decision.to_dict()
             if decision.escalation is not None:  # cascade: answer here, unsure rows upstream
-                return self._served_plan(await run_cascade(self.infer, req, decision, plan),
+                return self._served_plan(await run_cascade(self._stage, req, decision, plan),
                                          plan, req)
         budget_ms, hops = req.budget_ms, req.hops
         try:
@@ -337,6 +334,10 @@ class NodeAgent:
         if plan:
             response = self._served_plan(response, plan, req)
         return response
+
+    async def _stage(self, req: InferRequest) -> InferResponse:
+        """One routed stage of a cascade: served or forwarded, not counted as another query."""
+        return await self._infer(req, time.perf_counter(), False)
 
     def _plan(self, req: InferRequest, inputs: list[np.ndarray], arrived: float) -> Decision:
         """Plan a query that has no route; set its budget. Refuses at once what cannot be on time.
@@ -510,7 +511,7 @@ class NodeAgent:
             if not entry.batcher.running:  # evicted before this request got to it
                 entry = await self.models.acquire(variant)
         result = await entry.batcher.submit(inputs, budget_ms=budget_ms)
-        self.counters["served_local"] += 1
+        self.metrics.served()
         return InferResponse(
             request_id=request_id,
             outputs=result.outputs,
@@ -548,7 +549,6 @@ class NodeAgent:
         timeout_s = self._hop_timeout_s(req, deadline, sent)
         # the next node must give up on its own next hop before this one gives up on it
         req.timeout_ms = max(timeout_s * 1000 - 2 * link_ms, 1.0)
-        self.metrics.forwarded(target, hop)
         try:
             status, body = await self.neighbours.post(hop, encode_request(req), timeout_s)
         except HopFailed as exc:
@@ -559,8 +559,7 @@ class NodeAgent:
                 self.view.mark_down(node, now)
             raise _HopDown(f"forwarding to {hop} failed: {exc.reason}") from None
         rtt_ms = (time.perf_counter() - sent) * 1000
-        self.counters[f"forwarded:{hop}"] += 1
-        self.counters[f"via:{self.neighbours.transport(hop)}"] += 1
+        self.metrics.forwarded(target, hop, self.neighbours.transport(hop))
         response = decode_answer(status, body)
         downstream_ms = response.timing.get("hop_total_ms", 0.0)
         response.timing["network_ms"] = response.timing.get("network_ms", 0.0) + max(
@@ -571,6 +570,12 @@ class NodeAgent:
         return response
 
     # ------------------------------------------------------------------ status
+    def local_load(self) -> LocalLoad:
+        """What membership reports about this node on every heartbeat (cheap: no sorting)."""
+        return LocalLoad(self.queue_depth, frozenset(self.models.loaded),
+                         frozenset(self.models.unavailable),
+                         sum(s.count for s in self.metrics.requests.values()))
+
     def status(self, address: str = "", stream_address: str | None = None) -> dict[str, Any]:
         lat = sorted(self._latencies)
         variants: list[dict[str, Any]] = []
@@ -584,10 +589,7 @@ class NodeAgent:
             if state == "unavailable":
                 row["error"] = self.models.unavailable[name]
             variants.append(row)
-        forwarded = {k.split(":", 1)[1]: v for k, v in self.counters.items()
-                     if k.startswith("forwarded:")}
-        errors = {k.split(":", 1)[1]: v for k, v in self.counters.items() if k.startswith("error:")}
-        via = {k.split(":", 1)[1]: v for k, v in self.counters.items() if k.startswith("via:")}
+        totals = self.metrics.totals()
         return {
             "node": self.name,
             "tier": self.spec.tier,
@@ -602,14 +604,15 @@ class NodeAgent:
                        "used_bytes": self.models.memory_used},
             "artifacts": {"parent": self.artifacts.parent, "fetches": dict(self.artifacts.fetches)},
             "queue_depth": self.queue_depth,
-            "requests": self.counters["requests"],
-            "served_local": self.counters["served_local"],
-            "forwarded": forwarded,
+            "requests": totals["requests"],
+            "served_local": totals["served_local"],
+            "forwarded": totals["forwarded"],
             #: forwarded queries by transport ("stream", "http"); neighbour -> transport
-            "forwarded_via": via,
+            "forwarded_via": totals["forwarded_via"],
             "neighbour_transports": {n: self.neighbours.transport(n)
                                      for n in sorted(self.config.neighbours)},
-            "errors": errors,
+            #: failed queries by outcome (the metrics' label: "overloaded", "invalid_input", ...)
+            "errors": totals["errors"],
             "latency_ms": {"p50": _percentile(lat, 0.50), "p99": _percentile(lat, 0.99)},
             "view": self.view.snapshot(self.clock()),
         }

@@ -60,18 +60,6 @@ class LocalLoad:
     requests: int
 
 
-def load_from_status(status: Mapping[str, Any]) -> LocalLoad:
-    """Read a node agent's ``status()`` (its public summary of itself)."""
-    variants = status.get("variants", [])
-    return LocalLoad(
-        queue_depth=int(status.get("queue_depth", 0)),
-        loaded=frozenset(v["name"] for v in variants if v.get("loaded")),
-        # a variant not loaded may just be unloaded (loaded on demand); only "error" means failed
-        failed=frozenset(v["name"] for v in variants if "error" in v),
-        requests=int(status.get("requests", 0)),
-    )
-
-
 class Membership:
     """One node's membership. An async context manager that owns one task and one session."""
 
@@ -114,7 +102,7 @@ class Membership:
         """Membership for a :class:`~nodes.agent.NodeAgent` (its view, neighbours, status)."""
         config = agent.config
         return cls(config.node, config.topology, agent.view, neighbours=config.neighbours,
-                   local_load=lambda: load_from_status(agent.status()), clock=agent.clock,
+                   local_load=agent.local_load, clock=agent.clock,
                    peers=agent.peers)
 
     # ------------------------------------------------------------------ lifecycle

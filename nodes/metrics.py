@@ -33,6 +33,7 @@ import bisect
 import re
 from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass
+from typing import Any
 
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_latest
 from prometheus_client.core import (
@@ -102,7 +103,9 @@ class NodeMetrics:
         self.requests: dict[tuple[str, str, str, str], _Series] = {}
         self.batch_rows: dict[str, _Series] = {}
         self.batch_compute: dict[str, _Series] = {}
-        self.forwards: dict[tuple[str, str], int] = {}
+        #: (destination, next hop, transport) -> queries forwarded and answered
+        self.forwards: dict[tuple[str, str, str], int] = {}
+        self.served_here = 0
         self.loads: dict[tuple[str, str], int] = {}
         self.evictions: dict[str, int] = {}
         self.artifact_fetches: dict[str, int] = {}
@@ -135,9 +138,33 @@ class NodeMetrics:
 
         return observe
 
-    def forwarded(self, destination: str, next_hop: str) -> None:
-        key = (destination, next_hop)
+    def forwarded(self, destination: str, next_hop: str, transport: str) -> None:
+        """One query forwarded to ``next_hop`` (on its way to ``destination``) came back."""
+        key = (destination, next_hop, transport)
         self.forwards[key] = self.forwards.get(key, 0) + 1
+
+    def served(self) -> None:
+        """One query ran on this node's own runtimes."""
+        self.served_here += 1
+
+    # ------------------------------------------------------------------ reading (status)
+    def totals(self) -> dict[str, Any]:
+        """The counters ``status()`` shows, read from the same series the scrape exports."""
+        requests = errors = 0
+        by_outcome: dict[str, int] = {}
+        for (_, _, _, outcome), series in self.requests.items():
+            n = series.count
+            requests += n
+            if outcome != "ok":
+                errors += n
+                by_outcome[outcome] = by_outcome.get(outcome, 0) + n
+        forwarded: dict[str, int] = {}
+        via: dict[str, int] = {}
+        for (_, hop, transport), n in self.forwards.items():
+            forwarded[hop] = forwarded.get(hop, 0) + n
+            via[transport] = via.get(transport, 0) + n
+        return {"requests": requests, "served_local": self.served_here, "forwarded": forwarded,
+                "forwarded_via": via, "errors": by_outcome}
 
     def loaded(self, variant: str, outcome: str) -> None:
         self.loads[(variant, outcome)] = self.loads.get((variant, outcome), 0) + 1
@@ -179,8 +206,11 @@ class _Collector(Collector):
         for name, series in sorted(m.batch_compute.items()):
             compute.add_metric([name], series.buckets(), series.total)
         yield compute
-        yield _counter("tiermesh_forwarded_requests", "Queries forwarded, by serving node and next hop.",
-                       ["destination", "next_hop"], m.forwards)
+        yield _counter("tiermesh_forwarded_requests",
+                       "Queries forwarded and answered, by serving node, next hop and transport.",
+                       ["destination", "next_hop", "transport"], m.forwards)
+        yield CounterMetricFamily("tiermesh_served_local_requests",
+                                  "Queries run on this node's own runtimes.", value=m.served_here)
         yield _counter("tiermesh_variant_loads", "Variant loads, by outcome (loaded / failed).",
                        ["variant", "outcome"], m.loads)
         yield _counter("tiermesh_variant_evictions", "Variants unloaded to make room for others.",

@@ -74,9 +74,12 @@ def test_queries_route_around_a_killed_node(built_home: Path, tmp_path: Path, he
 def test_cascade_escalates_unsure_images_and_buys_accuracy(mesh: LocalMesh, heldout) -> None:
     images, labels = heldout
     batch, truth = images[:300], labels[:300]
+    before = _get(mesh.url("edge-1") + "/v1/status")["requests"]
     with Client(mesh.url("edge-1")) as client:
         cascade = client.infer("digits", batch, policy="cascade", min_confidence=0.9)
         edge_only = client.infer("digits", batch, policy="cascade", min_confidence=0.0)
+    # two queries, counted as two at the entry however many stages each ran
+    assert _get(mesh.url("edge-1") + "/v1/status")["requests"] - before == 2
     stats = cascade.plan["cascade"]
     assert cascade.served_by.node == "edge-1" and cascade.served_by.variant == "digits-linear"
     assert stats["to"] == "mid-1/digits-cnn"

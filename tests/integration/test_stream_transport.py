@@ -168,7 +168,7 @@ def test_a_stream_neighbour_going_away_fails_cleanly_or_reroutes(
             # closest variant itself, as it does every later one.
             assert outcomes == ["served by edge-1"] * 8, outcomes
             assert handed_back[0]["node"] == "mid-1"
-            assert handed_back[0]["reason"].startswith("forwarding to mid-1 failed: stream")
+            assert handed_back[0]["reason"].startswith("forwarding to mid-1 failed")
             assert handed_back[1:] == [{}] * 7
             assert _status(m, "edge-1")["view"]["core-1"]["healthy"] is False
             assert _status(m, "edge-1")["view"]["mid-1"]["healthy"] is False

@@ -69,7 +69,7 @@ async def test_a_full_queue_is_answered_429_with_retry_after(
             assert "queue for digits-mlp is full" in (await resp.json())["error"]
         onnx_probe.gate.set()
         assert [s for s, _, _ in await asyncio.gather(*held)] == [200, 200, 200]
-        assert agent.status()["errors"] == {"Overloaded": 2}
+        assert agent.status()["errors"] == {"overloaded": 2}
 
 
 async def test_a_query_that_would_miss_its_deadline_here_is_refused_503(

@@ -89,7 +89,7 @@ async def test_http_errors_are_json_or_msgpack_never_tracebacks(home: Path, held
                 await client.infer("digits", images[:2].reshape(2, 8, 8))
             ok = await client.infer("digits", images[:3])
         assert ok.output.shape == (3, 10)
-        assert agent.status()["errors"] == {"InvalidInput": 1}
+        assert agent.status()["errors"] == {"invalid_input": 1}
     finally:
         await server.close()
         await agent.__aexit__(None, None, None)

@@ -62,7 +62,7 @@ async def test_requests_batches_queues_and_memory_are_exported(
     assert _value(edge, "tiermesh_request_latency_seconds_count", task="digits", variant="digits-cnn",
                   tier="core", outcome="ok") == 1
     assert _value(edge, "tiermesh_forwarded_requests_total", destination="core-1",
-                  next_hop="core-1") == 1
+                  next_hop="core-1", transport="http") == 1
     assert _value(edge, "tiermesh_batch_size_rows_count", variant=variant) >= 1
     assert _value(core, "tiermesh_batch_size_rows_sum", variant="digits-cnn") == 4
     assert _value(core, "tiermesh_requests_total", task="digits", variant="digits-cnn",
