@@ -295,6 +295,16 @@ def start_agent(home: Path, topology: dict[str, Any], *, options: dict[str, Any]
             log.close()
 
 
+def agent_options(options: dict[str, Any]) -> dict[str, Any]:
+    """JSON-friendly AgentConfig overrides -> keyword arguments (``batching`` as a dict)."""
+    from nodes.batching import BatchSettings
+
+    out = dict(options)
+    if isinstance(out.get("batching"), dict):
+        out["batching"] = BatchSettings(**out["batching"])
+    return out
+
+
 def _agent_main(spec: dict[str, Any]) -> None:
     sys.path.insert(0, str(ROOT))
     import uvloop
@@ -305,7 +315,7 @@ def _agent_main(spec: dict[str, Any]) -> None:
 
     config = AgentConfig(node=spec["node"], topology=load_topology(spec["topology"]),
                          home=Path(spec["home"]), host=HOST, port=spec["port"],
-                         **spec["options"])
+                         **agent_options(spec["options"]))
     uvloop.run(serve(config, f"http://{HOST}:{spec['port']}"))
 
 

@@ -37,6 +37,7 @@ import numpy as np
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from benchmarks._loadgen import (  # noqa: E402
+    agent_options,
     closed_loop,
     http_request,
     machine,
@@ -49,7 +50,7 @@ RESULTS = Path(__file__).resolve().parent / "results"
 VARIANT = "digits-cnn"
 GOAL_SPEEDUP = 3.0
 GOAL_P95_RATIO = 1.1
-CONFIGS = {"batched": {}, "unbatched": {"max_batch": 1}}
+CONFIGS = {"batched": {}, "unbatched": {"batching": {"max_batch": 1}}}
 
 
 async def _engine(home: Path, options: dict[str, Any], concurrency: int, seconds: float,
@@ -59,7 +60,7 @@ async def _engine(home: Path, options: dict[str, Any], concurrency: int, seconds
     from nodes.agent import AgentConfig, NodeAgent
 
     config = AgentConfig(node="edge-1", topology=parse_topology(
-        one_node_topology([VARIANT], max_queue=1024)), home=home, **options)
+        one_node_topology([VARIANT], max_queue=1024)), home=home, **agent_options(options))
     latencies: list[float] = []
     batch_rows: list[float] = []
     async with NodeAgent(config) as agent:

@@ -70,6 +70,7 @@ from mesh.wire import (
     encode_request,
 )
 from nodes.artifacts import ArtifactSource, PullPolicy, parent_of
+from nodes.batching import BatchSettings
 from nodes.cascade import run_cascade
 from nodes.forward import HopFailed, Neighbours
 from nodes.membership import LocalLoad
@@ -126,18 +127,12 @@ class AgentConfig:
     forward_timeout_s: float = 10.0
     #: a hop is given up no sooner than this, however tight the query's latency budget
     min_hop_timeout_ms: float = 250.0
-    #: longest a query without a latency SLO may be predicted to wait in a variant's queue
-    max_queue_wait_ms: float = 2000.0
     #: the mesh's shared peer key (nodes.peers); None: ``<home>/mesh.key``, created if missing
     mesh_key: bytes | None = None
     #: a variant's memory estimate, when its profile has no peak memory: file size x this
     memory_size_factor: float = 3.0
-    #: caps every variant's max_batch (1 turns batching off)
-    max_batch: int | None = None
-    #: longest a query without a latency SLO waits for its batch to fill
-    max_wait_ms: float = 2.0
-    #: batches predicted faster than this run on the event loop thread, without a thread hop
-    inline_max_ms: float = 0.1
+    #: how every variant loaded here batches and admits (nodes.batching.BatchSettings)
+    batching: BatchSettings = BatchSettings()
     #: port of the msgpack stream (mesh.stream); None: HTTP only, 0: any free port
     stream_port: int | None = None
 
@@ -196,9 +191,7 @@ class NodeAgent:
             ModelConfig(budget_bytes=self.hardware.memory_mb * 1024 * 1024,
                         threads=self.hardware.threads, profile_key=self.hardware.profile_key,
                         max_queue=self.spec.max_queue, size_factor=config.memory_size_factor,
-                        max_queue_wait_ms=config.max_queue_wait_ms,
-                        max_batch=config.max_batch, max_wait_ms=config.max_wait_ms,
-                        inline_max_ms=config.inline_max_ms,
+                        batching=config.batching,
                         profile_cache=config.home / "profiles"),
             {v.name: v for v in self.registry.variants.values() if self.spec.allows(v.name)},
             self.artifacts, self._executor, metrics=self.metrics, on_change=self._report_self,

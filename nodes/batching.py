@@ -58,7 +58,7 @@ import numpy as np
 from mesh.errors import CannotMeetDeadline, InputRejected, MeshError, Overloaded, Unavailable
 from mesh.registry import Profile
 
-__all__ = ["BatchPolicy", "BatchResult", "Batcher"]
+__all__ = ["BatchSettings", "BatchPolicy", "BatchResult", "Batcher"]
 
 RunFn = Callable[[list[np.ndarray]], list[np.ndarray]]
 #: Called after every batch with (rows, compute_ms).
@@ -88,6 +88,39 @@ class _Pending:
     future: asyncio.Future[BatchResult]
 
 
+@dataclass(frozen=True, slots=True)
+class BatchSettings:
+    """How a node batches and admits, for every variant it loads. Parsed once, shared.
+
+    The node's :class:`~nodes.agent.AgentConfig` holds one; the model manager
+    hands it to every variant's :class:`BatchPolicy`. Raises ``ValueError``
+    naming a bad value.
+    """
+
+    #: Caps every variant's own max_batch (1 turns batching off; None: the variant's).
+    max_batch: int | None = None
+    #: Longest a request without a latency SLO waits for company.
+    max_wait_ms: float = 2.0
+    #: Batches predicted faster than this run on the event loop thread (no thread hop).
+    inline_max_ms: float = 0.1
+    #: A request without a deadline is refused when it would wait longer than this.
+    max_queue_wait_ms: float = 2000.0
+    #: Compute predictions are inflated by this fraction...
+    margin_frac: float = 0.10
+    #: ...plus this many milliseconds (dispatch, splitting the answers).
+    margin_ms: float = 0.2
+    #: Waiting stops when no request arrived within this many mean arrival gaps.
+    gap_factor: float = 2.0
+
+    def __post_init__(self) -> None:
+        if self.max_batch is not None and self.max_batch < 1:
+            raise ValueError(f"max_batch must be >= 1 (or None), got {self.max_batch}")
+        for name in ("max_wait_ms", "inline_max_ms", "max_queue_wait_ms", "margin_frac",
+                     "margin_ms", "gap_factor"):
+            if getattr(self, name) < 0:
+                raise ValueError(f"{name} must be >= 0, got {getattr(self, name)}")
+
+
 @dataclass(frozen=True)
 class BatchPolicy:
     """When a batch closes, how long it may wait, and whether to run it inline. Pure.
@@ -98,18 +131,7 @@ class BatchPolicy:
 
     max_batch: int
     profile: Profile | None = None
-    #: Longest a request without a latency SLO waits for company.
-    max_wait_ms: float = 2.0
-    #: Compute predictions are inflated by this fraction...
-    margin_frac: float = 0.10
-    #: ...plus this many milliseconds (dispatch, splitting the answers).
-    margin_ms: float = 0.2
-    #: Batches predicted faster than this run on the event loop thread when the queue is idle.
-    inline_max_ms: float = 0.1
-    #: Waiting stops when no request arrived within this many mean arrival gaps.
-    gap_factor: float = 2.0
-    #: A request without a deadline is refused when it would wait longer than this.
-    max_queue_wait_ms: float = 2000.0
+    settings: BatchSettings = BatchSettings()
     #: Measured compute time over the profile's, as the batcher last observed it (a node
     #: whose cores are contended runs slower than it was profiled; admission must know).
     slowdown: float = 1.0
@@ -117,18 +139,29 @@ class BatchPolicy:
     def __post_init__(self) -> None:
         if self.max_batch < 1:
             raise ValueError(f"max_batch must be >= 1, got {self.max_batch}")
-        if self.max_wait_ms < 0:
-            raise ValueError(f"max_wait_ms must be >= 0, got {self.max_wait_ms}")
+
+    @property
+    def max_wait_ms(self) -> float:
+        return self.settings.max_wait_ms
+
+    @property
+    def max_queue_wait_ms(self) -> float:
+        return self.settings.max_queue_wait_ms
+
+    @property
+    def margin_ms(self) -> float:
+        return self.settings.margin_ms
 
     def compute_s(self, rows: int) -> float:
         """Predicted compute for ``rows`` rows, with the safety margin, in seconds."""
         if self.profile is None or rows <= 0:
             return 0.0
-        return (self.profile.latency_ms(rows) * self.slowdown * (1 + self.margin_frac)
-                + self.margin_ms) / 1000.0
+        return (self.profile.latency_ms(rows) * self.slowdown * (1 + self.settings.margin_frac)
+                + self.settings.margin_ms) / 1000.0
 
     def runs_inline(self, rows: int) -> bool:
-        return self.profile is not None and self.profile.latency_ms(rows) <= self.inline_max_ms
+        return (self.profile is not None
+                and self.profile.latency_ms(rows) <= self.settings.inline_max_ms)
 
     def drain_s(self, rows: int) -> float:
         """Predicted time to run ``rows`` queued rows in full batches."""
@@ -172,7 +205,7 @@ class BatchPolicy:
                 close_at = now  # late already: do not make it later
         if now >= close_at or not busy or gap_s is None:
             return n, now
-        next_due = last_arrival + self.gap_factor * gap_s
+        next_due = last_arrival + self.settings.gap_factor * gap_s
         if now >= next_due:
             return n, now
         # Waiting pays only when merging one more request saves more compute than the wait

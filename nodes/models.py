@@ -44,7 +44,7 @@ from mesh.errors import ArtifactNotFound, MeshError, Overloaded, Unavailable
 from mesh.registry import Profile, TensorSpec, Variant
 from mesh.runtimes import ModelRuntime, runtime_for
 from nodes.artifacts import ArtifactSource
-from nodes.batching import Batcher, BatchPolicy
+from nodes.batching import Batcher, BatchPolicy, BatchSettings
 from nodes.metrics import NodeMetrics, VariantGauge
 
 __all__ = ["ModelConfig", "LoadedVariant", "ModelManager", "estimate_bytes", "sample_inputs"]
@@ -65,12 +65,8 @@ class ModelConfig:
     #: memory estimate = file size x this, when the profile has no peak memory
     size_factor: float = 3.0
     heat_half_life_s: float = 30.0
-    #: caps every variant's max_batch (1 turns batching off)
-    max_batch: int | None = None
-    max_wait_ms: float = 2.0
-    #: longest a query without a latency SLO may be predicted to wait in a queue
-    max_queue_wait_ms: float = 2000.0
-    inline_max_ms: float = 0.1
+    #: how every loaded variant batches and admits
+    batching: BatchSettings = BatchSettings()
     #: where profiles made on this node are cached; None: not cached
     profile_cache: Path | None = None
 
@@ -79,8 +75,6 @@ class ModelConfig:
             raise ValueError(f"budget_bytes must be > 0, got {self.budget_bytes}")
         if self.size_factor <= 0:
             raise ValueError(f"size_factor must be > 0, got {self.size_factor}")
-        if self.max_batch is not None and self.max_batch < 1:
-            raise ValueError(f"max_batch must be >= 1 or None, got {self.max_batch}")
 
 
 def estimate_bytes(variant: Variant, profile_key: str, size_factor: float) -> int:
@@ -303,10 +297,8 @@ class ModelManager:
 
     def _batcher(self, variant: Variant, runtime: ModelRuntime, session: Any) -> Batcher:
         cfg = self.config
-        max_batch = min(variant.max_batch, cfg.max_batch or variant.max_batch)
-        policy = BatchPolicy(max_batch, variant.profile_for(cfg.profile_key),
-                             max_wait_ms=cfg.max_wait_ms, inline_max_ms=cfg.inline_max_ms,
-                             max_queue_wait_ms=cfg.max_queue_wait_ms)
+        max_batch = min(variant.max_batch, cfg.batching.max_batch or variant.max_batch)
+        policy = BatchPolicy(max_batch, variant.profile_for(cfg.profile_key), cfg.batching)
         observer = self._metrics.batch_observer(variant.name) if self._metrics else None
 
         def run(inputs: list[np.ndarray]) -> list[np.ndarray]:

@@ -18,9 +18,11 @@ import numpy as np
 from mesh import AsyncClient
 from mesh.registry import Profile, Registry
 from mesh.wire import SLO, InferRequest, encode_request
+from nodes.batching import BatchSettings
 
 X = np.zeros((1, 64), np.float32)
-GATED = {"inline_max_ms": 0.0}  # every batch goes through the (held) compute thread
+# every batch goes through the (held) compute thread
+GATED = {"batching": BatchSettings(inline_max_ms=0.0)}
 
 
 def _slow(home: Path, variant: str, ms: float) -> None:

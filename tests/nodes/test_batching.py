@@ -11,7 +11,7 @@ import pytest
 
 from mesh.errors import CannotMeetDeadline, InputRejected, Overloaded, Unavailable
 from mesh.registry import Profile
-from nodes.batching import Batcher, BatchPolicy, _Pending
+from nodes.batching import Batcher, BatchPolicy, BatchSettings, _Pending
 
 
 class _GatedModel:
@@ -118,7 +118,7 @@ async def test_a_query_without_slo_is_refused_when_the_queue_holds_too_much_work
     """The queue for queries without a deadline is bounded by time, not only by length."""
     model = _GatedModel()
     profile = Profile(batch_ms={1: 100.0, 4: 100.0}, cold_start_ms=1.0)
-    policy = BatchPolicy(1, profile, max_queue_wait_ms=350.0)
+    policy = BatchPolicy(1, profile, BatchSettings(max_queue_wait_ms=350.0))
     with ThreadPoolExecutor(1) as pool:
         async with Batcher("m", model, pool, max_batch=1, max_queue=100,
                            policy=policy) as batcher:
@@ -156,12 +156,10 @@ FLAT = Profile(batch_ms={1: 10.01, 32: 10.32})
 STEEP = Profile(batch_ms={1: 0.043, 8: 0.186, 32: 0.771})
 
 
-def _policy(profile: Profile = FLAT, **kw: object) -> BatchPolicy:
+def _policy(profile: Profile = FLAT, max_batch: int = 32, **kw: float) -> BatchPolicy:
     # margins off so the arithmetic is exact
-    defaults: dict[str, object] = {"max_batch": 32, "profile": profile, "margin_frac": 0.0,
-                                   "margin_ms": 0.0, "max_wait_ms": 2.0}
-    defaults.update(kw)
-    return BatchPolicy(**defaults)  # type: ignore[arg-type]
+    settings = BatchSettings(**{"margin_frac": 0.0, "margin_ms": 0.0, "max_wait_ms": 2.0, **kw})
+    return BatchPolicy(max_batch, profile, settings)
 
 
 def _pending(enqueued: float, deadline: float | None, rows: int = 1) -> _Pending:
@@ -219,8 +217,8 @@ def test_nothing_waits_when_the_node_is_not_busy_or_waiting_would_not_pay() -> N
 async def test_a_request_the_queue_would_make_late_is_refused_at_once() -> None:
     model = _GatedModel()
     # the profile says a batch takes a second: the one running now ends in about a second
-    policy = BatchPolicy(4, Profile(batch_ms={1: 1000.0, 4: 1000.0}), margin_frac=0.0,
-                         margin_ms=0.0)
+    policy = BatchPolicy(4, Profile(batch_ms={1: 1000.0, 4: 1000.0}),
+                         BatchSettings(margin_frac=0.0, margin_ms=0.0))
     with ThreadPoolExecutor(1) as pool:
         async with Batcher("m", model, pool, max_batch=4, max_queue=64, policy=policy) as batcher:
             running = asyncio.create_task(batcher.submit([np.ones((1, 1), np.float32)]))

@@ -97,7 +97,8 @@ async def test_a_silent_stream_neighbour_times_out_is_marked_down_and_the_query_
             moved = await asyncio.wait_for(edge.infer(_accurate(images)), 10)
             assert loop.time() - started < 10
             assert moved.served_by.node == "edge-1"
-            assert moved.plan["handed_back"]["reason"] == "forwarding to core-1 failed: no answer within 500 ms"
+            assert moved.plan["handed_back"]["reason"] == (
+                "forwarding to core-1 failed: no answer within 500 ms")
             assert edge.view.is_down("core-1", edge.clock())
     finally:
         for writer in held:

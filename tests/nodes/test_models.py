@@ -16,6 +16,7 @@ from mesh.registry import Registry, Variant
 from mesh.store import ArtifactStore
 from nodes.agent import NodeAgent
 from nodes.artifacts import ArtifactSource
+from nodes.batching import BatchSettings
 from nodes.metrics import NodeMetrics
 from nodes.models import ModelConfig, ModelManager, estimate_bytes
 
@@ -42,7 +43,7 @@ def _manager(home: Path, variants: dict[str, Variant], pool: ThreadPoolExecutor,
     store = ArtifactStore(home / "store")
     artifacts = ArtifactSource(store, known=lambda: {v.sha256 for v in variants.values()})
     cfg = ModelConfig(budget_bytes=budget_bytes, threads=1, profile_key=profile_key,
-                      inline_max_ms=0.0, **config)
+                      batching=BatchSettings(inline_max_ms=0.0), **config)
     return ModelManager(cfg, variants, artifacts, pool, metrics=metrics,
                         clock=clock or _Clock())
 

@@ -16,6 +16,7 @@ from mesh.store import ArtifactStore
 from mesh.topology import parse_topology
 from mesh.wire import InferRequest, Route
 from nodes.agent import AgentConfig, NodeAgent
+from nodes.batching import BatchSettings
 
 
 def test_a_missing_backend_names_what_to_install(monkeypatch: pytest.MonkeyPatch) -> None:
@@ -30,7 +31,8 @@ def test_a_missing_backend_names_what_to_install(monkeypatch: pytest.MonkeyPatch
 async def test_onnx_serves_the_digits_variants_in_batches(solo_config: Any, heldout: Any) -> None:
     images, labels = heldout
     # through the compute thread, so that requests arriving together run together
-    async with NodeAgent(solo_config(["digits-*"], options={"inline_max_ms": 0.0})) as agent:
+    config = solo_config(["digits-*"], options={"batching": BatchSettings(inline_max_ms=0.0)})
+    async with NodeAgent(config) as agent:
         for name in ("digits-linear", "digits-mlp", "digits-cnn"):
             answers = await asyncio.gather(*(
                 agent.infer(InferRequest("digits", [images[i:i + 4]], route=Route("solo-1", name)))
