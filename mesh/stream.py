@@ -78,31 +78,99 @@ def _answer(kind: int, payload: bytes) -> tuple[int, bytes]:
 
 
 class FrameReader:
-    """Accumulates bytes; :meth:`feed` returns the complete frames as (id, kind, payload)."""
+    """Accumulates bytes and cuts them into frames; the pure decoder both ends share.
+
+    :meth:`feed` takes bytes and returns every complete frame as (id, kind,
+    payload). A server that meters what it reads uses the parts instead:
+    :meth:`push` bytes, :meth:`peek` at the next frame's header, :meth:`pop`
+    one complete frame, or :meth:`drop` it (its bytes are discarded as they
+    come, never buffered). ``buffered`` is how many bytes it holds and
+    ``partial`` whether a frame has begun and not ended. A frame header over
+    ``max_frame`` raises :class:`PayloadTooLarge` before its payload is read
+    (the stream cannot be resynchronised: close it).
+    """
 
     def __init__(self, max_frame: int = DEFAULT_MAX_FRAME) -> None:
         self.max_frame = max_frame
         self._buf = bytearray()
+        self._pos = 0  # bytes at the front of _buf already cut into frames
+        self._skip = 0  # bytes of a dropped frame still to come, to discard
+
+    @property
+    def buffered(self) -> int:
+        """Bytes held and not yet returned as frames."""
+        return len(self._buf) - self._pos
+
+    @property
+    def partial(self) -> bool:
+        """Whether a frame has begun and not ended (bytes held, or a dropped frame's to come)."""
+        return self._skip > 0 or len(self._buf) > self._pos
+
+    def push(self, data: bytes) -> None:
+        """Take bytes off the socket; nothing is parsed until :meth:`peek` or :meth:`pop`."""
+        start = 0
+        if self._skip:
+            start = min(self._skip, len(data))
+            self._skip -= start
+            if start == len(data):
+                return
+        if self._pos:
+            del self._buf[:self._pos]
+            self._pos = 0
+        self._buf += memoryview(data)[start:] if start else data
+
+    def peek(self) -> tuple[int, int, int] | None:
+        """(length, request id, kind) of the next frame once its header is here, else None.
+
+        Raises :class:`PayloadTooLarge` for a frame over ``max_frame``.
+        """
+        if self._skip or len(self._buf) - self._pos < HEADER.size:
+            return None
+        length, request_id, kind = HEADER.unpack_from(self._buf, self._pos)
+        if length > self.max_frame:
+            raise PayloadTooLarge(f"frame of {length} bytes; this end accepts at most "
+                                  f"{self.max_frame}")
+        return length, request_id, kind
+
+    def pop(self) -> tuple[int, int, bytes] | None:
+        """The next complete frame as (request id, kind, payload), or None until it is here."""
+        head = self.peek()
+        if head is None:
+            return None
+        length, request_id, kind = head
+        start = self._pos + HEADER.size
+        end = start + length
+        if len(self._buf) < end:
+            return None
+        payload = bytes(self._buf[start:end])
+        self._consumed(end)
+        return request_id, kind, payload
+
+    def drop(self) -> None:
+        """Discard the next frame, whose header :meth:`peek` returned: what is here and what is to come."""
+        head = self.peek()
+        if head is None:
+            raise ValueError("drop(): no frame header to drop")
+        end = self._pos + HEADER.size + head[0]
+        if len(self._buf) >= end:
+            self._consumed(end)
+        else:
+            self._skip = end - len(self._buf)
+            self._consumed(len(self._buf))
+
+    def _consumed(self, end: int) -> None:
+        if end == len(self._buf):  # the usual case: every byte here was whole frames
+            self._buf.clear()
+            self._pos = 0
+        else:
+            self._pos = end
 
     def feed(self, data: bytes) -> list[tuple[int, int, bytes]]:
-        """Raises :class:`PayloadTooLarge` for a frame over ``max_frame`` (close the stream)."""
-        buf = self._buf
-        buf += data
+        """:meth:`push` and :meth:`pop` every complete frame. Raises :class:`PayloadTooLarge`."""
+        self.push(data)
         out = []
-        offset = 0
-        size = HEADER.size
-        while len(buf) - offset >= size:
-            length, request_id, kind = HEADER.unpack_from(buf, offset)
-            if length > self.max_frame:
-                raise PayloadTooLarge(f"frame of {length} bytes; this end accepts at most "
-                                      f"{self.max_frame}")
-            end = offset + size + length
-            if len(buf) < end:
-                break
-            out.append((request_id, kind, bytes(buf[offset + size:end])))
-            offset = end
-        if offset:
-            del buf[:offset]
+        while (got := self.pop()) is not None:
+            out.append(got)
         return out
 
 

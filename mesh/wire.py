@@ -27,6 +27,7 @@ An answer::
 from __future__ import annotations
 
 import math
+import reprlib
 import uuid
 from dataclasses import dataclass, field
 from typing import Any
@@ -98,12 +99,12 @@ def decode_tensor(
     if missing:
         raise InvalidInput(f"{where}: missing {', '.join(missing)}")
     dtype, shape, data = obj["dtype"], obj["shape"], obj["data"]
-    if dtype not in ALLOWED_DTYPES:
-        raise InvalidInput(f"{where}.dtype: {dtype!r} is not one of {sorted(ALLOWED_DTYPES)}")
+    if not isinstance(dtype, str) or dtype not in ALLOWED_DTYPES:  # a list or map is unhashable
+        raise InvalidInput(f"{where}.dtype: {brief(dtype)} is not one of {sorted(ALLOWED_DTYPES)}")
     if not isinstance(shape, list) or not all(
         isinstance(d, int) and not isinstance(d, bool) and d >= 0 for d in shape
     ):
-        raise InvalidInput(f"{where}.shape: must be a list of non-negative integers, got {shape!r}")
+        raise InvalidInput(f"{where}.shape: must be a list of non-negative integers, got {brief(shape)}")
     if len(shape) > 8:
         raise InvalidInput(f"{where}.shape: at most 8 dimensions, got {len(shape)}")
     if not isinstance(data, (bytes, bytearray)):
@@ -170,8 +171,11 @@ class SLO:
             raise InvalidInput("slo: must be a map")
         unknown = set(obj) - {"latency_ms", "min_accuracy", "max_cost_per_1k", "offline", "policy",
                               "min_confidence", "allow_degraded"}
-        if unknown:
-            raise InvalidInput(f"slo: unknown field(s) {sorted(unknown)}")
+        if unknown:  # keys may be str or bytes, which do not sort together
+            names = sorted(brief(k) for k in unknown)
+            raise InvalidInput(f"slo: unknown field(s) {', '.join(names[:8])}; known: "
+                               "latency_ms, min_accuracy, max_cost_per_1k, offline, policy, "
+                               "min_confidence, allow_degraded")
         latency = _opt_number(obj, "latency_ms", lo=0.0, hi=3_600_000.0)
         accuracy = _opt_number(obj, "min_accuracy", lo=0.0, hi=1.0)
         cost = _opt_number(obj, "max_cost_per_1k", lo=0.0, hi=math.inf)
@@ -180,7 +184,7 @@ class SLO:
             raise InvalidInput("slo.offline: must be true or false")
         policy = obj.get("policy", "cheapest")
         if policy not in POLICIES:
-            raise InvalidInput(f"slo.policy: {policy!r} is not one of {list(POLICIES)}")
+            raise InvalidInput(f"slo.policy: {brief(policy)} is not one of {list(POLICIES)}")
         confidence = _opt_number(obj, "min_confidence", lo=0.0, hi=1.0)
         degraded = obj.get("allow_degraded", False)
         if not isinstance(degraded, bool):
@@ -192,11 +196,23 @@ def _opt_number(obj: dict[str, Any], key: str, *, lo: float, hi: float) -> float
     value = obj.get(key)
     if value is None:
         return None
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or math.isnan(value):
-        raise InvalidInput(f"slo.{key}: must be a number, got {value!r}")
+    # ints are compared exactly before any float(): 10**400 must be out of range, not overflow
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or value != value:
+        raise InvalidInput(f"slo.{key}: must be a number, got {brief(value)}")
     if not lo <= value <= hi:
-        raise InvalidInput(f"slo.{key}: must be between {lo:g} and {hi:g}, got {value!r}")
+        raise InvalidInput(f"slo.{key}: must be between {lo:g} and {hi:g}, got {brief(value)}")
     return float(value)
+
+
+_BRIEF = reprlib.Repr()
+_BRIEF.maxlevel, _BRIEF.maxstring, _BRIEF.maxother = 3, 40, 40
+
+
+def brief(value: Any) -> str:
+    """``repr`` cut short (length and nesting): a bad value is quoted in errors, never whole."""
+    if isinstance(value, int) and value.bit_length() > 64:
+        return f"an integer of {value.bit_length()} bits"
+    return _BRIEF.repr(value)
 
 
 @dataclass(frozen=True, slots=True)

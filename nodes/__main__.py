@@ -28,7 +28,8 @@ from mesh.errors import TopologyError
 from mesh.runtimes import thread_env
 from mesh.topology import load_topology
 from nodes.agent import AgentConfig, NodeAgent
-from nodes.app import make_app
+from nodes.app import make_app, runner_options
+from nodes.limits import NodeLimits
 from nodes.membership import Membership
 from nodes.stream import StreamServer
 
@@ -42,13 +43,14 @@ async def serve(config: AgentConfig, address: str) -> None:
     async with NodeAgent(config) as agent, Membership.for_agent(agent) as membership, \
             contextlib.AsyncExitStack() as stack:
         stream_address = None
+        limits = NodeLimits.for_agent(agent)  # one large-body budget for both ports
         if config.stream_port is not None:  # open first, so /healthz means both are up
             stream = await stack.enter_async_context(
-                StreamServer(agent, config.host, config.stream_port))
+                StreamServer(agent, config.host, config.stream_port, limits=limits))
             stream_address = f"tcp://{config.host}:{stream.port}"
-        app = make_app(agent, address=address, stream_address=stream_address)
+        app = make_app(agent, address=address, stream_address=stream_address, limits=limits)
         membership.add_routes(app)
-        runner = web.AppRunner(app, access_log=None)
+        runner = web.AppRunner(app, access_log=None, **runner_options(config))
         await runner.setup()
         try:
             site = web.TCPSite(runner, config.host, config.port, reuse_address=True)

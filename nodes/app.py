@@ -10,6 +10,15 @@ Routes::
     GET  /healthz                 200 "ok" once the agent is serving
     /v2/...                       Open Inference Protocol v2 (:mod:`nodes.oip`)
 
+Limits (:mod:`nodes.limits`): a query body over the node's cap (its largest
+valid query) is refused 413 from ``Content-Length`` before it is read, a
+large body when the node already reads too many is refused 429 with
+``Retry-After``, a body must arrive within ``read_timeout_s`` (408), and a
+connection idle for ``idle_timeout_s`` (also: one whose request headers have
+not come by then) is closed (:func:`runner_options`). An error answered
+before the body was read closes the connection, so that the node never reads
+a body it refused.
+
 The error middleware is the only place where errors become responses: a
 :class:`~mesh.errors.MeshError` keeps its status (and ``Retry-After`` when it
 says when to retry); anything unexpected is logged and answered 500 without
@@ -24,23 +33,26 @@ import json
 import logging
 import math
 from collections.abc import Awaitable, Callable
+from typing import Any
 
 from aiohttp import web
 
 from mesh.errors import InvalidInput, MeshError, PayloadTooLarge
 from mesh.wire import decode_request, encode_response, pack
-from nodes.agent import NodeAgent
+from nodes.agent import AgentConfig, NodeAgent
 from nodes.artifacts import check_sha256
+from nodes.limits import BodyTimeout, NodeLimits, read_body
 from nodes.metrics import CONTENT_TYPE
 from nodes.oip import OipAdapter
 
-__all__ = ["AGENT", "make_app"]
+__all__ = ["AGENT", "LIMITS", "make_app", "runner_options"]
 
 log = logging.getLogger("tiermesh.app")
 
 AGENT = web.AppKey("agent", NodeAgent)
 ADDRESS = web.AppKey("address", str)
 STREAM_ADDRESS = web.AppKey("stream_address", str)
+LIMITS = web.AppKey("limits", NodeLimits)
 MSGPACK = "application/msgpack"
 _MSGPACK_TYPES = {MSGPACK, "application/x-msgpack", "application/vnd.msgpack"}
 
@@ -67,28 +79,54 @@ def _error_response(request: web.Request, error: MeshError, status: int | None =
 async def error_middleware(request: web.Request, handler: Handler) -> web.StreamResponse:
     try:
         return await handler(request)
-    except MeshError as exc:
-        return _error_response(request, exc)
-    except web.HTTPRequestEntityTooLarge:
-        limit = request.app[AGENT].config.max_body_bytes
-        return _error_response(request, PayloadTooLarge(
-            f"body too large: this node accepts at most {limit} bytes; send fewer rows per query"))
     except web.HTTPException as exc:
         if exc.status < 400:
             raise
-        return _error_response(request, MeshError(exc.reason), exc.status)
+        response = _http_error(request, exc)
+    except MeshError as exc:
+        response = _error_response(request, exc)
+    except BodyTimeout as exc:
+        response = _error_response(request, InvalidInput(str(exc)), 408)
+        return await _answer_and_close(request, response)
     except Exception:
         log.exception("unhandled error on %s %s", request.method, request.path)
-        return _error_response(request, MeshError("internal error on this node; it has been logged"))
+        response = _error_response(request, MeshError("internal error on this node; it has been logged"))
+    if request.body_exists and not request.content.is_eof():
+        # Answered before its body was read. A large (or unsized) body is not read at all; a
+        # small rest is drained for at most lingering_time (runner_options), so that the
+        # caller reads this answer rather than a reset.
+        length = request.content_length
+        if length is None or length > request.app[LIMITS].budget.large_bytes:
+            return await _answer_and_close(request, response)
+    return response
+
+
+async def _answer_and_close(request: web.Request, response: web.Response) -> web.Response:
+    """Send ``response``, then close the connection without reading what else comes."""
+    response.force_close()
+    await response.prepare(request)
+    await response.write_eof()
+    request.protocol.force_close()  # the transport sends what it holds, then closes
+    return response
+
+
+def _http_error(request: web.Request, exc: web.HTTPException) -> web.Response:
+    if isinstance(exc, web.HTTPRequestEntityTooLarge):
+        limit = request.app[LIMITS].largest_body_bytes
+        return _error_response(request, PayloadTooLarge(
+            f"body too large: this node accepts at most {limit} bytes; send fewer rows per query"))
+    return _error_response(request, MeshError(exc.reason), exc.status)
 
 
 async def infer(request: web.Request) -> web.Response:
     if request.content_type not in _MSGPACK_TYPES:
         raise InvalidInput(f"Content-Type: send {MSGPACK}, got {request.content_type!r}")
-    agent = request.app[AGENT]
-    body = await request.read()
-    req = decode_request(body, max_elements=agent.config.max_elements)
-    response = await agent.infer(req)
+    agent, limits = request.app[AGENT], request.app[LIMITS]
+    async with read_body(request, cap=limits.caps.msgpack_bytes, budget=limits.budget,
+                         timeout_s=limits.read_timeout_s) as body:
+        req = decode_request(body, max_elements=agent.config.max_elements)
+    # only a proven neighbour may send a route (nodes.peers); everyone else is a client
+    response = await agent.infer(req, from_client=agent.peers.peer_of(request.headers) is None)
     return web.Response(body=encode_response(response), content_type=MSGPACK)
 
 
@@ -115,11 +153,26 @@ async def healthz(request: web.Request) -> web.Response:
     return web.Response(text="ok")
 
 
-def make_app(agent: NodeAgent, *, address: str = "", stream_address: str | None = None
-             ) -> web.Application:
+def runner_options(config: AgentConfig) -> dict[str, Any]:
+    """``web.AppRunner`` (or ``TestServer``) options that apply the config's connection limits.
+
+    aiohttp's keep-alive timer runs from the moment a connection opens, so it
+    closes a connection idle between requests and one whose request headers
+    have not all come within ``idle_timeout_s``.
+    """
+    # lingering: how long the rest of a small body answered before it was read is drained
+    return {"keepalive_timeout": config.idle_timeout_s,
+            "lingering_time": min(1.0, config.read_timeout_s)}
+
+
+def make_app(agent: NodeAgent, *, address: str = "", stream_address: str | None = None,
+             limits: NodeLimits | None = None) -> web.Application:
+    """The node's app. ``limits``: share the stream port's (one body budget); default: the agent's."""
+    limits = limits or NodeLimits.for_agent(agent)
     app = web.Application(middlewares=[error_middleware],
-                          client_max_size=agent.config.max_body_bytes)
+                          client_max_size=limits.largest_body_bytes)
     app[AGENT] = agent
+    app[LIMITS] = limits
     app[ADDRESS] = address
     app[STREAM_ADDRESS] = stream_address or ""
     app.router.add_post("/v1/infer", infer)
@@ -127,5 +180,5 @@ def make_app(agent: NodeAgent, *, address: str = "", stream_address: str | None 
     app.router.add_get("/v1/artifacts/{sha256}", artifact)
     app.router.add_get("/metrics", metrics)
     app.router.add_get("/healthz", healthz)
-    app.router.add_routes(OipAdapter(agent).routes())
+    app.router.add_routes(OipAdapter(agent, limits).routes())
     return app

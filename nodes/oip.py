@@ -44,8 +44,9 @@ from aiohttp import web
 from mesh import __version__
 from mesh.errors import InvalidInput, NoRoute, PayloadTooLarge, Unavailable, UnknownTask
 from mesh.registry import TensorSpec
-from mesh.wire import SLO, InferRequest, InferResponse
+from mesh.wire import SLO, InferRequest, InferResponse, brief
 from nodes.agent import NodeAgent
+from nodes.limits import NodeLimits, read_body
 
 __all__ = ["OipAdapter", "SLO_PARAMETERS", "OutputChoice", "parse_infer", "encode_infer",
            "HEADER_LENGTH"]
@@ -90,6 +91,8 @@ def _json_object(raw: bytes, where: str) -> dict[str, Any]:
         obj = json.loads(raw)
     except (ValueError, UnicodeDecodeError):
         raise InvalidInput(f"{where}: not valid JSON") from None
+    except RecursionError:  # json's C scanner refuses nesting deeper than the recursion limit
+        raise InvalidInput(f"{where}: JSON nested too deeply") from None
     if not isinstance(obj, dict):
         raise InvalidInput(f"{where}: must be a JSON object")
     return obj
@@ -114,13 +117,13 @@ def _tensor(obj: Any, i: int, spec_by_name: dict[str, TensorSpec], binary: memor
     if not isinstance(obj, dict):
         raise InvalidInput(f"{where}: must be an object with name, shape, datatype and data")
     name = obj.get("name")
-    if name not in spec_by_name:
-        raise InvalidInput(f"{where}.name: {name!r} is not an input of this model; "
+    if not isinstance(name, str) or name not in spec_by_name:
+        raise InvalidInput(f"{where}.name: {brief(name)} is not an input of this model; "
                            f"inputs: {', '.join(spec_by_name)}")
     datatype = obj.get("datatype")
     dtype = _TO_NUMPY.get(datatype) if isinstance(datatype, str) else None
     if dtype is None:
-        raise InvalidInput(f"{where}.datatype: {datatype!r} is not supported; use one of "
+        raise InvalidInput(f"{where}.datatype: {brief(datatype)} is not supported; use one of "
                            f"{', '.join(_TO_NUMPY)}")
     shape = obj.get("shape")
     if not isinstance(shape, list) or len(shape) > 8 or not all(
@@ -134,7 +137,7 @@ def _tensor(obj: Any, i: int, spec_by_name: dict[str, TensorSpec], binary: memor
     size = parameters.get("binary_data_size") if isinstance(parameters, dict) else None
     if size is not None:
         if not isinstance(size, int) or isinstance(size, bool) or size != count * np_dtype.itemsize:
-            raise InvalidInput(f"{where}.parameters.binary_data_size: {size!r} bytes, but shape "
+            raise InvalidInput(f"{where}.parameters.binary_data_size: {brief(size)} bytes, but shape "
                                f"{shape} of {datatype} needs {count * np_dtype.itemsize}")
         if offset + size > len(binary):
             raise InvalidInput(f"{where}: the body ends before its {size} bytes of binary data")
@@ -144,12 +147,31 @@ def _tensor(obj: Any, i: int, spec_by_name: dict[str, TensorSpec], binary: memor
         raise InvalidInput(f"{where}: needs data, or parameters.binary_data_size with binary data")
     try:
         parsed = np.array(obj["data"])
-    except ValueError:
-        raise InvalidInput(f"{where}.data: ragged nested lists") from None
-    if parsed.dtype.kind not in ("b" if dtype == "bool" else "biuf") or parsed.size != count:
+    except (ValueError, TypeError, RecursionError):
+        raise InvalidInput(f"{where}.data: must be a flat or nested list of numbers, "
+                           "not ragged or nested deeper than 64 levels") from None
+    if parsed.dtype.kind not in _KINDS[np_dtype.kind] or parsed.size != count:
         raise InvalidInput(f"{where}.data: expected {count} {datatype} values for shape {shape}, "
                            f"got {parsed.size} of kind {parsed.dtype.name}")
-    return name, parsed.astype(np_dtype, copy=False).reshape(shape), offset
+    return name, _cast(parsed, np_dtype, f"{where}.data", datatype).reshape(shape), offset
+
+
+#: numpy kinds of parsed JSON data each datatype's kind takes (no float -> int truncation)
+_KINDS = {"b": "b", "i": "biu", "u": "biu", "f": "biuf"}
+
+
+def _cast(parsed: np.ndarray, dtype: np.dtype[Any], where: str, datatype: str) -> np.ndarray:
+    """``parsed`` as ``dtype``; a value the datatype cannot hold is refused, not wrapped."""
+    if dtype.kind in "iu" and parsed.size and parsed.dtype != dtype:
+        info = np.iinfo(dtype)
+        if parsed.min() < info.min or parsed.max() > info.max:
+            raise InvalidInput(f"{where}: values outside {datatype}'s range "
+                               f"[{info.min}, {info.max}]")
+    try:
+        with np.errstate(over="raise"):
+            return parsed.astype(dtype, copy=False)
+    except FloatingPointError:
+        raise InvalidInput(f"{where}: values outside {datatype}'s range") from None
 
 
 def parse_infer(task: str, body: bytes, header_length: int | None, inputs: tuple[TensorSpec, ...],
@@ -203,11 +225,13 @@ def parse_infer(task: str, body: bytes, header_length: int | None, inputs: tuple
     names, binary_names = [], set()
     for i, item in enumerate(raw_outputs):
         name = item.get("name") if isinstance(item, dict) else None
-        if name not in known:
-            raise InvalidInput(f"outputs[{i}].name: {name!r} is not an output of this model; "
+        if not isinstance(name, str) or name not in known:
+            raise InvalidInput(f"outputs[{i}].name: {brief(name)} is not an output of this model; "
                                f"outputs: {', '.join(s.name for s in outputs)}")
         names.append(name)
         out_params = item.get("parameters") or {}
+        if not isinstance(out_params, dict):
+            raise InvalidInput(f"outputs[{i}].parameters: must be an object")
         if out_params.get("binary_data", binary_default) is True:
             binary_names.add(name)
     return req, OutputChoice(tuple(names), frozenset(binary_names), binary_default)
@@ -260,8 +284,9 @@ def encode_infer(task: str, resp: InferResponse, outputs: tuple[TensorSpec, ...]
 class OipAdapter:
     """The OIP v2 REST surface of one agent."""
 
-    def __init__(self, agent: NodeAgent) -> None:
+    def __init__(self, agent: NodeAgent, limits: NodeLimits | None = None) -> None:
         self.agent = agent
+        self.limits = limits or NodeLimits.for_agent(agent)
         self._specs_by_task: dict[str, tuple[tuple[TensorSpec, ...], tuple[TensorSpec, ...]]] = {}
 
     def routes(self) -> list[web.RouteDef]:
@@ -327,10 +352,12 @@ class OipAdapter:
             header_length = None if header is None else int(header)
         except ValueError:
             raise InvalidInput(f"{HEADER_LENGTH}: {header[:40]!r} is not an integer") from None
-        body = await request.read()
-        req, choice = parse_infer(task, body, header_length, inputs, outputs,
-                                  max_elements=self.agent.config.max_elements)
-        resp = await self.agent.infer(req)
+        limits = self.limits
+        async with read_body(request, cap=limits.caps.json_bytes, budget=limits.budget,
+                             timeout_s=limits.read_timeout_s) as body:
+            req, choice = parse_infer(task, body, header_length, inputs, outputs,
+                                      max_elements=self.agent.config.max_elements)
+        resp = await self.agent.infer(req, from_client=True)
         served = self.agent.registry.variants.get(resp.served_by.variant)
         payload, json_length = encode_infer(task, resp, served.outputs if served else outputs,
                                             choice)

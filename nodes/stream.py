@@ -3,83 +3,206 @@
 A thin adapter like the HTTP handlers: each INFER frame is decoded, handed to
 :meth:`NodeAgent.infer` in its own task (so one connection carries many
 queries at once) and answered with an ANSWER or ERROR frame carrying the same
-request id. A connection may have ``max_in_flight`` queries open; more are
-answered :class:`~mesh.errors.Overloaded` at once. A frame larger than the
-node's body limit closes the connection. Every task is tracked, and cancelled
-and awaited when the server stops.
+request id. Every task is tracked, and cancelled and awaited when the server
+stops.
+
+What one connection can make the node hold is bounded (:mod:`nodes.limits`):
+
+* **Backpressure.** The node stops reading a connection's socket while it has
+  ``stream_max_in_flight`` queries open, or while more than
+  ``stream_max_unread_bytes`` of its answers wait unread in the transport
+  (``pause_writing``), and reads again once they drain; what the caller sends
+  meanwhile waits in its own socket buffers, not in the node.
+* **Frame size.** A frame header over the body cap (the largest valid query)
+  closes the connection before its payload is read; a frame over the
+  large-body threshold that the node-wide budget cannot take now is answered
+  :class:`~mesh.errors.Overloaded` and its bytes are discarded as they come.
+* **Timeouts.** A frame begun must end within ``read_timeout_s`` of reading
+  (counted only while the node reads), or the connection is answered 408 and
+  closed. A client connection with nothing in flight for ``idle_timeout_s``
+  is closed; a proven neighbour's (HELLO) stays open, since it is reused. A
+  caller that leaves its answers unread for ``idle_timeout_s`` is closed.
 """
 
 from __future__ import annotations
 
 import asyncio
+import functools
 import logging
+from dataclasses import dataclass
 from typing import Any
 
 from mesh.errors import Forbidden, InvalidInput, MeshError, Overloaded
 from mesh.stream import ANSWER, ERROR, HELLO, INFER, FrameReader, frame
 from mesh.wire import decode_request, encode_response, pack
 from nodes.agent import NodeAgent
+from nodes.limits import NodeLimits, Reservation
 
 __all__ = ["StreamServer"]
 
 log = logging.getLogger("tiermesh.stream")
 
 
-def _error_frame(request_id: int, error: MeshError) -> bytes:
-    body: dict[str, Any] = {"status": error.status, "error": error.to_payload()}
+def _error_frame(request_id: int, error: MeshError, status: int | None = None) -> bytes:
+    body: dict[str, Any] = {"status": status or error.status, "error": error.to_payload()}
     return frame(request_id, ERROR, pack(body))
+
+
+@dataclass(slots=True)
+class _Held:
+    """A read query's payload until it is decoded: its size and its share of the body budget."""
+
+    size: int
+    reservation: Reservation
+    released: bool = False
 
 
 class _Connection(asyncio.Protocol):
     def __init__(self, server: StreamServer) -> None:
         self.server = server
-        self.reader = FrameReader(server.agent.config.max_body_bytes)
+        self.limits = server.limits
+        self.reader = FrameReader(server.limits.caps.msgpack_bytes)
         self.open: set[asyncio.Task[None]] = set()
         self.transport: asyncio.Transport | None = None
         #: the mesh node this connection proved to come from (a HELLO frame); None: a client
         self.peer: str | None = None
+        #: bytes of queries read and not decoded yet
+        self.undecoded_bytes = 0
+        self.reading_paused = False
+        self.writing_paused = False  # the caller is not reading its answers
+        self._loop = asyncio.get_running_loop()
+        now = self._loop.time()
+        self._last_active = now  # last byte read or answer written
+        self._frame_since: float | None = None  # when the frame being read began
+        self._unread_since = now  # when writing was paused
+        self._front: Reservation | None = None  # budget held by the frame being read
+        self._timer: asyncio.TimerHandle | None = None
+        self._timer_at = 0.0
 
+    # ------------------------------------------------------------------ asyncio callbacks
     def connection_made(self, transport: Any) -> None:
         self.transport = transport
+        limit = self.server.max_unread_bytes
+        transport.set_write_buffer_limits(high=limit, low=limit // 4)
         self.server.connections.add(self)
+        self._arm(self._loop.time() + min(self.limits.idle_timeout_s, self.limits.read_timeout_s))
 
     def data_received(self, data: bytes) -> None:
-        assert self.transport is not None
-        try:
-            frames = self.reader.feed(data)
-        except MeshError as exc:
-            self.transport.write(_error_frame(0, exc))
-            self.transport.close()
-            return
-        for request_id, kind, payload in frames:
-            if kind == HELLO:
-                self.peer = self.server.agent.peers.peer_of_hello(payload)
-                if self.peer is None:
-                    self.transport.write(_error_frame(request_id, Forbidden(
-                        "HELLO: not a node of this mesh (bad token); clients send INFER only")))
-                    self.transport.close()
-                    return
-            elif kind != INFER:
-                self.transport.write(_error_frame(request_id, InvalidInput(
-                    f"frame kind {kind}: a node accepts only INFER ({INFER}) frames")))
-            elif len(self.open) >= self.server.max_in_flight:
-                self.transport.write(_error_frame(request_id, Overloaded(
-                    f"{len(self.open)} queries already open on this connection; retry shortly",
-                    retry_after_s=0.05)))
-            else:
-                task = asyncio.get_running_loop().create_task(self._serve(request_id, payload))
-                self.open.add(task)
-                self.server.tasks.add(task)
-                task.add_done_callback(self._done)
+        self._last_active = self._loop.time()
+        self.reader.push(data)
+        self._drain()
 
-    def _done(self, task: asyncio.Task[None]) -> None:
+    def pause_writing(self) -> None:
+        self.writing_paused = True
+        self._unread_since = self._loop.time()
+        self._pause()
+
+    def resume_writing(self) -> None:
+        self.writing_paused = False
+        self._last_active = self._loop.time()
+        self._drain()
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        for task in self.open:
+            task.cancel()
+        if self._front is not None:
+            self._front.release()
+            self._front = None
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
+        self.transport = None
+        self.server.connections.discard(self)
+
+    # ------------------------------------------------------------------ reading, metered
+    def _drain(self) -> None:
+        """Serve the complete frames held, as far as the limits allow, then read on or pause."""
+        transport, reader = self.transport, self.reader
+        while transport is not None and not transport.is_closing():
+            if len(self.open) >= self.server.max_in_flight or self.writing_paused:
+                self._pause()
+                return
+            try:
+                head = reader.peek()
+            except MeshError as exc:  # a frame over the cap: its bytes are never read
+                self._close_with(_error_frame(0, exc))
+                return
+            if head is None:
+                break
+            length, request_id, kind = head
+            if self._front is None:
+                reservation = self.limits.budget.try_reserve(length)
+                if reservation is None:
+                    reader.drop()
+                    self._write(_error_frame(request_id, Overloaded(
+                        f"this node is already reading {self.limits.budget.held_bytes} bytes of "
+                        "large queries; retry shortly or send fewer rows per query",
+                        retry_after_s=self.limits.budget.retry_after_s)))
+                    continue
+                self._front = reservation
+            got = reader.pop()
+            if got is None:
+                break
+            reservation, self._front = self._front, None
+            self._frame(*got, reservation)
+        if self.reading_paused and transport is not None:
+            self.reading_paused = False
+            transport.resume_reading()
+        if not reader.partial:
+            self._frame_since = None
+        elif self._frame_since is None:  # a frame has begun: it has read_timeout_s to end
+            self._frame_since = self._loop.time()
+            self._arm(self._frame_since + self.limits.read_timeout_s)
+
+    def _pause(self) -> None:
+        if not self.reading_paused and self.transport is not None:
+            self.reading_paused = True
+            self.server.pauses += 1
+            self.transport.pause_reading()
+            self._frame_since = None  # the node, not the caller, holds the frame up now
+
+    def _frame(self, request_id: int, kind: int, payload: bytes, reservation: Reservation) -> None:
+        assert self.transport is not None
+        if kind == INFER:
+            held = _Held(len(payload), reservation)
+            self.undecoded_bytes += held.size
+            task = self._loop.create_task(self._serve(request_id, payload, held))
+            self.open.add(task)
+            self.server.tasks.add(task)
+            task.add_done_callback(functools.partial(self._done, held))
+            return
+        reservation.release()
+        if kind == HELLO:
+            self.peer = self.server.agent.peers.peer_of_hello(payload)
+            if self.peer is None:
+                self._close_with(_error_frame(request_id, Forbidden(
+                    "HELLO: not a node of this mesh (bad token); clients send INFER only")))
+        else:
+            self._write(_error_frame(request_id, InvalidInput(
+                f"frame kind {kind}: a node accepts only INFER ({INFER}) frames")))
+
+    # ------------------------------------------------------------------ serving
+    def _release(self, held: _Held) -> None:
+        if not held.released:
+            held.released = True
+            held.reservation.release()
+            self.undecoded_bytes -= held.size
+
+    def _done(self, held: _Held, task: asyncio.Task[None]) -> None:
+        self._release(held)  # a task cancelled before it ran never released its payload
         self.open.discard(task)
         self.server.tasks.discard(task)
+        if self.reading_paused and not self.writing_paused:
+            self._drain()
 
-    async def _serve(self, request_id: int, payload: bytes) -> None:
+    async def _serve(self, request_id: int, payload: bytes, held: _Held) -> None:
         agent = self.server.agent
         try:
-            req = decode_request(payload, max_elements=agent.config.max_elements)
+            try:
+                req = decode_request(payload, max_elements=agent.config.max_elements)
+            finally:
+                del payload
+                self._release(held)
             out = frame(request_id, ANSWER, encode_response(
                 await agent.infer(req, from_client=self.peer is None)))
         except MeshError as exc:
@@ -87,29 +210,92 @@ class _Connection(asyncio.Protocol):
         except Exception:  # the connection and the node keep serving
             log.exception("unhandled error serving a stream query")
             out = _error_frame(request_id, MeshError("internal error on this node; it has been logged"))
-        if self.transport is not None and not self.transport.is_closing():
-            self.transport.write(out)
+        self._write(out)
 
-    def connection_lost(self, exc: Exception | None) -> None:
-        for task in self.open:
-            task.cancel()
-        self.transport = None
-        self.server.connections.discard(self)
+    def _write(self, data: bytes) -> None:
+        if self.transport is not None and not self.transport.is_closing():
+            self.transport.write(data)
+            self._last_active = self._loop.time()
+
+    def _close_with(self, data: bytes) -> None:
+        if self.transport is not None:
+            self._write(data)
+            self.transport.close()
+
+    # ------------------------------------------------------------------ timeouts
+    def _arm(self, at: float) -> None:
+        """Make sure the watchdog runs by ``at``."""
+        if self._timer is None or at < self._timer_at:
+            if self._timer is not None:
+                self._timer.cancel()
+            self._timer_at = at
+            self._timer = self._loop.call_at(at, self._watchdog)
+
+    def _watchdog(self) -> None:
+        self._timer = None
+        if self.transport is None or self.transport.is_closing():
+            return
+        now = self._loop.time()
+        limits = self.limits
+        if self._frame_since is not None and now >= self._frame_since + limits.read_timeout_s:
+            self.server.closed_slow += 1
+            self._close_with(_error_frame(0, InvalidInput(
+                f"frame not complete within {limits.read_timeout_s:g} s of its first byte; "
+                "closing the connection"), status=408))
+            return
+        if self.writing_paused and now >= self._unread_since + limits.idle_timeout_s:
+            self.server.closed_unread += 1
+            self.transport.abort()  # it does not read: nothing more is worth sending
+            return
+        idle = not self.open and not self.reader.partial and not self.writing_paused
+        if idle and self.peer is None and now >= self._last_active + limits.idle_timeout_s:
+            self.server.closed_idle += 1
+            self.transport.close()
+            return
+        candidates = [now + min(limits.idle_timeout_s, limits.read_timeout_s)]
+        if self._frame_since is not None:
+            candidates.append(self._frame_since + limits.read_timeout_s)
+        if self.writing_paused:
+            candidates.append(self._unread_since + limits.idle_timeout_s)
+        elif idle and self.peer is None:
+            candidates.append(self._last_active + limits.idle_timeout_s)
+        self._arm(min(candidates))
+
+    @property
+    def buffered_bytes(self) -> int:
+        """What this connection makes the node hold: unparsed input, undecoded queries, unread answers."""
+        unread = self.transport.get_write_buffer_size() if self.transport is not None else 0
+        return self.reader.buffered + self.undecoded_bytes + unread
 
 
 class StreamServer:
-    """Serves one agent on a stream port. An async context manager; ``port`` is set once open."""
+    """Serves one agent on a stream port. An async context manager; ``port`` is set once open.
 
-    #: Queries one connection may have open at once.
-    max_in_flight: int = 1024
+    ``limits`` defaults to the agent's (:meth:`NodeLimits.for_agent`); pass the
+    HTTP app's to share one large-body budget.
+    """
 
-    def __init__(self, agent: NodeAgent, host: str, port: int) -> None:
+    def __init__(self, agent: NodeAgent, host: str, port: int, *,
+                 limits: NodeLimits | None = None) -> None:
         self.agent = agent
         self.host = host
         self.port = port
+        self.limits = limits or NodeLimits.for_agent(agent)
+        #: queries one connection may have open; at the limit its socket is not read
+        self.max_in_flight = agent.config.stream_max_in_flight
+        #: unread answer bytes on one connection over which its socket is not read
+        self.max_unread_bytes = agent.config.stream_max_unread_bytes
         self.tasks: set[asyncio.Task[None]] = set()
         self.connections: set[_Connection] = set()
+        #: how often a connection's reading was paused, and connections closed for being
+        #: idle, for a frame not completed in time, or for leaving answers unread
+        self.pauses = self.closed_idle = self.closed_slow = self.closed_unread = 0
         self._server: asyncio.Server | None = None
+
+    @property
+    def buffered_bytes(self) -> int:
+        """Bytes the port holds for its connections now (input, undecoded queries, answers)."""
+        return sum(c.buffered_bytes for c in self.connections)
 
     async def __aenter__(self) -> StreamServer:
         loop = asyncio.get_running_loop()
