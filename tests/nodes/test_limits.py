@@ -25,6 +25,7 @@ from mesh.topology import parse_topology
 from mesh.wire import InferRequest, encode_request
 from nodes.agent import AgentConfig, NodeAgent
 from nodes.app import make_app, runner_options
+from nodes.batching import BatchSettings
 from nodes.limits import ENVELOPE_BYTES, NodeLimits, body_caps
 from nodes.stream import StreamServer
 
@@ -243,8 +244,8 @@ async def _answers(reader: asyncio.StreamReader, count: int) -> list[tuple[int, 
 
 async def test_a_stream_client_over_its_in_flight_limit_is_not_read_until_answers_drain(
         solo_config: Callable[..., AgentConfig], onnx_probe: Any) -> None:
-    config = solo_config(["digits-linear"], options={"stream_max_in_flight": 4,
-                                                      "inline_max_ms": 0.0})
+    config = solo_config(["digits-linear"], options={
+        "stream_max_in_flight": 4, "batching": BatchSettings(inline_max_ms=0.0)})
     one = query(64)  # 16 KiB
     count = 2000  # 32 MiB of queries sent at once, answers never read while they go
     async with node(config) as (agent, stream, _):
