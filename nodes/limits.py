@@ -187,7 +187,7 @@ class NodeLimits:
 
 
 def too_large(size: int, cap: int) -> PayloadTooLarge:
-    return PayloadTooLarge(f"body of {size} bytes: this node accepts at most {cap} bytes "
+    return PayloadTooLarge(f"body too large: {size} bytes; this node accepts at most {cap} bytes "
                            "(its largest valid query); send fewer rows per query")
 
 

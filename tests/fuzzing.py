@@ -476,6 +476,7 @@ def run_surface(surface: str, target: Target, tally: Tally, *, cases: int,
 
     def send(case: Any) -> None:
         tally.cases += 1
+        seen = tally.five_xx
         if surface == "stream":
             stream.send(case)
             if raise_on_5xx:
@@ -486,7 +487,7 @@ def run_surface(surface: str, target: Target, tally: Tally, *, cases: int,
             status = http.post(path, headers, body)
             tally.record(status, body)
         if raise_on_5xx:
-            assert tally.five_xx == 0, f"{surface}: 5xx for {tally.server_errors[-1]}"
+            assert tally.five_xx == seen, f"{surface}: 5xx for {tally.server_errors[-1]}"
         if tally.cases % check_every == 0:
             stream.drain()
             valid_queries_answered(target)
