@@ -13,7 +13,7 @@ the core). A last class sends 16 queries at a time at the edge, so queues
 form and the queue term is exercised. The client reaches ``edge-1`` over
 HTTP; nodes forward to each other over ``--hop-transport`` (the msgpack
 stream by default, as the mesh runs). For every answer it compares the entry
-node's predicted total (``Result.plan["predicted"]``) with the latency the
+node's predicted total (``Result.plan.predicted``) with the latency the
 client measured, and the predicted split with the nodes' own account.
 
 Per class: median absolute error, 90th percentile, median signed error
@@ -61,12 +61,12 @@ def _pct(values: list[float], q: float) -> float:
 
 
 def _summarise(results: list[Result], topology: Topology) -> dict[str, Any]:
-    errors = [r.latency_ms - float(r.plan["predicted"]["total_ms"]) for r in results]
+    errors = [r.latency_ms - float(r.plan.predicted["total_ms"]) for r in results]
     absolute = [abs(e) for e in errors]
     parts: dict[str, dict[str, float]] = {}
     for part in ("network_ms", "queue_ms", "compute_ms"):
         measured = [r.timing.get(part, 0.0) for r in results]
-        predicted = [float(r.plan["predicted"][part]) for r in results]
+        predicted = [float(r.plan.predicted[part]) for r in results]
         parts[part] = {"measured_median": round(statistics.median(measured), 3),
                        "predicted_median": round(statistics.median(predicted), 3)}
     return {
@@ -75,7 +75,7 @@ def _summarise(results: list[Result], topology: Topology) -> dict[str, Any]:
         "measured_ms": {"median": round(statistics.median(r.latency_ms for r in results), 3),
                         "p90": round(_pct([r.latency_ms for r in results], 0.9), 3)},
         "predicted_ms": {"median": round(statistics.median(
-            float(r.plan["predicted"]["total_ms"]) for r in results), 3)},
+            float(r.plan.predicted["total_ms"]) for r in results), 3)},
         "abs_error_ms": {"median": round(statistics.median(absolute), 3),
                          "p90": round(_pct(absolute, 0.9), 3), "max": round(max(absolute), 3)},
         "signed_error_ms_median": round(statistics.median(errors), 3),
@@ -92,7 +92,7 @@ def _per_hop(results: list[Result], topology: Topology) -> float | None:
     for r in results:
         path = topology.path("edge-1", r.served_by.node)
         if path is not None and len(path.hops) > 1:
-            error = r.latency_ms - float(r.plan["predicted"]["total_ms"])
+            error = r.latency_ms - float(r.plan.predicted["total_ms"])
             fits.append(Planner.per_hop_ms + error / (2 * (len(path.hops) - 1)))
     return round(statistics.median(fits), 3) if fits else None
 

@@ -39,20 +39,24 @@ a mesh that did not say it answered outside the SLO (``plan["feasible"]``).
 from __future__ import annotations
 
 import asyncio
-import http.client
 import time
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
-from urllib.parse import urlsplit
 
 import numpy as np
 
 from mesh.errors import ClientError, InvalidInput, MeshConnectionError, MeshTimeout
 from mesh.failover import Attempt, Failover, Timeouts, rotate_past
-from mesh.stream import SCHEME as STREAM_SCHEME
-from mesh.stream import BlockingStream, StreamClient
-from mesh.wire import SLO, InferRequest, ServedBy, decode_answer, encode_request
+from mesh.plan import Plan
+from mesh.transport import (
+    BlockingTransport,
+    Transport,
+    blocking_transport_for,
+    parse_url,
+    transport_for,
+)
+from mesh.wire import SLO, InferRequest, ServedBy, decode_answer, encode_request, encode_tensor
 
 __all__ = ["Result", "Client", "AsyncClient", "Timeouts", "slo_met", "served_accuracy"]
 
@@ -73,7 +77,7 @@ class Result:
     timing: dict[str, float] = field(default_factory=dict)
     #: What served the query and why: node, tier, variant, its accuracy, the predicted
     #: latency split, feasibility (False: knowingly answered outside the SLO), reason.
-    plan: dict[str, Any] = field(default_factory=dict)
+    plan: Plan | None = None
 
     @property
     def output(self) -> np.ndarray:
@@ -81,12 +85,12 @@ class Result:
 
     @property
     def breakdown(self) -> dict[str, dict[str, float]]:
-        """The entry node's predicted latency split next to the measured one.
+        """The predicted latency split next to the measured one.
 
         ``measured.total_ms`` is this client's clock; the other measured parts are the
         nodes' own account (network, queue, compute).
         """
-        predicted = {k: float(v) for k, v in (self.plan.get("predicted") or {}).items()}
+        predicted = dict(self.plan.predicted) if self.plan is not None else {}
         measured = {"total_ms": round(self.latency_ms, 3),
                     **{k: round(v, 3) for k, v in self.timing.items()}}
         return {"predicted": predicted, "measured": measured}
@@ -98,19 +102,16 @@ class Result:
         return served_accuracy(self.served_by, self.plan)
 
 
-def served_accuracy(served_by: ServedBy, plan: Mapping[str, Any]) -> float | None:
+def served_accuracy(served_by: ServedBy, plan: Plan | None) -> float | None:
     """The accuracy in ``plan`` if it is the served variant's, else None (unknown)."""
-    value = plan.get("accuracy")
-    if plan.get("variant") != served_by.variant:
+    if plan is None or plan.variant != served_by.variant:
         return None  # a plan for another variant says nothing about this one
-    if isinstance(value, bool) or not isinstance(value, (int, float)):
-        return None
-    return float(value)
+    return plan.accuracy
 
 
-def slo_met(slo: SLO, latency_ms: float, served_by: ServedBy, plan: Mapping[str, Any]) -> bool:
+def slo_met(slo: SLO, latency_ms: float, served_by: ServedBy, plan: Plan | None) -> bool:
     """Whether an answer met ``slo``: latency here, accuracy of what served, the mesh's word."""
-    if plan.get("feasible") is False:  # the mesh knowingly answered outside the SLO
+    if plan is not None and not plan.feasible:  # the mesh knowingly answered outside the SLO
         return False
     if slo.latency_ms is not None and not slo.offline and latency_ms > slo.latency_ms:
         return False
@@ -138,6 +139,8 @@ def _request(task: str, inputs: Sequence[Any], slo: SLO, request_id: str | None)
     req = InferRequest(task=task, tensors=tensors, slo=slo)
     if request_id is not None:
         req.request_id = request_id
+    # encoded once: a retry on another entry re-packs only the envelope
+    req.wire_tensors = [encode_tensor(t) for t in tensors]
     return req
 
 
@@ -149,39 +152,33 @@ def _result(status: int, body: bytes, slo: SLO, latency_ms: float) -> Result:
                   resp.plan)
 
 
-def _split(url: str) -> tuple[str, str, int, str]:
-    """(scheme, host, port, path prefix) of an entry URL; raises :class:`ClientError`."""
-    parts = urlsplit(url if "://" in url else f"http://{url}")
-    try:
-        port = parts.port
-    except ValueError:
-        port = None
-    if parts.scheme == STREAM_SCHEME and parts.hostname and port and parts.path in ("", "/"):
-        return STREAM_SCHEME, parts.hostname, port, ""
-    if parts.scheme != "http" or not parts.hostname:
-        raise ClientError(f"entry URL {url!r}: expected http://HOST:PORT, or "
-                          f"{STREAM_SCHEME}://HOST:PORT for a node's stream port")
-    return "http", parts.hostname, port or 80, parts.path.rstrip("/")
+def _entry_urls(url: str | Sequence[str], kind: str) -> list[str]:
+    urls = [url] if isinstance(url, str) else list(url)
+    if not urls:
+        raise ClientError(f"{kind} needs at least one entry URL")
+    for u in urls:
+        parse_url(u)  # a bad URL fails here, naming it
+    return [u if "://" in u else f"http://{u}" for u in urls]
 
 
 class Client:
     """Blocking client over a kept-alive HTTP connection, or a stream. Not thread-safe.
 
     Raises :class:`ClientError` at once for a bad URL or timeout; see the module
-    docstring for how the timeouts and failover work.
+    docstring for how the timeouts and failover work. ``transports`` maps an entry
+    URL to the :class:`~mesh.transport.BlockingTransport` that carries its queries
+    (tests pass in-memory ones); the others are made from their URLs.
     """
 
     def __init__(self, url: str | Sequence[str], *, timeout_s: float = 30.0,
-                 connect_timeout_s: float = 1.0, attempt_timeout_s: float = 5.0) -> None:
-        urls = [url] if isinstance(url, str) else list(url)
-        if not urls:
-            raise ClientError("Client needs at least one entry URL")
-        self._entries = [_split(u) for u in urls]
-        self._urls = urls
+                 connect_timeout_s: float = 1.0, attempt_timeout_s: float = 5.0,
+                 transports: Mapping[str, BlockingTransport] | None = None) -> None:
+        self._urls = _entry_urls(url, "Client")
         self.timeouts = Timeouts(timeout_s, connect_timeout_s, attempt_timeout_s)
-        self._conn: http.client.HTTPConnection | None = None
-        self._stream: BlockingStream | None = None
-        self._open = -1  # the entry self._conn or self._stream is connected to
+        given = dict(transports or {})
+        self._transports: list[BlockingTransport | None] = [
+            given.get(u) for u in (url if not isinstance(url, str) else [url])]
+        self._open = -1  # the entry whose transport holds an open connection
         self._current = 0  # the entry the next query tries first
 
     @property
@@ -195,12 +192,9 @@ class Client:
         self.close()
 
     def close(self) -> None:
-        if self._conn is not None:
-            self._conn.close()
-            self._conn = None
-        if self._stream is not None:
-            self._stream.close()
-            self._stream = None
+        for transport in self._transports:
+            if transport is not None:
+                transport.close()
         self._open = -1
 
     def infer(self, task: str, *inputs: Any, latency_ms: float | None = None,
@@ -212,7 +206,7 @@ class Client:
                    allow_degraded)
         req = _request(task, inputs, slo, request_id)
         started = time.perf_counter()
-        failover = Failover(len(self._entries), self._current, slo, self.timeouts,
+        failover = Failover(len(self._urls), self._current, slo, self.timeouts,
                             time.monotonic())
         while (attempt := failover.next(time.monotonic())) is not None:
             req.timeout_ms = attempt.timeout_ms
@@ -220,83 +214,52 @@ class Client:
                 status, data = self._send(attempt, encode_request(req))
             except ClientError as exc:
                 failover.failed(exc)
-                self._current = rotate_past(self._current, attempt.index, len(self._entries))
+                self._current = rotate_past(self._current, attempt.index, len(self._urls))
                 continue
             return _result(status, data, slo, (time.perf_counter() - started) * 1000)
         raise failover.error()
 
+    def _transport(self, index: int) -> BlockingTransport:
+        transport = self._transports[index]
+        if transport is None:
+            transport = self._transports[index] = blocking_transport_for(self._urls[index])
+        return transport
+
     def _send(self, attempt: Attempt, body: bytes) -> tuple[int, bytes]:
         """One attempt at one entry; raises MeshConnectionError or MeshTimeout naming it."""
-        scheme, host, port, prefix = self._entries[attempt.index]
         url = self._urls[attempt.index]
-        if self._open != attempt.index:  # one open connection at a time, to the entry in use
+        if self._open not in (-1, attempt.index):  # one open connection, to the entry in use
             self.close()
         self._open = attempt.index
-        if scheme == STREAM_SCHEME:
-            if self._stream is None:
-                self._stream = BlockingStream(host, port, timeout_s=self.timeouts.total_s,
-                                              connect_timeout_s=self.timeouts.connect_s)
-            wait = attempt.timeout_s
-            try:
-                self._stream.connect(attempt.connect_s)
-                wait = attempt.answer_timeout(time.monotonic())
-                return self._stream.send(body, timeout_s=wait)
-            except MeshConnectionError as exc:
-                self.close()
-                raise MeshConnectionError(f"cannot reach entry node {url}: {exc.message}"
-                                          ) from None
-            except MeshTimeout:
-                self.close()
-                raise MeshTimeout(f"no answer from {url} within {wait:.3g} s") from None
-        for retry in range(2):  # a kept-alive socket the server closed is retried once
-            fresh = self._conn is None
-            if self._conn is None:
-                self._conn = http.client.HTTPConnection(host, port, timeout=attempt.connect_s)
-            try:
-                if self._conn.sock is None:
-                    self._conn.connect()
-            except TimeoutError:
-                self.close()
-                raise MeshConnectionError(f"cannot reach entry node {url}: no connection within "
-                                          f"{attempt.connect_s:.3g} s") from None
-            except OSError as exc:
-                self.close()
-                raise MeshConnectionError(f"cannot reach entry node {url}: {exc}") from None
-            wait = attempt.answer_timeout(time.monotonic())
-            self._conn.sock.settimeout(wait)
-            try:
-                self._conn.request("POST", prefix + "/v1/infer", body=body,
-                                   headers={"Content-Type": MSGPACK, "Accept": MSGPACK})
-                resp = self._conn.getresponse()
-                return resp.status, resp.read()
-            except TimeoutError:
-                self.close()
-                raise MeshTimeout(f"no answer from {url} within {wait:.3g} s") from None
-            except (ConnectionError, http.client.HTTPException, OSError) as exc:
-                self.close()
-                if fresh or retry == 1:
-                    raise MeshConnectionError(f"cannot reach entry node {url}: {exc}") from None
-        raise AssertionError("unreachable")
+        transport = self._transport(attempt.index)
+        wait = attempt.answer_timeout(time.monotonic())
+        try:
+            return transport.send(body, timeout_s=wait, connect_timeout_s=attempt.connect_s)
+        except MeshConnectionError as exc:
+            transport.close()
+            raise MeshConnectionError(f"cannot reach entry node {url}: {exc.message}") from None
+        except MeshTimeout:
+            transport.close()
+            raise MeshTimeout(f"no answer from {url} within {wait:.3g} s") from None
 
 
 class AsyncClient:
     """asyncio client; use as ``async with AsyncClient(url) as mesh``.
 
     Same timeouts and failover as :class:`Client` (the module docstring); queries
-    may run concurrently.
+    may run concurrently. ``transports`` maps an entry URL to the
+    :class:`~mesh.transport.Transport` that carries its queries (tests pass
+    :class:`~mesh.transport.MemoryTransport`); the others are made from their URLs.
     """
 
     def __init__(self, url: str | Sequence[str], *, timeout_s: float = 30.0,
-                 connect_timeout_s: float = 1.0, attempt_timeout_s: float = 5.0) -> None:
-        urls = [url] if isinstance(url, str) else list(url)
-        if not urls:
-            raise ClientError("AsyncClient needs at least one entry URL")
-        self._streaming = [_split(u)[0] == STREAM_SCHEME for u in urls]
-        self._urls = [u if "://" in u else f"http://{u}" for u in urls]
+                 connect_timeout_s: float = 1.0, attempt_timeout_s: float = 5.0,
+                 transports: Mapping[str, Transport] | None = None) -> None:
+        self._urls = _entry_urls(url, "AsyncClient")
         self.timeouts = Timeouts(timeout_s, connect_timeout_s, attempt_timeout_s)
-        self._session: Any = None
-        #: entry index -> its stream, connected on first use and again after it is lost
-        self._streams: dict[int, StreamClient] = {}
+        given = dict(transports or {})
+        self._transports: list[Transport | None] = [
+            given.get(u) for u in (url if not isinstance(url, str) else [url])]
         self._state = "unopened"
         self._current = 0
 
@@ -305,13 +268,8 @@ class AsyncClient:
         return self.timeouts.total_s
 
     async def __aenter__(self) -> AsyncClient:
-        import aiohttp  # the sync client must not need aiohttp's import cost
-
         if self._state != "unopened":
             raise ClientError(f"AsyncClient cannot be opened twice (it is {self._state})")
-        # each attempt sets its own timeouts; this is only the backstop
-        self._session = aiohttp.ClientSession(
-            timeout=aiohttp.ClientTimeout(total=self.timeouts.total_s))
         self._state = "opened"
         return self
 
@@ -319,11 +277,8 @@ class AsyncClient:
         await self.aclose()
 
     async def aclose(self) -> None:
-        streams, self._streams = list(self._streams.values()), {}
-        await asyncio.gather(*(stream.aclose() for stream in streams))
-        if self._session is not None:
-            await self._session.close()
-            self._session = None
+        transports = [t for t in self._transports if t is not None]
+        await asyncio.gather(*(t.aclose() for t in transports))
         self._state = "closed"
 
     async def infer(self, task: str, *inputs: Any, latency_ms: float | None = None,
@@ -352,34 +307,15 @@ class AsyncClient:
 
     async def _send(self, attempt: Attempt, body: bytes) -> tuple[int, bytes]:
         """One attempt at one entry; raises MeshConnectionError or MeshTimeout naming it."""
-        import aiohttp
-
         url = self._urls[attempt.index]
-        # never past the attempt's connect + answer time, nor past the query's deadline
-        limit = min(attempt.connect_s + attempt.timeout_s, attempt.deadline - time.monotonic())
+        transport = self._transports[attempt.index]
+        if transport is None:
+            transport = self._transports[attempt.index] = transport_for(
+                url, connect_timeout_s=self.timeouts.connect_s)
+        wait = attempt.answer_timeout(time.monotonic())
         try:
-            async with asyncio.timeout(limit):
-                if self._streaming[attempt.index]:
-                    return await self._stream_send(attempt, body)
-                timeout = aiohttp.ClientTimeout(total=None, sock_connect=attempt.connect_s,
-                                                sock_read=attempt.timeout_s)
-                async with self._session.post(url + "/v1/infer", data=body, timeout=timeout,
-                                              headers={"Content-Type": MSGPACK}) as resp:
-                    return resp.status, await resp.read()
-        except aiohttp.ConnectionTimeoutError:  # before TimeoutError: it is one too
-            raise MeshConnectionError(f"cannot reach entry node {url}: no connection within "
-                                      f"{attempt.connect_s:.3g} s") from None
-        except TimeoutError:
-            raise MeshTimeout(f"no answer from {url} within {attempt.timeout_s:.3g} s") from None
-        except (aiohttp.ClientError, MeshConnectionError) as exc:
-            reason = exc.message if isinstance(exc, MeshConnectionError) else exc
-            raise MeshConnectionError(f"cannot reach entry node {url}: {reason}") from None
-
-    async def _stream_send(self, attempt: Attempt, body: bytes) -> tuple[int, bytes]:
-        stream = self._streams.get(attempt.index)
-        if stream is None:
-            stream = await StreamClient.from_url(
-                self._urls[attempt.index], reconnect=True,
-                connect_timeout_s=self.timeouts.connect_s).__aenter__()
-            self._streams[attempt.index] = stream
-        return await stream.send(body, timeout_s=attempt.timeout_s)
+            return await transport.send(body, timeout_s=wait, connect_timeout_s=attempt.connect_s)
+        except MeshConnectionError as exc:
+            raise MeshConnectionError(f"cannot reach entry node {url}: {exc.message}") from None
+        except MeshTimeout:
+            raise MeshTimeout(f"no answer from {url} within {wait:.3g} s") from None

@@ -58,7 +58,7 @@ def send_class(client: Client, slo_class: SloClass, images: np.ndarray, labels: 
         "slo_met": sum(r.slo_met for r in results) / len(results),
         "accuracy": float(np.mean(predicted == labels)),
         "predicted_ms": statistics.median(
-            float(r.plan.get("predicted", {}).get("total_ms", 0.0)) for r in results),
+            (r.plan.predicted.get("total_ms", 0.0) if r.plan else 0.0) for r in results),
     }
 
 

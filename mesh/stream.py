@@ -281,6 +281,11 @@ class StreamClient:
         self._conn = conn
         return conn
 
+    @property
+    def connected(self) -> bool:
+        """Whether a connection is open now."""
+        return self._conn is not None and self._conn.usable
+
     async def _connection(self) -> _ClientProtocol:
         conn = self._conn
         if conn is not None and conn.usable:

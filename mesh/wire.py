@@ -20,7 +20,7 @@ An answer::
     {"request_id": "...", "outputs": [tensor, ...],
      "served_by": {"node": ..., "tier": ..., "variant": ...},
      "timing": {"queue_ms": .., "compute_ms": .., "node_ms": .., "network_ms": ..},
-     "plan": {...},               # the entry node's decision and its prediction
+     "plan": {...},               # what served it and what was predicted (mesh.plan.Plan)
      "loads": {node: queue_depth}}   # piggybacked load reports
 """
 
@@ -36,6 +36,7 @@ import msgpack
 import numpy as np
 
 from mesh.errors import InvalidInput, PayloadTooLarge, error_from_payload
+from mesh.plan import Plan
 
 __all__ = [
     "ALLOWED_DTYPES",
@@ -230,6 +231,9 @@ class ServedBy:
 
 @dataclass(slots=True)
 class InferRequest:
+    """One query. ``wire_tensors`` holds the tensor maps exactly as they arrived, so that a
+    node forwarding the query re-packs only its envelope around the same bytes."""
+
     task: str
     tensors: list[np.ndarray]
     slo: SLO = SLO()
@@ -240,26 +244,61 @@ class InferRequest:
     #: How long the sender waits for the answer, from when it sent the query. Each hop
     #: forwards what is left of it, so a node gives up on a hop before its caller gives up on it.
     timeout_ms: float | None = None
+    #: The decoded ``tensors`` as they came off the wire (None: encode ``tensors``).
+    wire_tensors: list[dict[str, Any]] | None = None
 
     @property
     def payload_bytes(self) -> int:
         return sum(t.nbytes for t in self.tensors)
 
+    @property
+    def rows(self) -> int:
+        return int(self.tensors[0].shape[0]) if self.tensors and self.tensors[0].ndim else 0
 
-@dataclass(slots=True)
+
 class InferResponse:
-    request_id: str
-    outputs: list[np.ndarray]
-    served_by: ServedBy
-    timing: dict[str, float] = field(default_factory=dict)
-    plan: dict[str, Any] = field(default_factory=dict)
-    loads: dict[str, float] = field(default_factory=dict)
+    """One answer. ``outputs`` are decoded from the wire when first read: a node that only
+    passes an answer back never decodes (or re-encodes) its tensors."""
+
+    __slots__ = ("request_id", "_outputs", "wire_outputs", "served_by", "timing", "plan", "loads")
+
+    def __init__(self, request_id: str, outputs: list[np.ndarray] | None, served_by: ServedBy,
+                 timing: dict[str, float] | None = None, plan: Plan | None = None,
+                 loads: dict[str, float] | None = None, *,
+                 wire_outputs: list[Any] | None = None) -> None:
+        if outputs is None and wire_outputs is None:
+            raise ValueError("an InferResponse needs outputs or wire_outputs")
+        self.request_id = request_id
+        self._outputs = outputs
+        self.wire_outputs = wire_outputs if outputs is None else None
+        self.served_by = served_by
+        self.timing = timing if timing is not None else {}
+        self.plan = plan
+        self.loads = loads if loads is not None else {}
+
+    @property
+    def outputs(self) -> list[np.ndarray]:
+        """The output tensors; raises :class:`InvalidInput` when the wire form is malformed."""
+        if self._outputs is None:
+            assert self.wire_outputs is not None
+            self._outputs = [decode_tensor(o, where=f"outputs[{i}]", max_elements=1 << 30)
+                             for i, o in enumerate(self.wire_outputs)]
+        return self._outputs
+
+    @outputs.setter
+    def outputs(self, value: list[np.ndarray]) -> None:
+        self._outputs, self.wire_outputs = value, None
+
+    def __repr__(self) -> str:
+        return (f"InferResponse({self.request_id!r}, served_by={self.served_by!r}, "
+                f"timing={self.timing!r})")
 
 
 def encode_request(req: InferRequest) -> bytes:
     obj: dict[str, Any] = {
         "task": req.task,
-        "tensors": [encode_tensor(t) for t in req.tensors],
+        "tensors": req.wire_tensors if req.wire_tensors is not None
+        else [encode_tensor(t) for t in req.tensors],
         "slo": req.slo.to_wire(),
         "request_id": req.request_id,
         "hops": req.hops,
@@ -296,7 +335,8 @@ def decode_request(body: bytes, *, max_elements: int = DEFAULT_MAX_ELEMENTS) -> 
     if not isinstance(hops, int) or isinstance(hops, bool) or not 0 <= hops <= MAX_HOPS:
         raise InvalidInput(f"hops: must be an integer between 0 and {MAX_HOPS}")
     budget = obj.get("budget_ms")
-    if budget is not None and (isinstance(budget, bool) or not isinstance(budget, (int, float))):
+    if budget is not None and (isinstance(budget, bool) or not isinstance(budget, (int, float))
+                               or not math.isfinite(budget)):
         raise InvalidInput("budget_ms: must be a number")
     timeout = obj.get("timeout_ms")
     if timeout is not None and (isinstance(timeout, bool) or not isinstance(timeout, (int, float))
@@ -321,6 +361,7 @@ def decode_request(body: bytes, *, max_elements: int = DEFAULT_MAX_ELEMENTS) -> 
         hops=hops,
         route=parsed_route,
         timeout_ms=float(timeout) if timeout is not None else None,
+        wire_tensors=tensors,
     )
 
 
@@ -328,34 +369,36 @@ def encode_response(resp: InferResponse) -> bytes:
     return pack(
         {
             "request_id": resp.request_id,
-            "outputs": [encode_tensor(o) for o in resp.outputs],
+            "outputs": resp.wire_outputs if resp.wire_outputs is not None
+            else [encode_tensor(o) for o in resp.outputs],
             "served_by": {
                 "node": resp.served_by.node,
                 "tier": resp.served_by.tier,
                 "variant": resp.served_by.variant,
             },
             "timing": resp.timing,
-            "plan": resp.plan,
+            "plan": resp.plan.to_wire() if resp.plan is not None else None,
             "loads": resp.loads,
         }
     )
 
 
 def decode_response(body: bytes) -> InferResponse:
+    """An answer's envelope; its tensors stay as they came until ``outputs`` is read."""
     obj = unpack(body)
-    if not isinstance(obj, dict) or "outputs" not in obj or "served_by" not in obj:
+    if not isinstance(obj, dict) or not isinstance(obj.get("outputs"), list) \
+            or not isinstance(obj.get("served_by"), dict):
         raise InvalidInput("response: not a Tiermesh inference answer")
     sb = obj["served_by"]
+    try:
+        timing = {str(k): float(v) for k, v in (obj.get("timing") or {}).items()}
+        loads = {str(k): float(v) for k, v in (obj.get("loads") or {}).items()}
+    except (TypeError, ValueError, AttributeError):
+        raise InvalidInput("response: timing and loads must map names to numbers") from None
     return InferResponse(
-        request_id=str(obj.get("request_id", "")),
-        outputs=[
-            decode_tensor(o, where=f"outputs[{i}]", max_elements=1 << 30)
-            for i, o in enumerate(obj["outputs"])
-        ],
-        served_by=ServedBy(str(sb["node"]), str(sb["tier"]), str(sb["variant"])),
-        timing={str(k): float(v) for k, v in (obj.get("timing") or {}).items()},
-        plan=dict(obj.get("plan") or {}),
-        loads={str(k): float(v) for k, v in (obj.get("loads") or {}).items()},
+        str(obj.get("request_id", "")), None,
+        ServedBy(str(sb.get("node", "")), str(sb.get("tier", "")), str(sb.get("variant", ""))),
+        timing, Plan.from_wire(obj.get("plan")), loads, wire_outputs=obj["outputs"],
     )
 
 

@@ -53,11 +53,14 @@ from mesh.errors import (
     Unavailable,
     UpstreamError,
 )
+from mesh.plan import Detour, Plan
 from mesh.planner import Decision, Planner
 from mesh.registry import Registry, TensorSpec
+from mesh.runtimes import runtime_for
 from mesh.state import MeshView
 from mesh.store import ArtifactStore
 from mesh.topology import Topology
+from mesh.transport import Transport
 from mesh.wire import (
     ALLOWED_DTYPES,
     DEFAULT_MAX_ELEMENTS,
@@ -75,7 +78,7 @@ from nodes.cascade import run_cascade
 from nodes.forward import HopFailed, Neighbours
 from nodes.membership import LocalLoad
 from nodes.metrics import NodeMetrics, outcome_of
-from nodes.models import ModelConfig, ModelManager
+from nodes.models import ModelConfig, ModelManager, RuntimeLookup
 from nodes.peers import PeerKey
 
 __all__ = ["AgentConfig", "NodeAgent"]
@@ -161,7 +164,12 @@ class NodeAgent:
     #: How many recent request latencies feed the p50/p99 in status.
     latency_window: int = 2048
 
-    def __init__(self, config: AgentConfig, *, clock: Callable[[], float] = time.monotonic) -> None:
+    def __init__(self, config: AgentConfig, *, clock: Callable[[], float] = time.monotonic,
+                 transports: Mapping[str, Transport] | None = None,
+                 runtimes: RuntimeLookup = runtime_for) -> None:
+        """``transports``: how to reach some neighbours (tests: in-memory ones to other
+        agents); the others from their URLs. ``runtimes``: format -> runtime (tests wrap
+        the real ones)."""
         self.config = config
         self.name = config.node
         self.spec = config.topology.nodes[config.node]
@@ -177,9 +185,9 @@ class NodeAgent:
         self.peers = PeerKey(config.mesh_key) if config.mesh_key is not None else \
             PeerKey.for_home(config.home)
         self.neighbours = Neighbours(config.neighbours, config.stream_neighbours,
-                                     http=lambda: self._http, timeout_s=config.forward_timeout_s,
+                                     timeout_s=config.forward_timeout_s,
                                      headers=self.peers.headers(self.name),
-                                     hello=self.peers.hello(self.name))
+                                     hello=self.peers.hello(self.name), transports=transports)
         parent = parent_of(config.topology, config.node)
         policy = PullPolicy(config.topology, config.node, self.registry.variants.values())
         self.artifacts = ArtifactSource(
@@ -195,7 +203,7 @@ class NodeAgent:
                         profile_cache=config.home / "profiles"),
             {v.name: v for v in self.registry.variants.values() if self.spec.allows(v.name)},
             self.artifacts, self._executor, metrics=self.metrics, on_change=self._report_self,
-            clock=clock)
+            clock=clock, runtimes=runtimes)
         self.metrics.watch(self.models.gauges, lambda: self.models.config.budget_bytes)
         #: task -> its input specs (the hot path must not scan the registry)
         self._inputs: dict[str, tuple[TensorSpec, ...]] = {}
@@ -278,7 +286,7 @@ class NodeAgent:
 
     def _observe(self, req: InferRequest, response: InferResponse | None,
                  error: BaseException | None, started: float) -> None:
-        task = req.task if req.task in self._inputs else "(unknown)"
+        task = req.task if req.task in self._inputs else self._label(req.task)
         if response is not None:
             variant, tier = response.served_by.variant, response.served_by.tier
         elif req.route is not None and req.route in self._routes:
@@ -291,7 +299,6 @@ class NodeAgent:
     async def _infer(self, req: InferRequest, arrived: float, from_client: bool) -> InferResponse:
         if req.hops >= MAX_HOPS:
             raise InvalidInput(f"hops: query crossed {req.hops} nodes; refusing to forward a loop")
-        inputs = self._check_inputs(req.task, req.tensors)
         if from_client:
             if req.route is not None:
                 raise Forbidden("route: only mesh nodes choose where a query runs; send the task "
@@ -299,32 +306,38 @@ class NodeAgent:
             req.budget_ms, req.hops = None, 0  # set by nodes only
         elif req.route is not None:
             self._check_route(req)
+        if req.route is None or req.route.node == self.name:
+            # the entry validates what it plans, the serving node what it runs; a node that
+            # only passes a peer's query on does not look inside its tensors
+            self._check_inputs(req.task, req.tensors)
         deadline = None if req.timeout_ms is None else arrived + req.timeout_ms / 1000.0
-        plan: dict[str, Any] = {}
+        plan: Plan | None = None
         if req.route is not None and req.route.node != self.name and self.view.is_down(
                 req.route.node, self.clock()):
             req.route = None  # this node knows the planned one is down: re-plan from here
         if req.route is None:
-            decision = self._plan(req, inputs, arrived)
+            decision = self._plan(req, arrived)
             req.route = Route(decision.node, decision.variant)
-            plan = decision.to_dict()
+            plan = Plan.from_decision(decision)
             if decision.escalation is not None:  # cascade: answer here, unsure rows upstream
-                return self._served_plan(await run_cascade(self._stage, req, decision, plan),
-                                         plan, req)
+                answer = await run_cascade(self._stage, req, decision, plan)
+                return self._served_plan(answer, answer.plan or plan, req)
         budget_ms, hops = req.budget_ms, req.hops
         try:
-            response = await self._dispatch(req, inputs, arrived, deadline)
+            response = await self._dispatch(req, arrived, deadline)
         except (CannotMeetDeadline, Overloaded) as exc:
-            if not plan:  # only the node that planned a query re-places it, and only once
+            if plan is None:  # only the node that planned a query re-places it, and only once
                 raise
             req.budget_ms, req.hops = budget_ms, hops  # as they were before the refused attempt
-            response = await self._hand_back(req, inputs, arrived, deadline, exc, plan)
+            plan = self._hand_back(req, exc, plan)
+            response = await self._dispatch(req, arrived, deadline)
         except _HopDown as exc:
             # Any node whose own next hop died re-plans, once: its view now counts everything
             # behind that hop as down, and inference has no side effects to repeat.
             req.budget_ms, req.hops = budget_ms, hops
-            response = await self._route_around(req, inputs, arrived, deadline, exc, plan)
-        if plan:
+            plan = self._route_around(req, arrived, exc)
+            response = await self._dispatch(req, arrived, deadline)
+        if plan is not None:
             response = self._served_plan(response, plan, req)
         return response
 
@@ -332,7 +345,7 @@ class NodeAgent:
         """One routed stage of a cascade: served or forwarded, not counted as another query."""
         return await self._infer(req, time.perf_counter(), False)
 
-    def _plan(self, req: InferRequest, inputs: list[np.ndarray], arrived: float) -> Decision:
+    def _plan(self, req: InferRequest, arrived: float) -> Decision:
         """Plan a query that has no route; set its budget. Refuses at once what cannot be on time.
 
         At the entry node (``hops == 0``) a latency target nothing can meet is
@@ -343,8 +356,7 @@ class NodeAgent:
         if req.hops == 0:  # the planner must see this node's own queue as it is now
             self.view.report(self.name, self.queue_depth, now)
         decision = self.planner.plan(req.task, req.slo, self.name, self.view, now=now,
-                                     rows=int(inputs[0].shape[0]),
-                                     payload_bytes=req.payload_bytes)
+                                     rows=req.rows, payload_bytes=req.payload_bytes)
         target = None if req.slo.offline else req.slo.latency_ms
         if target is None:
             return decision
@@ -363,28 +375,26 @@ class NodeAgent:
         # a node further along keeps what is left of the budget it was sent
         return decision
 
-    def _served_plan(self, response: InferResponse, plan: dict[str, Any], req: InferRequest
+    def _served_plan(self, response: InferResponse, plan: Plan, req: InferRequest
                      ) -> InferResponse:
         """Make the answer's plan describe what served it (for ``slo_met`` and the user)."""
         sb = response.served_by
-        if (plan.get("node"), plan.get("variant")) != (sb.node, sb.variant) and \
-                "cascade" not in plan:
+        if not plan.describes(sb.node, sb.variant) and plan.cascade is None:
             inner = response.plan
-            planned = {"node": plan.get("node"), "variant": plan.get("variant"),
-                       "by": self.name}
-            if (inner.get("node"), inner.get("variant")) == (sb.node, sb.variant):
-                plan = dict(inner)  # a node further along planned again: its decision ran
-            else:
-                plan = dict(plan)
-                plan.pop("predicted", None)  # predicted for another (node, variant)
-            plan["replanned_from"] = planned
-            plan.update(node=sb.node, tier=sb.tier, variant=sb.variant)
+            before = Detour(plan.node, plan.variant, f"{self.name} planned it; a node further "
+                            "along planned it again")
+            if inner is not None and inner.describes(sb.node, sb.variant):
+                plan = inner.amended(replanned_from=before)  # its decision is what ran
+            else:  # the prediction was for another (node, variant): drop it
+                plan = plan.amended(node=sb.node, tier=sb.tier, variant=sb.variant,
+                                    predicted={}, replanned_from=before)
         variant = self.registry.variants.get(sb.variant)
         accuracy = variant.accuracy if variant is not None else None
-        plan["accuracy"] = accuracy
-        slo = req.slo
-        if slo.min_accuracy is not None and (accuracy is None or accuracy < slo.min_accuracy):
-            plan["feasible"] = False
+        min_accuracy = req.slo.min_accuracy
+        feasible = plan.feasible and not (
+            min_accuracy is not None and (accuracy is None or accuracy < min_accuracy))
+        if accuracy != plan.accuracy or feasible != plan.feasible:
+            plan = plan.amended(accuracy=accuracy, feasible=feasible)
         response.plan = plan
         return response
 
@@ -406,26 +416,25 @@ class NodeAgent:
             raise InvalidInput(f"route.variant: {route.variant!r} does not serve task "
                                f"{req.task!r}")
 
-    async def _dispatch(self, req: InferRequest, inputs: list[np.ndarray], arrived: float,
-                        deadline: float | None) -> InferResponse:
+    async def _dispatch(self, req: InferRequest, arrived: float, deadline: float | None
+                        ) -> InferResponse:
         assert req.route is not None
         if req.route.node == self.name:
             left_ms = None if req.budget_ms is None else (
                 req.budget_ms - (time.perf_counter() - arrived) * 1000)
-            return await self._serve_local(req.request_id, req.route.variant, inputs, left_ms)
+            return await self._serve_local(req.request_id, req.route.variant, req.tensors,
+                                           left_ms)
         return await self._forward(req, arrived, deadline)
 
-    async def _hand_back(self, req: InferRequest, inputs: list[np.ndarray], arrived: float,
-                         deadline: float | None, refused: MeshError, plan: dict[str, Any]
-                         ) -> InferResponse:
-        """Place a query its first choice refused on the next feasible candidate, or re-raise."""
+    def _hand_back(self, req: InferRequest, refused: MeshError, plan: Plan) -> Plan:
+        """Route a query its first choice refused to the next feasible candidate, or re-raise."""
         assert req.route is not None
         first = req.route
         if first.node == self.name:
             self._report_self()
         decision = self.planner.plan(req.task, req.slo, self.name, self.view, now=self.clock(),
-                                     rows=int(inputs[0].shape[0]),
-                                     payload_bytes=req.payload_bytes, explain=True)
+                                     rows=req.rows, payload_bytes=req.payload_bytes,
+                                     explain=True)
         for scored in decision.candidates:
             c = scored.candidate
             if scored.feasible and (c.node, c.variant) != (first.node, first.variant):
@@ -435,21 +444,16 @@ class NodeAgent:
         log.info("%s/%s refused %s (%s); handing it to %s/%s", first.node, first.variant,
                  req.request_id, type(refused).__name__, c.node, c.variant)
         req.route = Route(c.node, c.variant)
-        plan.update(node=c.node, tier=c.tier, variant=c.variant, accuracy=c.accuracy,
-                    predicted=scored.prediction.to_dict(),
-                    handed_back={"node": first.node, "variant": first.variant,
-                                 "reason": refused.message})
-        return await self._dispatch(req, inputs, arrived, deadline)
+        return plan.amended(node=c.node, tier=c.tier, variant=c.variant, accuracy=c.accuracy,
+                            predicted=scored.prediction.to_dict(),
+                            handed_back=Detour(first.node, first.variant, refused.message))
 
-    async def _route_around(self, req: InferRequest, inputs: list[np.ndarray], arrived: float,
-                            deadline: float | None, failed: _HopDown, plan: dict[str, Any]
-                            ) -> InferResponse:
+    def _route_around(self, req: InferRequest, arrived: float, failed: _HopDown) -> Plan:
         """Plan a query again after its next hop failed; re-raise when nothing else is left."""
         assert req.route is not None
         first = req.route
         decision = self.planner.plan(req.task, req.slo, self.name, self.view, now=self.clock(),
-                                     rows=int(inputs[0].shape[0]),
-                                     payload_bytes=req.payload_bytes)
+                                     rows=req.rows, payload_bytes=req.payload_bytes)
         if (decision.node, decision.variant) == (first.node, first.variant):
             raise failed
         log.info("%s: %s; serving %s on %s/%s instead", self.name, failed.message,
@@ -458,10 +462,16 @@ class NodeAgent:
         if req.budget_ms is not None:
             left = req.budget_ms - (time.perf_counter() - arrived) * 1000
             req.budget_ms = left if decision.feasible and left > 0 else None
-        if plan:
-            plan.update(decision.to_dict(), handed_back={
-                "node": first.node, "variant": first.variant, "reason": failed.message})
-        return await self._dispatch(req, inputs, arrived, deadline)
+        return Plan.from_decision(decision).amended(
+            handed_back=Detour(first.node, first.variant, failed.message))
+
+    def _label(self, task: str) -> str:
+        """``task`` when it is registered, else one label for all others (bounded labels)."""
+        try:
+            self.input_specs(task)
+        except MeshError:
+            return "(unknown)"
+        return task
 
     def input_specs(self, task: str) -> tuple[TensorSpec, ...]:
         """The inputs a task takes; raises :class:`UnknownTask`."""
@@ -528,7 +538,7 @@ class NodeAgent:
 
     async def _forward(self, req: InferRequest, arrived: float, deadline: float | None
                        ) -> InferResponse:
-        assert req.route is not None and self._http is not None
+        assert req.route is not None
         target = req.route.node
         hop = self.config.topology.next_hop(self.name, target)
         if hop is None or hop not in self.config.neighbours:

@@ -22,6 +22,7 @@ from typing import Any
 import numpy as np
 
 from mesh.errors import MeshError
+from mesh.plan import Plan
 from mesh.planner import Decision
 from mesh.wire import InferRequest, InferResponse, Route
 
@@ -46,7 +47,7 @@ def confidence(outputs: list[np.ndarray]) -> np.ndarray | None:
 
 
 async def run_cascade(infer: Infer, req: InferRequest, decision: Decision,
-                      plan: dict[str, Any]) -> InferResponse:
+                      plan: Plan) -> InferResponse:
     """Serve ``req`` as ``decision`` (a cascade with an escalation) says."""
     escalation = decision.escalation
     assert escalation is not None
@@ -83,6 +84,5 @@ async def run_cascade(infer: Infer, req: InferRequest, decision: Decision,
                 stats["escalation_rate"] = round(unsure.size / rows, 4)
                 for key, value in second.timing.items():
                     first.timing[f"escalation_{key}"] = value
-    plan["cascade"] = stats
-    first.plan = plan
+    first.plan = plan.amended(cascade=stats)
     return first

@@ -1,29 +1,29 @@
-"""How a node reaches its neighbours: one persistent msgpack stream each, HTTP otherwise.
+"""How a node reaches its neighbours: one :class:`~mesh.transport.Transport` each.
 
 A neighbour with a stream address (``AgentConfig.stream_neighbours``, in the
-testbed a link-emulator port in front of the neighbour's stream port) gets
-one multiplexed :class:`~mesh.stream.StreamClient` that is connected on first
-use and again after it is lost; every query forwarded to that neighbour
-shares it. A neighbour without one is reached by ``POST /v1/infer`` on the
-agent's aiohttp session. Either way :meth:`Neighbours.post` returns the
-answer as (status, body) for :func:`mesh.wire.decode_answer`, and raises
-:class:`HopFailed` when the neighbour itself could not carry the query (so
-the agent marks it down), never for an error the neighbour answered with.
+testbed a link-emulator port in front of the neighbour's stream port) is
+reached over one persistent msgpack stream, opened with the node's HELLO
+(:mod:`nodes.peers`) and made again after it is lost; every query forwarded
+to it shares that stream. A neighbour without one is reached by ``POST
+/v1/infer`` carrying the node's peer token. Tests hand in their own
+transports (:class:`~mesh.transport.MemoryTransport` wired to another agent),
+with no sockets at all.
+
+:meth:`Neighbours.post` returns the answer as (status, body) for
+:func:`mesh.wire.decode_answer`, and raises :class:`HopFailed` when the
+neighbour itself could not carry the query (so the agent marks it down),
+never for an error the neighbour answered with.
 """
 
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Callable, Mapping
+from collections.abc import Mapping
 
-import aiohttp
-
-from mesh.errors import MeshConnectionError
-from mesh.stream import StreamClient
+from mesh.errors import MeshConnectionError, MeshTimeout
+from mesh.transport import HttpTransport, StreamTransport, Transport
 
 __all__ = ["HopFailed", "Neighbours"]
-
-MSGPACK = "application/msgpack"
 
 
 class HopFailed(Exception):
@@ -35,35 +35,41 @@ class HopFailed(Exception):
 
 
 class Neighbours:
-    """The ways to a node's neighbours. An async context manager that closes its streams."""
+    """The ways to a node's neighbours. An async context manager that closes them."""
 
     def __init__(self, urls: Mapping[str, str], stream_urls: Mapping[str, str], *,
-                 http: Callable[[], aiohttp.ClientSession | None], timeout_s: float,
-                 headers: Mapping[str, str] | None = None, hello: bytes | None = None) -> None:
+                 timeout_s: float, headers: Mapping[str, str] | None = None,
+                 hello: bytes | None = None,
+                 transports: Mapping[str, Transport] | None = None) -> None:
         self.urls = dict(urls)
         self.timeout_s = timeout_s
-        self._http = http
-        #: sent with every HTTP query: the peer token that lets a neighbour honour its route
-        self._headers = {"Content-Type": MSGPACK, **(headers or {})}
-        #: neighbour -> its stream client; a ValueError here is a bad run file, found at start
-        self.streams = {name: StreamClient.from_url(url, reconnect=True, hello=hello)
-                        for name, url in stream_urls.items()}
+        given = dict(transports or {})
+        #: neighbour -> its transport; a ValueError here is a bad run file, found at start
+        self.transports: dict[str, Transport] = {}
+        self.kinds: dict[str, str] = {}
+        for name in sorted(set(urls) | set(given)):
+            if name in given:
+                self.transports[name], self.kinds[name] = given[name], "memory"
+            elif name in stream_urls:
+                self.transports[name] = StreamTransport(stream_urls[name], hello=hello)
+                self.kinds[name] = "stream"
+            else:
+                self.transports[name] = HttpTransport(urls[name], headers=headers)
+                self.kinds[name] = "http"
 
     def transport(self, hop: str) -> str:
-        """``"stream"`` or ``"http"``: how queries to ``hop`` travel."""
-        return "stream" if hop in self.streams else "http"
+        """``"stream"``, ``"http"`` or ``"memory"``: how queries to ``hop`` travel."""
+        return self.kinds.get(hop, "http")
 
     async def __aenter__(self) -> Neighbours:
-        for client in self.streams.values():
-            await client.__aenter__()  # with reconnect set this connects nothing yet
         return self
 
     async def __aexit__(self, *exc: object) -> None:
         await self.aclose()
 
     async def aclose(self) -> None:
-        """Close every stream; queries still in flight on them fail. Idempotent."""
-        await asyncio.gather(*(client.aclose() for client in self.streams.values()))
+        """Close every transport; queries still in flight on them fail. Idempotent."""
+        await asyncio.gather(*(t.aclose() for t in self.transports.values()))
 
     async def post(self, hop: str, body: bytes, timeout_s: float | None = None
                    ) -> tuple[int, bytes]:
@@ -71,27 +77,16 @@ class Neighbours:
 
         ``timeout_s`` (default: the configured one) bounds the whole exchange: a
         neighbour that does not answer in time (frozen, overloaded) counts as failed.
+        The reason travels back to clients in the plan: no addresses, no OS text.
         """
         timeout_s = self.timeout_s if timeout_s is None else timeout_s
-        stream = self.streams.get(hop)
-        if stream is not None:
-            try:
-                async with asyncio.timeout(timeout_s):
-                    return await stream.send(body)
-            except TimeoutError:
-                raise HopFailed(f"no answer within {timeout_s * 1000:.0f} ms") from None
-            except MeshConnectionError:
-                # the reason travels back to clients in the plan: no addresses, no OS text
-                raise HopFailed("the stream to it failed") from None
-        session = self._http()
-        if session is None:
-            raise HopFailed("the node is shutting down")
+        transport = self.transports.get(hop)
+        if transport is None:
+            raise HopFailed("it is not a neighbour of this node")
         try:
-            async with session.post(self.urls[hop] + "/v1/infer", data=body,
-                                    headers=self._headers,
-                                    timeout=aiohttp.ClientTimeout(total=timeout_s)) as resp:
-                return resp.status, await resp.read()
-        except TimeoutError:
+            return await transport.send(body, timeout_s=timeout_s,
+                                        connect_timeout_s=min(timeout_s, 1.0))
+        except MeshTimeout:
             raise HopFailed(f"no answer within {timeout_s * 1000:.0f} ms") from None
-        except aiohttp.ClientError:
-            raise HopFailed("it could not be reached over HTTP") from None
+        except MeshConnectionError:
+            raise HopFailed(f"it could not be reached over {self.transport(hop)}") from None

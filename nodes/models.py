@@ -47,7 +47,10 @@ from nodes.artifacts import ArtifactSource
 from nodes.batching import Batcher, BatchPolicy, BatchSettings
 from nodes.metrics import NodeMetrics, VariantGauge
 
-__all__ = ["ModelConfig", "LoadedVariant", "ModelManager", "estimate_bytes", "sample_inputs"]
+#: format ("onnx", "tflite", ...) -> the runtime for it; raises Unavailable when none
+RuntimeLookup = Callable[[str], ModelRuntime]
+
+__all__ = ["RuntimeLookup", "ModelConfig", "LoadedVariant", "ModelManager", "estimate_bytes", "sample_inputs"]
 
 log = logging.getLogger("tiermesh.models")
 
@@ -123,8 +126,11 @@ class ModelManager:
                  artifacts: ArtifactSource, compute: Executor, *,
                  metrics: NodeMetrics | None = None,
                  on_change: Callable[[], None] = lambda: None,
-                 clock: Callable[[], float] = time.monotonic) -> None:
+                 clock: Callable[[], float] = time.monotonic,
+                 runtimes: RuntimeLookup = runtime_for) -> None:
         self.config = config
+        #: format -> the runtime that loads and runs it (injected: tests wrap the real ones)
+        self._runtime_for = runtimes
         self.variants: dict[str, Variant] = dict(variants)
         self.artifacts = artifacts
         self._compute = compute
@@ -255,7 +261,7 @@ class ModelManager:
             self._mark(name, self._too_big(name))
             raise Unavailable(f"variant {name} is unavailable here: {self.unavailable[name]}")
         try:
-            runtime = runtime_for(variant.format)
+            runtime = self._runtime_for(variant.format)
             path = await self.artifacts.ensure(variant.sha256)
         except ArtifactNotFound as exc:
             self._mark(name, exc.message)
@@ -347,7 +353,7 @@ class ModelManager:
             profile = self._cached_profile(variant)
             if profile is None:
                 try:
-                    runtime_for(variant.format)  # a missing backend fails here, clearly
+                    self._runtime_for(variant.format)  # a missing backend fails here, clearly
                     path = await self.artifacts.ensure(variant.sha256)
                     log.info("profiling %s on %s (no profile for this hardware class)", name, key)
                     profile = await loop.run_in_executor(self._loader, _profile, variant, str(path),

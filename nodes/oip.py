@@ -251,8 +251,8 @@ def encode_infer(task: str, resp: InferResponse, outputs: tuple[TensorSpec, ...]
     for key in ("queue_ms", "compute_ms", "network_ms"):
         if key in resp.timing:
             parameters[f"{PREFIX}{key}"] = round(resp.timing[key], 4)
-    if "feasible" in resp.plan:
-        parameters[f"{PREFIX}feasible"] = bool(resp.plan["feasible"])
+    if resp.plan is not None:
+        parameters[f"{PREFIX}feasible"] = resp.plan.feasible
     by_name = {spec.name: (spec, array) for spec, array in zip(outputs, resp.outputs, strict=False)}
     wanted = choice.names if choice.names is not None else tuple(by_name)
     body_outputs: list[dict[str, Any]] = []

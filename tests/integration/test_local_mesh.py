@@ -37,7 +37,7 @@ def test_slos_steer_queries_to_the_expected_tier(mesh: LocalMesh, heldout) -> No
         assert r.output.shape == (1, 10)
         assert r.output.dtype == np.float32
         np.testing.assert_allclose(r.output.sum(), 1.0, rtol=1e-4)  # probabilities
-        assert r.plan["feasible"] is True
+        assert r.plan.feasible is True
 
 
 def test_accuracy_achieved_on_true_labels_matches_the_registry(mesh: LocalMesh, heldout) -> None:
@@ -185,7 +185,7 @@ def test_core_round_trip_pays_both_links_each_way(built_home: Path, tmp_path: Pa
     assert min(r.latency_ms for r in results) >= 54.0
     # the nodes' own account of network time agrees with the configured links
     assert all(54.0 <= r.timing["network_ms"] < 54.0 + 60.0 for r in results)
-    assert all(r.plan["predicted"]["network_ms"] >= 54.0 for r in results)
+    assert all(r.plan.predicted["network_ms"] >= 54.0 for r in results)
     assert not any(is_mesh_process({"pid": pid}) for pid in pids)
 
 

@@ -80,12 +80,12 @@ def test_cascade_escalates_unsure_images_and_buys_accuracy(mesh: LocalMesh, held
         edge_only = client.infer("digits", batch, policy="cascade", min_confidence=0.0)
     # two queries, counted as two at the entry however many stages each ran
     assert _get(mesh.url("edge-1") + "/v1/status")["requests"] - before == 2
-    stats = cascade.plan["cascade"]
+    stats = cascade.plan.cascade
     assert cascade.served_by.node == "edge-1" and cascade.served_by.variant == "digits-linear"
     assert stats["to"] == "mid-1/digits-cnn"
     assert 0 < stats["escalated"] < 300
     assert stats["escalation_rate"] == pytest.approx(stats["escalated"] / 300, abs=1e-3)
-    assert edge_only.plan["cascade"]["escalated"] == 0
+    assert edge_only.plan.cascade["escalated"] == 0
     acc_cascade = float(np.mean(cascade.output.argmax(1) == truth))
     acc_edge = float(np.mean(edge_only.output.argmax(1) == truth))
     assert acc_cascade > acc_edge
@@ -101,7 +101,7 @@ def test_results_carry_the_predicted_split_next_to_the_measured(mesh: LocalMesh,
     assert set(b["predicted"]) >= {"network_ms", "queue_ms", "compute_ms", "load_ms", "total_ms"}
     assert b["measured"]["total_ms"] == pytest.approx(r.latency_ms, abs=0.01)
     assert b["measured"]["network_ms"] >= 4.0 and b["predicted"]["network_ms"] >= 4.0
-    assert r.plan["margin_ms"] > 0 and r.plan["feasible"]
+    assert r.plan.margin_ms > 0 and r.plan.feasible
 
 
 def test_mesh_plan_explains_every_candidate_as_json(built_home: Path) -> None:

@@ -103,7 +103,9 @@ def test_the_sdk_over_tcp_answers_like_http(mesh: LocalMesh, heldout) -> None:
     assert (a.request_id, b.request_id) == ("over-http", "over-tcp")
     assert a.served_by == b.served_by
     assert set(a.timing) == set(b.timing) == {"network_ms", "queue_ms", "compute_ms"}
-    assert set(a.plan) == set(b.plan) and a.plan["node"] == b.plan["node"] == "mid-1"
+    assert a.plan is not None and b.plan is not None
+    assert a.plan.to_wire().keys() == b.plan.to_wire().keys()
+    assert a.plan.node == b.plan.node == "mid-1"
     assert a.slo_met is b.slo_met is True and b.slo == a.slo
     np.testing.assert_allclose(a.output, b.output, rtol=1e-5)
     assert set(b.breakdown["predicted"]) == set(a.breakdown["predicted"])
@@ -161,14 +163,14 @@ def test_a_stream_neighbour_going_away_fails_cleanly_or_reroutes(
                 else:
                     assert r.served_by.node != "mid-1"
                     outcomes.append(f"served by {r.served_by.node}")
-                    handed_back.append(r.plan.get("handed_back", {}))
+                    handed_back.append(r.plan.handed_back if r.plan else None)
                 assert time.monotonic() - started < 10
             # The first query planned through mid-1 finds the stream gone; edge-1 then counts
             # mid-1 and core-1 (behind it) as down, plans that query again and serves the
             # closest variant itself, as it does every later one.
             assert outcomes == ["served by edge-1"] * 8, outcomes
-            assert handed_back[0]["node"] == "mid-1"
-            assert handed_back[0]["reason"].startswith("forwarding to mid-1 failed")
-            assert handed_back[1:] == [{}] * 7
+            assert handed_back[0] is not None and handed_back[0].node == "mid-1"
+            assert handed_back[0].reason.startswith("forwarding to mid-1 failed")
+            assert handed_back[1:] == [None] * 7
             assert _status(m, "edge-1")["view"]["core-1"]["healthy"] is False
             assert _status(m, "edge-1")["view"]["mid-1"]["healthy"] is False

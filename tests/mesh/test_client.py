@@ -17,6 +17,7 @@ import pytest
 from aiohttp import web
 
 from mesh import AsyncClient, Client, InvalidInput, MeshConnectionError, MeshTimeout, ServedBy
+from mesh.plan import Plan
 from mesh.stream import ANSWER, INFER, FrameReader, frame
 from mesh.wire import (
     InferRequest,
@@ -36,7 +37,7 @@ def _answer(req: InferRequest, served_by: ServedBy, plan: dict[str, Any]) -> byt
     return encode_response(InferResponse(
         request_id=req.request_id, outputs=[np.full((1, 10), 0.1, np.float32)],
         served_by=served_by, timing={"network_ms": 0.0, "queue_ms": 0.1, "compute_ms": 0.1},
-        plan=plan))
+        plan=Plan.from_wire(plan)))
 
 
 class FakeEntry:

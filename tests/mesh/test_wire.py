@@ -7,6 +7,7 @@ import numpy as np
 import pytest
 
 from mesh.errors import InvalidInput, PayloadTooLarge
+from mesh.plan import Detour, Plan
 from mesh.wire import (
     SLO,
     InferRequest,
@@ -88,13 +89,39 @@ def test_request_round_trip() -> None:
 
 
 def test_response_round_trip() -> None:
+    plan = Plan("edge-1", "edge", "digits-mlp", 0.97, True, predicted={"total_ms": 1.5},
+                handed_back=Detour("core-1", "digits-cnn", "no answer within 500 ms"))
     resp = InferResponse("r1", [np.eye(3, dtype=np.float32)], ServedBy("edge-1", "edge", "digits-mlp"),
-                         timing={"compute_ms": 0.5}, plan={"feasible": True}, loads={"edge-1": 3})
+                         timing={"compute_ms": 0.5}, plan=plan, loads={"edge-1": 3})
     back = decode_response(encode_response(resp))
     assert back.served_by == resp.served_by
     assert back.timing == {"compute_ms": 0.5}
     assert back.loads == {"edge-1": 3.0}
+    assert back.plan == plan
     np.testing.assert_array_equal(back.outputs[0], np.eye(3))
+
+
+def test_a_forwarded_answer_passes_its_tensor_bytes_through_untouched() -> None:
+    """A node that passes an answer on re-packs its envelope, not its tensors."""
+    data = np.arange(12, dtype=np.float32).reshape(3, 4)
+    body = encode_response(InferResponse("r1", [data], ServedBy("core-1", "core", "m")))
+    passing = decode_response(body)
+    passing.timing["network_ms"] = 2.0  # what a forwarding node patches
+    assert passing.wire_outputs is not None and passing.wire_outputs[0]["data"] == data.tobytes()
+    again = decode_response(encode_response(passing))
+    assert passing.wire_outputs is not None  # never decoded on the way
+    np.testing.assert_array_equal(again.outputs[0], data)
+    assert again.timing == {"network_ms": 2.0}
+
+
+def test_a_forwarded_query_keeps_the_tensor_maps_it_arrived_with() -> None:
+    x = np.ones((2, 64), np.float32)
+    req = decode_request(encode_request(InferRequest("digits", [x])))
+    assert req.wire_tensors is not None and req.wire_tensors[0]["data"] == x.tobytes()
+    req.hops, req.budget_ms = 1, 12.5  # the envelope changes, the tensors do not
+    back = decode_request(encode_request(req))
+    assert back.hops == 1 and back.budget_ms == 12.5
+    np.testing.assert_array_equal(back.tensors[0], x)
 
 
 @pytest.mark.parametrize(

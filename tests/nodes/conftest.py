@@ -17,13 +17,15 @@ from mesh.runtimes import runtime_for
 from mesh.runtimes.onnx import OnnxRuntime
 from mesh.store import ArtifactStore
 from mesh.topology import parse_topology
-from nodes import models as models_module
 from nodes.agent import AgentConfig, NodeAgent
 from nodes.app import make_app
 
 
 class ProbeOnnx(OnnxRuntime):
-    """The real onnxruntime backend, counting loads; every run waits while ``gate`` is clear."""
+    """The real onnxruntime backend, counting loads; every run waits while ``gate`` is clear.
+
+    Handed to agents and model managers as their runtime lookup (:meth:`lookup`).
+    """
 
     def __init__(self) -> None:
         self.loads: list[str] = []
@@ -39,13 +41,15 @@ class ProbeOnnx(OnnxRuntime):
         return super().run(session, inputs)
 
 
+    def lookup(self, fmt: str) -> Any:
+        """The runtime for ``fmt``: this probe for ONNX, the real one for the others."""
+        return self if fmt == "onnx" else runtime_for(fmt)
+
+
 @pytest.fixture
-def onnx_probe(monkeypatch: pytest.MonkeyPatch) -> ProbeOnnx:
-    """Nodes in this test load ONNX variants through a :class:`ProbeOnnx`."""
-    runtime = ProbeOnnx()
-    monkeypatch.setattr(models_module, "runtime_for",
-                        lambda fmt: runtime if fmt == "onnx" else runtime_for(fmt))
-    return runtime
+def onnx_probe() -> ProbeOnnx:
+    """Nodes that :func:`serving` starts in this test load ONNX through a :class:`ProbeOnnx`."""
+    return ProbeOnnx()
 
 
 @pytest.fixture
@@ -84,12 +88,22 @@ def solo_config(digits_home: Path) -> Callable[..., AgentConfig]:
 
 
 @pytest.fixture
-def serving() -> Callable[[AgentConfig], contextlib.AbstractAsyncContextManager[Any]]:
-    """``async with serving(config) as (agent, server)``: an agent on a loopback HTTP server."""
+def serving(request: pytest.FixtureRequest
+            ) -> Callable[..., contextlib.AbstractAsyncContextManager[Any]]:
+    """``async with serving(config) as (agent, server)``: an agent on a loopback HTTP server.
+
+    Keyword arguments go to :class:`NodeAgent`; in a test that uses ``onnx_probe`` the
+    agent runs ONNX through it.
+    """
+    probe = request.getfixturevalue("onnx_probe") if "onnx_probe" in request.fixturenames \
+        else None
 
     @contextlib.asynccontextmanager
-    async def run(config: AgentConfig) -> AsyncIterator[tuple[NodeAgent, TestServer]]:
-        async with NodeAgent(config) as agent:
+    async def run(config: AgentConfig, **options: Any
+                  ) -> AsyncIterator[tuple[NodeAgent, TestServer]]:
+        if probe is not None:
+            options.setdefault("runtimes", probe.lookup)
+        async with NodeAgent(config, **options) as agent:
             server = TestServer(make_app(agent, address="test"))
             await server.start_server()
             try:

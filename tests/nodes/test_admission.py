@@ -111,7 +111,7 @@ async def test_a_query_its_first_choice_cannot_take_in_time_goes_to_the_next_fea
             result = await answer
         # the planner sees the MLP's queue and places it on the linear model at once
         assert result.served_by.variant == "digits-linear"
-        assert result.plan["variant"] == "digits-linear" and result.plan["feasible"] is True
+        assert result.plan.variant == "digits-linear" and result.plan.feasible is True
         assert result.slo_met
         assert (await held)[0] == 200
 
@@ -132,4 +132,4 @@ async def test_a_latency_target_nothing_can_meet_is_refused_unless_degraded_answ
         async with AsyncClient(url) as client:
             late = await client.infer("digits", X, latency_ms=50, allow_degraded=True)
         assert late.served_by.variant == "digits-mlp"
-        assert late.plan["feasible"] is False and not late.slo_met
+        assert late.plan.feasible is False and not late.slo_met

@@ -59,7 +59,7 @@ async def test_a_corrupt_artifact_makes_one_variant_unavailable_and_the_rest_ser
             r = await client.infer("digits", images[:4], min_accuracy=0.99)
         # nothing meets 0.99 without the CNN: the closest is served and flagged
         assert r.served_by.variant == "digits-mlp"
-        assert r.plan["feasible"] is False
+        assert r.plan.feasible is False
         assert not r.slo_met
     finally:
         await server.close()

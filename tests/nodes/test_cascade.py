@@ -6,11 +6,13 @@ import numpy as np
 import pytest
 
 from mesh.errors import UpstreamError
+from mesh.plan import Plan
 from mesh.planner import Decision, Escalation, Prediction
 from mesh.wire import InferRequest, InferResponse, ServedBy
 from nodes.cascade import confidence, run_cascade
 
 P = Prediction(1.0, 0.0, 0.1, 0.0)
+PLAN = Plan("edge-1", "edge", "small", 0.9, True, "cascade")
 
 
 def _decision(threshold: float = 0.9) -> Decision:
@@ -50,31 +52,29 @@ def _request(rows: int = 6) -> InferRequest:
 
 async def test_unsure_rows_are_escalated_and_answers_put_back_in_place() -> None:
     mesh = _Mesh()
-    plan: dict = {}
-    r = await run_cascade(mesh.infer, _request(6), _decision(0.9), plan)
+    r = await run_cascade(mesh.infer, _request(6), _decision(0.9), PLAN)
     assert mesh.calls == [("small", 6), ("big", 3)]
     top = r.outputs[0].argmax(1)
     assert list(top) == [0, 2, 0, 2, 0, 2]  # odd rows answered by the big variant
     assert r.served_by.variant == "small"
-    assert plan["cascade"] == {"threshold": 0.9, "rows": 6, "escalated": 3,
-                               "escalation_rate": 0.5, "to": "mid-1/big"}
-    assert r.plan is plan and r.timing["escalation_network_ms"] == 4.0
+    assert r.plan is not None and r.plan.cascade == {
+        "threshold": 0.9, "rows": 6, "escalated": 3, "escalation_rate": 0.5, "to": "mid-1/big"}
+    assert r.plan.node == PLAN.node and r.timing["escalation_network_ms"] == 4.0
 
 
 async def test_confident_answers_are_not_escalated() -> None:
     mesh = _Mesh()
-    plan: dict = {}
-    await run_cascade(mesh.infer, _request(6), _decision(0.4), plan)
+    r = await run_cascade(mesh.infer, _request(6), _decision(0.4), PLAN)
     assert mesh.calls == [("small", 6)]
-    assert plan["cascade"]["escalated"] == 0
+    assert r.plan is not None and r.plan.cascade["escalated"] == 0
 
 
 async def test_a_failed_escalation_keeps_the_first_answers() -> None:
     mesh = _Mesh(fail_big=True)
-    plan: dict = {}
-    r = await run_cascade(mesh.infer, _request(4), _decision(), plan)
+    r = await run_cascade(mesh.infer, _request(4), _decision(), PLAN)
     assert r.outputs[0].argmax(1).tolist() == [0, 0, 0, 0]
-    assert plan["cascade"]["escalated"] == 0 and "UpstreamError" in plan["cascade"]["failed"]
+    assert r.plan is not None and r.plan.cascade is not None
+    assert r.plan.cascade["escalated"] == 0 and "UpstreamError" in r.plan.cascade["failed"]
 
 
 @pytest.mark.parametrize("outputs", [

@@ -49,7 +49,7 @@ async def test_forwarded_queries_share_one_stream_and_survive_the_neighbour_rest
                         "digits", images[i:i + 1], min_accuracy=0.99) for i in range(12)))
                 assert {r.served_by.node for r in far} == {"core-1"}
                 assert all(r.timing["network_ms"] > 0 for r in far)
-                assert all(r.plan["node"] == "core-1" for r in far)
+                assert all(r.plan.node == "core-1" for r in far)
                 assert len(stream.connections) == 1  # one persistent stream, many queries
                 status = edge.status()
                 assert status["forwarded_via"] == {"stream": 12}
@@ -61,9 +61,9 @@ async def test_forwarded_queries_share_one_stream_and_survive_the_neighbour_rest
                 # the query that found it gone is planned again and served here, flagged
                 moved = await edge.infer(_accurate(images))
                 assert moved.served_by.node == "edge-1"
-                assert moved.plan["handed_back"]["node"] == "core-1"
-                assert moved.plan["handed_back"]["reason"].startswith("forwarding to core-1 failed")
-                assert moved.plan["feasible"] is False  # nothing left here reaches 0.99
+                assert moved.plan.handed_back.node == "core-1"
+                assert moved.plan.handed_back.reason.startswith("forwarding to core-1 failed")
+                assert moved.plan.feasible is False  # nothing left here reaches 0.99
                 assert edge.view.is_down("core-1", edge.clock())
 
                 # back on the same port: a healthy report clears the mark, the stream reconnects
@@ -97,7 +97,7 @@ async def test_a_silent_stream_neighbour_times_out_is_marked_down_and_the_query_
             moved = await asyncio.wait_for(edge.infer(_accurate(images)), 10)
             assert loop.time() - started < 10
             assert moved.served_by.node == "edge-1"
-            assert moved.plan["handed_back"]["reason"] == (
+            assert moved.plan.handed_back.reason == (
                 "forwarding to core-1 failed: no answer within 500 ms")
             assert edge.view.is_down("core-1", edge.clock())
     finally:

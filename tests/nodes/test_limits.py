@@ -33,9 +33,10 @@ WAIT_S = 20.0  # far past every shortened timeout: only a node that never acts r
 
 
 @contextlib.asynccontextmanager
-async def node(config: AgentConfig) -> AsyncIterator[tuple[NodeAgent, StreamServer, int]]:
+async def node(config: AgentConfig, **options: Any
+               ) -> AsyncIterator[tuple[NodeAgent, StreamServer, int]]:
     """An agent on both ports with one set of limits: (agent, stream server, HTTP port)."""
-    async with NodeAgent(config) as agent:
+    async with NodeAgent(config, **options) as agent:
         limits = NodeLimits.for_agent(agent)
         async with StreamServer(agent, "127.0.0.1", 0, limits=limits) as stream:
             server = TestServer(make_app(agent, limits=limits))
@@ -248,7 +249,7 @@ async def test_a_stream_client_over_its_in_flight_limit_is_not_read_until_answer
         "stream_max_in_flight": 4, "batching": BatchSettings(inline_max_ms=0.0)})
     one = query(64)  # 16 KiB
     count = 2000  # 32 MiB of queries sent at once, answers never read while they go
-    async with node(config) as (agent, stream, _):
+    async with node(config, runtimes=onnx_probe.lookup) as (agent, stream, _):
         await agent.infer(InferRequest("digits", [np.zeros((1, 64), np.float32)]))  # loaded
         onnx_probe.gate.clear()  # every batch now waits: queries stay in flight
         reader, writer = await _push_without_reading(

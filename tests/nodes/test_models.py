@@ -13,6 +13,7 @@ import pytest
 
 from mesh.errors import Overloaded, Unavailable
 from mesh.registry import Registry, Variant
+from mesh.runtimes import runtime_for
 from mesh.store import ArtifactStore
 from nodes.agent import NodeAgent
 from nodes.artifacts import ArtifactSource
@@ -39,13 +40,14 @@ def _need(variants: dict[str, Variant], name: str, config: ModelConfig) -> int:
 
 def _manager(home: Path, variants: dict[str, Variant], pool: ThreadPoolExecutor, *,
              budget_bytes: int, clock: _Clock | None = None, metrics: NodeMetrics | None = None,
-             profile_key: str = "cpu-1t", **config: Any) -> ModelManager:
+             profile_key: str = "cpu-1t", runtimes: Any = runtime_for, **config: Any
+             ) -> ModelManager:
     store = ArtifactStore(home / "store")
     artifacts = ArtifactSource(store, known=lambda: {v.sha256 for v in variants.values()})
     cfg = ModelConfig(budget_bytes=budget_bytes, threads=1, profile_key=profile_key,
                       batching=BatchSettings(inline_max_ms=0.0), **config)
     return ModelManager(cfg, variants, artifacts, pool, metrics=metrics,
-                        clock=clock or _Clock())
+                        clock=clock or _Clock(), runtimes=runtimes)
 
 
 async def test_loading_stays_within_budget_and_evicts_the_coldest(digits_home: Path) -> None:
@@ -83,7 +85,8 @@ async def test_variants_in_use_are_never_evicted(digits_home: Path, onnx_probe: 
     probe = ModelConfig(budget_bytes=1, threads=1, profile_key="cpu-1t")
     budget = max(_need(variants, n, probe) for n in variants)  # room for one
     with ThreadPoolExecutor(1) as pool:
-        async with _manager(digits_home, variants, pool, budget_bytes=budget) as manager:
+        async with _manager(digits_home, variants, pool, budget_bytes=budget,
+                            runtimes=onnx_probe.lookup) as manager:
             linear = await manager.acquire("digits-linear")
             onnx_probe.gate.clear()
             busy = asyncio.create_task(linear.batcher.submit([np.zeros((1, 64), np.float32)]))
@@ -103,7 +106,8 @@ async def test_concurrent_requests_for_an_unloaded_variant_cause_one_load(
         digits_home: Path, onnx_probe: Any) -> None:
     variants = _variants(digits_home)
     with ThreadPoolExecutor(1) as pool:
-        async with _manager(digits_home, variants, pool, budget_bytes=1 << 30) as manager:
+        async with _manager(digits_home, variants, pool, budget_bytes=1 << 30,
+                            runtimes=onnx_probe.lookup) as manager:
             entries = await asyncio.gather(*(manager.acquire("digits-cnn") for _ in range(20)))
     assert len({id(e) for e in entries}) == 1
     assert len(onnx_probe.loads) == 1

@@ -67,10 +67,10 @@ async def test_a_middle_hop_that_replans_reports_what_served_and_slo_met_is_fals
             moved = await client.infer("digits", images[:1], min_accuracy=0.99)
         assert moved.served_by.node == "mid-1" and moved.served_by.variant == "digits-mlp"
         # the plan is the middle node's, which ran; the entry's choice is kept as history
-        assert moved.plan["variant"] == "digits-mlp" and moved.plan["node"] == "mid-1"
-        assert moved.plan["replanned_from"]["variant"] == "digits-cnn"
+        assert moved.plan.variant == "digits-mlp" and moved.plan.node == "mid-1"
+        assert moved.plan.replanned_from.variant == "digits-cnn"
         assert moved.accuracy == pytest.approx(mlp)
-        assert moved.plan["feasible"] is False
+        assert moved.plan.feasible is False
         assert not moved.slo_met  # 0.972 is below the 0.99 asked for
 
 
@@ -98,7 +98,7 @@ async def test_a_frozen_hop_is_given_up_at_the_query_deadline_and_planned_around
                                timeout_ms=1000)
             answer = await asyncio.wait_for(mid.infer(req), 5)
             assert answer.served_by.node == "mid-1"
-            assert answer.plan["handed_back"]["reason"] == (
+            assert answer.plan.handed_back.reason == (
                 "forwarding to core-1 failed: no answer within 500 ms")
             assert mid.view.is_down("core-1", mid.clock())
     finally:
