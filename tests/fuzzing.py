@@ -238,8 +238,10 @@ OIP_JSON_REQUESTS: st.SearchStrategy[tuple[str, dict[str, str], bytes]] = st.tup
 def _oip_binary(draw: Callable[[st.SearchStrategy[Any]], Any]) -> tuple[str, dict[str, str], bytes]:
     rows = draw(st.integers(1, 2))
     valid = {"inputs": [{"name": "input", "datatype": "FP32", "shape": [rows, 64],
-                         "parameters": {"binary_data_size": rows * 256}}]}
-    header = json.dumps(draw(st.just(valid) | _mutated(st.just(valid), JSON_VALUES | _HUGE)
+                         "parameters": {"binary_data_size": rows * 256}}],
+             "outputs": [{"name": "probs", "parameters": {"binary_data": True}}],
+             "parameters": {"tiermesh_latency_ms": 100}}
+    header = json.dumps(draw(_mutated(st.just(valid), JSON_VALUES | _HUGE) | st.just(valid)
                              | _OIP_OBJECTS)).encode()
     tail = draw(st.just(bytes(rows * 256)) | st.binary(max_size=600))
     length = draw(st.just(str(len(header))) | st.integers(-3, len(header) + 700).map(str)
