@@ -2,13 +2,21 @@
 
 from __future__ import annotations
 
-from mesh.planner.model import Decision, Scored
+from mesh.planner.model import Decision, Rank, Scored
+from mesh.planner.policy import POLICIES
 
 __all__ = ["why_not"]
 
+#: How a loser that ties with the winner is described, per rank.
+_TIES_ON = {Rank.COST: "cheapest", Rank.ACCURACY: "most-accurate", Rank.LATENCY: "fastest"}
+
 
 def why_not(decision: Decision, s: Scored) -> str:
-    """Why ``s`` is not the decision's winner ("" for the winner itself)."""
+    """Why ``s`` is not the decision's winner ("" for the winner itself).
+
+    Losers are explained by the rank of the decision's policy (cost for a
+    policy that is no longer registered).
+    """
     c = s.candidate
     if (c.node, c.variant) == (decision.node, decision.variant):
         return ""
@@ -17,12 +25,14 @@ def why_not(decision: Decision, s: Scored) -> str:
     if not decision.feasible:
         return "feasible, but the chosen one was forced"  # cannot happen: kept for honesty
     total, best_total = s.prediction.total_ms, decision.prediction.total_ms
-    policy = "cheapest" if decision.policy == "cascade" else decision.policy
-    if policy == "cheapest" and s.cost_per_1k > decision.cost_per_1k * 1.0001:
+    held = POLICIES.get(decision.policy)
+    rank = Rank.COST if held is None else held.rank
+    policy = _TIES_ON[rank]
+    if rank is Rank.COST and s.cost_per_1k > decision.cost_per_1k * 1.0001:
         return f"costs {s.cost_per_1k / max(decision.cost_per_1k, 1e-15):.2f}x the winner"
-    if policy == "most-accurate" and c.accuracy < decision.accuracy - 1e-9:
+    if rank is Rank.ACCURACY and c.accuracy < decision.accuracy - 1e-9:
         return f"less accurate ({c.accuracy:.4f} < {decision.accuracy:.4f})"
-    if policy == "fastest" and total > best_total + 1e-9:
+    if rank is Rank.LATENCY and total > best_total + 1e-9:
         return f"slower by {total - best_total:.2f} ms"
     if decision.runner_up == f"{c.node}/{c.variant}":
         return "lost the power-of-two draw (more loaded)"

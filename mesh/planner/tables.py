@@ -23,14 +23,15 @@ falls back on one Dijkstra from the entry.
 from __future__ import annotations
 
 import math
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 
 from mesh.planner.model import Candidate
 from mesh.registry import Profile, Variant
 from mesh.topology import Path_, Topology
 
-__all__ = ["Row", "Picked", "CandidateTable", "HostIndex", "build_table", "hosts_by_node"]
+__all__ = ["Row", "Picked", "BoundedCache", "CandidateTable", "HostIndex", "build_table",
+           "hosts_by_node"]
 
 GroupKey = tuple[str, str, str]  # (variant, hardware class, tier)
 
@@ -85,6 +86,31 @@ def batch_model_of(c: Candidate) -> tuple[float, float, float, tuple[float, ...]
     return c.profile.latency_ms(1), c.profile.latency_ms(batch), c.profile.cold_start_ms, rest
 
 
+class BoundedCache(dict[tuple[object, ...], tuple[Row, ...]]):
+    """A dict that forgets its oldest entry once it holds ``limit`` (FIFO).
+
+    For row subsets keyed by values a client chooses (``min_accuracy``
+    thresholds): a client sending a new threshold with every query costs a
+    re-filter of a few dozen rows each time, never memory. Reads are plain
+    ``dict.get``; only a store pays for the bound.
+    """
+
+    __slots__ = ("limit",)
+
+    def __init__(self, limit: int) -> None:
+        super().__init__()
+        self.limit = limit
+
+    def __setitem__(self, key: tuple[object, ...], rows: tuple[Row, ...]) -> None:
+        if key not in self and len(self) >= self.limit:
+            del self[next(iter(self))]  # dicts keep insertion order: the oldest
+        super().__setitem__(key, rows)
+
+
+#: Row subsets one table keeps at most (per rank and threshold).
+SUBSET_LIMIT = 64
+
+
 #: What a walk over a table picks: (row, predicted total, queue ms, cold-start ms), the
 #: runner-up of a power-of-two draw, and how many near-equivalent candidates there were.
 Picked = tuple[tuple[Row, float, float, float], Row | None, int]
@@ -106,12 +132,21 @@ class CandidateTable:
     local_by_cost: tuple[Row, ...] = field(default=())
     #: The smallest safety margin of any row (bounds the closest-miss search).
     least_margin_ms: float = 0.0
-    #: Row subsets derived on first use (a cascade's escalation candidates).
-    cache: dict[tuple[object, ...], tuple[Row, ...]] = field(default_factory=dict, repr=False,
-                                                             compare=False)
+    #: Row subsets derived on first use, keyed by the thresholds that made them (bounded:
+    #: clients choose the thresholds).
+    cache: BoundedCache = field(default_factory=lambda: BoundedCache(SUBSET_LIMIT), repr=False,
+                                compare=False)
 
     def candidates(self) -> tuple[Candidate, ...]:
         return tuple(r.candidate for r in self.rows)
+
+    def subset(self, key: tuple[object, ...], make: Callable[[], tuple[Row, ...]]
+               ) -> tuple[Row, ...]:
+        """The rows ``make()`` derives, remembered under ``key`` (the last ``SUBSET_LIMIT``)."""
+        rows = self.cache.get(key)
+        if rows is None:
+            rows = self.cache[key] = make()
+        return rows
 
 
 def _itemsize(dtype: str) -> int:
