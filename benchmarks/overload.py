@@ -85,8 +85,7 @@ def _query(home: Path, slo_ms: float | None) -> bytes:
 async def _open_loop(port: int, body: bytes, rate: float, seconds: float, connections: int
                      ) -> dict[str, Any]:
     """Send at ``rate`` queries/s over ``connections`` streams for ``seconds``; then drain."""
-    from mesh.stream import ANSWER, INFER, FrameReader, frame
-    from mesh.wire import unpack
+    from mesh.stream import INFER, FrameReader, frame, frame_answer
 
     loop = asyncio.get_running_loop()
     sent: dict[int, float] = {}
@@ -105,10 +104,7 @@ async def _open_loop(port: int, body: bytes, rate: float, seconds: float, connec
                 start = sent.pop(rid, None)
                 if start is None:
                     continue
-                status = 200
-                if kind != ANSWER:
-                    obj = unpack(payload)
-                    status = int(obj.get("status", 500)) if isinstance(obj, dict) else 500
+                status, _ = frame_answer(kind, payload)
                 by_status.setdefault(status, []).append(now - start)
 
     conns = []

@@ -8,9 +8,10 @@ framed stream on an asyncio Protocol ~100 us. Every frame is::
     u32 payload length | u32 request id | u8 kind | payload
 
 big-endian. ``kind`` is :data:`INFER` (payload: an ``InferRequest`` exactly
-as ``POST /v1/infer`` takes it), :data:`ANSWER` (an ``InferResponse``) or
-:data:`ERROR` (msgpack ``{"status": int, "error": {...}}``, the error's
-wire form). Answers carry their request's id and may come back in any
+as ``POST /v1/infer`` takes it), :data:`ANSWER` (an ``InferResponse``),
+:data:`ERROR` (``u16 status`` then the body ``POST /v1/infer`` would answer
+with that status: msgpack ``{"error": {...}}``) or :data:`HELLO` (a node
+proving itself, :mod:`nodes.peers`). Answers carry their request's id and may come back in any
 order, so one connection carries many queries at once.
 
 :class:`FrameReader` is the pure decoder both ends share. :class:`StreamClient`
@@ -34,9 +35,10 @@ from typing import Any
 from urllib.parse import urlsplit
 
 from mesh.errors import InvalidInput, MeshConnectionError, MeshTimeout, PayloadTooLarge
-from mesh.wire import InferRequest, InferResponse, decode_answer, encode_request, unpack
+from mesh.wire import InferRequest, InferResponse, decode_answer, encode_request
 
-__all__ = ["INFER", "ANSWER", "ERROR", "HELLO", "HEADER", "SCHEME", "frame", "parse_stream_url",
+__all__ = ["INFER", "ANSWER", "ERROR", "HELLO", "HEADER", "SCHEME", "frame", "error_payload", "frame_answer",
+           "parse_stream_url",
            "FrameReader", "StreamClient", "BlockingStream"]
 
 INFER, ANSWER, ERROR = 1, 2, 3
@@ -44,6 +46,8 @@ INFER, ANSWER, ERROR = 1, 2, 3
 #: (see :mod:`nodes.peers`); queries on that connection may then carry a route.
 HELLO = 4
 HEADER = struct.Struct(">IIB")
+#: An ERROR frame's payload starts with its status (u16, big-endian).
+STATUS = struct.Struct(">H")
 DEFAULT_MAX_FRAME = 64 * 1024 * 1024
 #: URL scheme of a stream address: ``tcp://HOST:PORT``.
 SCHEME = "tcp"
@@ -65,16 +69,22 @@ def parse_stream_url(url: str) -> tuple[str, int]:
     return parts.hostname, port
 
 
-def _answer(kind: int, payload: bytes) -> tuple[int, bytes]:
-    """An ANSWER or ERROR frame as (HTTP-like status, body) for :func:`mesh.wire.decode_answer`."""
+def error_payload(status: int, body: bytes) -> bytes:
+    """The payload of an ERROR frame: the HTTP-like status, then the error's wire form."""
+    return STATUS.pack(status) + body
+
+
+def frame_answer(kind: int, payload: bytes) -> tuple[int, bytes]:
+    """An ANSWER or ERROR frame as (HTTP-like status, body) for :func:`mesh.wire.decode_answer`.
+
+    Nothing is unpacked here: the status of an error travels in front of its body.
+    """
     if kind == ANSWER:
         return 200, payload
-    try:
-        body: Any = unpack(payload)
-    except InvalidInput:
+    if len(payload) < STATUS.size:
         return 500, payload
-    status = body.get("status", 500) if isinstance(body, dict) else 500
-    return (int(status) if isinstance(status, int) and status != 200 else 500), payload
+    (status,) = STATUS.unpack_from(payload)
+    return (status if 400 <= status < 600 else 500), payload[STATUS.size:]
 
 
 class FrameReader:
@@ -326,7 +336,7 @@ class StreamClient:
                               ) from None
         finally:
             conn.pending.pop(request_id, None)
-        return _answer(kind, payload)
+        return frame_answer(kind, payload)
 
     async def infer(self, req: InferRequest) -> InferResponse:
         """Send one query; raises the :mod:`mesh.errors` class the node answered with."""
@@ -413,4 +423,4 @@ class BlockingStream:
                 raise MeshConnectionError(f"stream broken: {exc.message}") from None
             for got_id, kind, payload in frames:
                 if got_id == request_id:
-                    return _answer(kind, payload)
+                    return frame_answer(kind, payload)

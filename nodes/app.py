@@ -31,7 +31,6 @@ from __future__ import annotations
 
 import json
 import logging
-import math
 from collections.abc import Awaitable, Callable
 from typing import Any
 
@@ -40,6 +39,7 @@ from aiohttp import web
 from mesh.errors import InvalidInput, MeshError, PayloadTooLarge
 from mesh.wire import decode_request, encode_response, pack
 from nodes.agent import AgentConfig, NodeAgent
+from nodes.answers import as_mesh_error, error_to_wire, retry_after
 from nodes.artifacts import check_sha256
 from nodes.limits import BodyTimeout, NodeLimits, read_body
 from nodes.metrics import CONTENT_TYPE
@@ -62,13 +62,10 @@ Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 def _error_response(request: web.Request, error: MeshError, status: int | None = None
                     ) -> web.Response:
     status = status or error.status
-    headers = {}
-    if error.retry_after_s is not None:
-        # delay-seconds is a whole number; round up so that a client never retries too early
-        headers["Retry-After"] = str(max(1, math.ceil(error.retry_after_s)))
-    if request.path.startswith("/v2"):
+    headers = retry_after(error)
+    if request.path.startswith("/v2"):  # the protocol's own error shape
         return web.json_response({"error": error.message}, status=status, headers=headers)
-    payload = {"error": error.to_payload()}
+    payload = error_to_wire(error)
     if request.content_type in _MSGPACK_TYPES:
         return web.Response(body=pack(payload), status=status, content_type=MSGPACK,
                             headers=headers)
@@ -88,9 +85,8 @@ async def error_middleware(request: web.Request, handler: Handler) -> web.Stream
     except BodyTimeout as exc:
         response = _error_response(request, InvalidInput(str(exc)), 408)
         return await _answer_and_close(request, response)
-    except Exception:
-        log.exception("unhandled error on %s %s", request.method, request.path)
-        response = _error_response(request, MeshError("internal error on this node; it has been logged"))
+    except Exception as exc:
+        response = _error_response(request, as_mesh_error(exc, f"{request.method} {request.path}"))
     if request.body_exists and not request.content.is_eof():
         # Answered before its body was read. A large (or unsized) body is not read at all; a
         # small rest is drained for at most lingering_time (runner_options), so that the

@@ -33,9 +33,10 @@ from dataclasses import dataclass
 from typing import Any
 
 from mesh.errors import Forbidden, InvalidInput, MeshError, Overloaded
-from mesh.stream import ANSWER, ERROR, HELLO, INFER, FrameReader, frame
+from mesh.stream import ANSWER, ERROR, HELLO, INFER, FrameReader, error_payload, frame
 from mesh.wire import decode_request, encode_response, pack
 from nodes.agent import NodeAgent
+from nodes.answers import as_mesh_error, error_to_wire
 from nodes.limits import NodeLimits, Reservation
 
 __all__ = ["StreamServer"]
@@ -44,8 +45,8 @@ log = logging.getLogger("tiermesh.stream")
 
 
 def _error_frame(request_id: int, error: MeshError, status: int | None = None) -> bytes:
-    body: dict[str, Any] = {"status": status or error.status, "error": error.to_payload()}
-    return frame(request_id, ERROR, pack(body))
+    return frame(request_id, ERROR, error_payload(status or error.status,
+                                                  pack(error_to_wire(error))))
 
 
 @dataclass(slots=True)
@@ -205,11 +206,8 @@ class _Connection(asyncio.Protocol):
                 self._release(held)
             out = frame(request_id, ANSWER, encode_response(
                 await agent.infer(req, from_client=self.peer is None)))
-        except MeshError as exc:
-            out = _error_frame(request_id, exc)
-        except Exception:  # the connection and the node keep serving
-            log.exception("unhandled error serving a stream query")
-            out = _error_frame(request_id, MeshError("internal error on this node; it has been logged"))
+        except Exception as exc:  # the connection and the node keep serving
+            out = _error_frame(request_id, as_mesh_error(exc, "a stream query"))
         self._write(out)
 
     def _write(self, data: bytes) -> None:

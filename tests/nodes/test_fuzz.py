@@ -19,7 +19,7 @@ import pytest
 from aiohttp import ClientSession
 from aiohttp.test_utils import TestServer
 
-from mesh.stream import ERROR, INFER, FrameReader, frame
+from mesh.stream import ERROR, INFER, FrameReader, frame, frame_answer
 from nodes.agent import AgentConfig, NodeAgent
 from nodes.app import make_app, runner_options
 from nodes.limits import NodeLimits
@@ -118,7 +118,7 @@ async def test_a_stream_frame_cut_short_is_answered_408_and_closed(fuzz_config: 
 
         (first, second) = await asyncio.to_thread(partial)
         assert first[:2] == (1, 2)  # the whole frame was answered
-        assert second[1] == ERROR and msgpack.unpackb(second[2])["status"] == 408
+        assert second[1] == ERROR and frame_answer(second[1], second[2])[0] == 408
         assert stream.closed_slow == 1
 
 

@@ -20,7 +20,7 @@ import numpy as np
 from aiohttp.test_utils import TestServer
 
 from mesh.registry import Registry
-from mesh.stream import ANSWER, ERROR, HEADER, HELLO, INFER, FrameReader, frame
+from mesh.stream import ANSWER, ERROR, HEADER, HELLO, INFER, FrameReader, frame, frame_answer
 from mesh.topology import parse_topology
 from mesh.wire import InferRequest, encode_request
 from nodes.agent import AgentConfig, NodeAgent
@@ -122,7 +122,7 @@ async def test_the_body_cap_is_the_largest_valid_query_and_is_refused_before_the
     assert status_of(v1) == 413 and b"accepts at most" in v1
     assert status_of(v2) == 413 and b"accepts at most" in v2
     ((_, kind, payload),) = FrameReader(1 << 20).feed(framed)
-    assert kind == ERROR and msgpack.unpackb(payload)["status"] == 413
+    assert kind == ERROR and frame_answer(kind, payload)[0] == 413
 
 
 async def test_large_bodies_over_the_budget_are_refused_429_at_once(
@@ -162,7 +162,7 @@ async def test_large_bodies_over_the_budget_are_refused_429_at_once(
     assert status_of(refused) == 429 and b"Retry-After: 1" in refused
     assert status_of(served) == 200
     (rid, kind, payload), (rid2, kind2, _) = frames
-    assert (rid, kind) == (5, ERROR) and msgpack.unpackb(payload)["status"] == 429
+    assert (rid, kind) == (5, ERROR) and frame_answer(kind, payload)[0] == 429
     assert (rid2, kind2) == (6, ANSWER)
     assert held == 0
 
@@ -208,7 +208,7 @@ async def test_idle_and_half_open_connections_are_closed(
     assert status_of(seen["http idle after a query"]) == 200
     assert seen["stream silent"] == b""
     ((rid, kind, payload),) = FrameReader(1 << 20).feed(seen["stream half a frame"])
-    assert kind == ERROR and msgpack.unpackb(payload)["status"] == 408
+    assert kind == ERROR and frame_answer(kind, payload)[0] == 408
     assert [f[:2] for f in FrameReader(1 << 20).feed(seen["stream idle after a query"])] == [(4, ANSWER)]
     assert msgpack.unpackb(seen["peer"])["outputs"][0]["shape"] == [1, 10]
     assert counts == (2, 1)

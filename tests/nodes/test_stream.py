@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 
 from mesh.errors import InvalidInput, MeshConnectionError, UnknownTask
-from mesh.stream import ERROR, INFER, FrameReader, StreamClient, frame
+from mesh.stream import ERROR, INFER, FrameReader, StreamClient, frame, frame_answer
 from mesh.wire import InferRequest, unpack
 from nodes.agent import NodeAgent
 from nodes.stream import StreamServer
@@ -42,7 +42,8 @@ async def test_many_queries_share_one_connection_and_errors_come_back_typed(
                 frames = reader.feed(await asyncio.to_thread(raw.recv, 65536))
         ((request_id, kind, payload),) = frames
         assert (request_id, kind) == (42, ERROR)
-        assert unpack(payload)["status"] == 400
+        status, body = frame_answer(kind, payload)
+        assert status == 400 and unpack(body)["error"]["type"] == "InvalidInput"
     with pytest.raises(MeshConnectionError):
         async with StreamClient("127.0.0.1", server.port):
             pass
