@@ -85,7 +85,7 @@ def _query(home: Path, slo_ms: float | None) -> bytes:
 async def _open_loop(port: int, body: bytes, rate: float, seconds: float, connections: int
                      ) -> dict[str, Any]:
     """Send at ``rate`` queries/s over ``connections`` streams for ``seconds``; then drain."""
-    from mesh.stream import INFER, FrameReader, frame, frame_answer
+    from mesh.stream import INFER, FrameReader, frame
 
     loop = asyncio.get_running_loop()
     sent: dict[int, float] = {}
@@ -104,7 +104,7 @@ async def _open_loop(port: int, body: bytes, rate: float, seconds: float, connec
                 start = sent.pop(rid, None)
                 if start is None:
                     continue
-                status, _ = frame_answer(kind, payload)
+                status = _status(kind, payload)
                 by_status.setdefault(status, []).append(now - start)
 
     conns = []
@@ -135,6 +135,19 @@ async def _open_loop(port: int, body: bytes, rate: float, seconds: float, connec
             "status": {str(k): len(v) for k, v in by_status.items()},
             "latency_by_status": {str(k): percentiles_us(v) for k, v in by_status.items()},
             "ok_latencies_s": by_status.get(200, [])}
+
+
+def _status(kind: int, payload: bytes) -> int:
+    """The status of an answer frame, in this checkout's format or the baseline's (before
+    issue 9 an ERROR frame was msgpack {"status": ..., "error": ...})."""
+    from mesh.stream import ERROR, frame_answer
+    from mesh.wire import unpack
+
+    if kind == ERROR and payload[:1] and (0x80 <= payload[0] <= 0x8F or payload[0] in (0xDE, 0xDF)):
+        old = unpack(payload)
+        if isinstance(old, dict) and isinstance(old.get("status"), int):
+            return int(old["status"])
+    return frame_answer(kind, payload)[0]
 
 
 def _open_loop_child(port: int, body: bytes, rate: float, seconds: float, connections: int,
