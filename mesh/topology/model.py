@@ -18,6 +18,7 @@ from typing import Any
 import networkx as nx
 
 from mesh.topology.schema import HardwareClass, Link, MembershipSpec, Node, Tenant
+from mesh.topology.summary import summarise
 
 __all__ = ["Path_", "Topology"]
 
@@ -193,8 +194,7 @@ class Topology:
         return sorted(set(self.nodes) - main)
 
     def summary(self) -> dict[str, Any]:
-        from mesh.topology.summary import summarise
-
+        """What ``mesh topology check`` prints (:func:`mesh.topology.summary.summarise`)."""
         return summarise(self)
 
     def nodes_in_tier(self, tier: str) -> list[str]:

@@ -11,21 +11,42 @@ there is one and labelled when it is a bound:
 
 It also gives the latency from each edge node to its nearest core node (one
 multi-source Dijkstra), the figure that decides what the core can serve.
+
+It reads a topology through :class:`Summarised`, the part of
+:class:`~mesh.topology.Topology` a summary needs, so that this module does
+not import the model (the model's ``summary()`` imports this one).
 """
 
 from __future__ import annotations
 
 import statistics
-from typing import TYPE_CHECKING, Any
+from typing import Any, Protocol
 
 import networkx as nx
 
-from mesh.topology.schema import TIERS
+from mesh.topology.schema import TIERS, HardwareClass, Link, MembershipSpec, Node, Tenant
 
-if TYPE_CHECKING:
-    from mesh.topology.model import Topology
+__all__ = ["EXACT_PAIRS_LIMIT", "Summarised", "summarise"]
 
-__all__ = ["EXACT_PAIRS_LIMIT", "summarise"]
+
+class Summarised(Protocol):
+    """What :func:`summarise` reads of a topology (:class:`mesh.topology.Topology` is one)."""
+
+    name: str
+    nodes: dict[str, Node]
+    links: tuple[Link, ...]
+    hardware: dict[str, HardwareClass]
+    tenants: dict[str, Tenant]
+    membership: MembershipSpec
+    groups: dict[str, int]
+    graph: nx.Graph
+    roots: tuple[str, ...]
+    is_tree: bool
+    depth: dict[str, int]
+
+    def nodes_in_tier(self, tier: str) -> list[str]: ...
+
+    def unreachable(self) -> list[str]: ...
 
 EXACT_PAIRS_LIMIT = 400
 
@@ -36,7 +57,7 @@ def _farthest(graph: nx.Graph, source: str) -> tuple[str, float]:
     return node, float(lengths[node])
 
 
-def _diameter(topo: Topology) -> tuple[float, str]:
+def _diameter(topo: Summarised) -> tuple[float, str]:
     graph = topo.graph
     components = [c for c in nx.connected_components(graph) if len(c) > 1]
     if not components:
@@ -64,7 +85,8 @@ def _stats(values: list[float]) -> dict[str, float]:
             "max": round(max(values), 3)}
 
 
-def summarise(topo: Topology) -> dict[str, Any]:
+def summarise(topo: Summarised) -> dict[str, Any]:
+    """The counts, ranges and problems ``mesh topology check`` prints (module docstring)."""
     per_tier = {t: sum(1 for n in topo.nodes.values() if n.tier == t) for t in TIERS}
     latencies = [link.latency_ms for link in topo.links]
     longest, method = _diameter(topo)
