@@ -541,7 +541,7 @@ class NodeAgent:
         assert req.route is not None
         target = req.route.node
         hop = self.config.topology.next_hop(self.name, target)
-        if hop is None or hop not in self.config.neighbours:
+        if hop is None or hop not in self.neighbours.transports:
             raise Unavailable(f"no path from {self.name} to {target}")
         req.hops += 1
         sent = time.perf_counter()

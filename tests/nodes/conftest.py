@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import threading
 from collections.abc import AsyncIterator, Callable
@@ -17,7 +18,9 @@ from mesh.runtimes import runtime_for
 from mesh.runtimes.onnx import OnnxRuntime
 from mesh.store import ArtifactStore
 from mesh.topology import parse_topology
+from mesh.transport import MemoryTransport
 from nodes.agent import AgentConfig, NodeAgent
+from nodes.answers import answer
 from nodes.app import make_app
 
 
@@ -125,3 +128,36 @@ def edge_and_core() -> Any:
                    "variants": ["digits-linear", "digits-mlp"]}],
         "links": [{"between": ["edge-1", "core-1"], "latency_ms": 1, "bandwidth_mbps": 1000}],
     })
+
+
+@pytest.fixture
+def memory_mesh() -> Callable[..., contextlib.AbstractAsyncContextManager[dict[str, NodeAgent]]]:
+    """``async with memory_mesh(topology, home) as agents``: every node of ``topology`` as an
+    agent in this process, neighbours wired by in-memory transports (no socket at all).
+
+    ``frozen={"core-1"}`` makes those nodes take queries and never answer.
+    """
+
+    @contextlib.asynccontextmanager
+    async def run(topology: Any, home: Path, *, frozen: frozenset[str] | set[str] = frozenset(),
+                  **config: Any) -> AsyncIterator[dict[str, NodeAgent]]:
+        agents: dict[str, NodeAgent] = {}
+        never = asyncio.Event()
+
+        def wire(name: str) -> MemoryTransport:
+            async def handle(body: bytes) -> tuple[int, bytes]:
+                if name in frozen:
+                    await never.wait()
+                reply = await answer(agents[name], body, from_client=False)
+                return reply.status, reply.body
+            return MemoryTransport(handle)
+
+        async with contextlib.AsyncExitStack() as stack:
+            for name in topology.nodes:
+                transports = {n: wire(n) for n in topology.neighbours(name)}
+                agent = NodeAgent(AgentConfig(node=name, topology=topology, home=home, **config),
+                                  transports=transports)
+                agents[name] = await stack.enter_async_context(agent)
+            yield agents
+
+    return run

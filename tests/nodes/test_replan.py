@@ -9,8 +9,6 @@ deadline, not after the node's fixed forward timeout.
 from __future__ import annotations
 
 import asyncio
-import contextlib
-from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
 
@@ -19,8 +17,9 @@ import pytest
 from mesh import AsyncClient
 from mesh.registry import Registry
 from mesh.topology import parse_topology
+from mesh.transport import MemoryTransport
 from mesh.wire import SLO, InferRequest
-from nodes.agent import AgentConfig
+from nodes.answers import answer
 
 
 @pytest.fixture
@@ -39,70 +38,48 @@ def chain() -> Any:
     })
 
 
-@contextlib.asynccontextmanager
-async def _chain(home: Path, serving: Any, topology: Any) -> AsyncIterator[dict[str, Any]]:
-    """The three agents on loopback HTTP servers, each knowing its neighbours' URLs."""
-    async with serving(AgentConfig(node="core-1", topology=topology, home=home)) as (core, cs):
-        core_url = str(cs.make_url("")).rstrip("/")
-        async with serving(AgentConfig(node="mid-1", topology=topology, home=home,
-                                       neighbours={"core-1": core_url})) as (mid, ms):
-            mid_url = str(ms.make_url("")).rstrip("/")
-            async with serving(AgentConfig(node="edge-1", topology=topology, home=home,
-                                           neighbours={"mid-1": mid_url})) as (edge, es):
-                yield {"core": core, "mid": mid, "edge": edge,
-                       "url": str(es.make_url("")).rstrip("/")}
-
-
 async def test_a_middle_hop_that_replans_reports_what_served_and_slo_met_is_false(
-        digits_home: Path, serving: Any, heldout: Any, chain: Any) -> None:
+        digits_home: Path, memory_mesh: Any, heldout: Any, chain: Any) -> None:
     images, _ = heldout
     mlp = Registry.load(digits_home).get("digits-mlp").accuracy
-    async with _chain(digits_home, serving, chain) as mesh:
-        async with AsyncClient(mesh["url"]) as client:
+    async with memory_mesh(chain, digits_home) as agents:
+        entry = MemoryTransport(lambda body: _client_answer(agents["edge-1"], body))
+        async with AsyncClient("http://edge-1", transports={"http://edge-1": entry}) as client:
             planned = await client.infer("digits", images[:1], min_accuracy=0.99)
             assert planned.served_by.node == "core-1" and planned.slo_met
 
             # the middle node now believes the core is down (a forged heartbeat would do it)
-            mesh["mid"].view.mark_down("core-1", mesh["mid"].clock())
+            agents["mid-1"].view.mark_down("core-1", agents["mid-1"].clock())
             moved = await client.infer("digits", images[:1], min_accuracy=0.99)
         assert moved.served_by.node == "mid-1" and moved.served_by.variant == "digits-mlp"
         # the plan is the middle node's, which ran; the entry's choice is kept as history
+        assert moved.plan is not None
         assert moved.plan.variant == "digits-mlp" and moved.plan.node == "mid-1"
+        assert moved.plan.replanned_from is not None
         assert moved.plan.replanned_from.variant == "digits-cnn"
         assert moved.accuracy == pytest.approx(mlp)
         assert moved.plan.feasible is False
         assert not moved.slo_met  # 0.972 is below the 0.99 asked for
 
 
+async def _client_answer(agent: Any, body: bytes) -> tuple[int, bytes]:
+    reply = await answer(agent, body, from_client=True)
+    return reply.status, reply.body
+
+
 async def test_a_frozen_hop_is_given_up_at_the_query_deadline_and_planned_around(
-        digits_home: Path, serving: Any, heldout: Any, chain: Any) -> None:
-    """The core accepts connections but never answers; the node's own timeout is 10 s."""
+        digits_home: Path, memory_mesh: Any, heldout: Any, chain: Any) -> None:
+    """The core takes queries but never answers; the nodes' own hop timeout is 10 s."""
     images, _ = heldout
-    held: list[asyncio.StreamWriter] = []
-
-    async def frozen(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        held.append(writer)
-        with contextlib.suppress(ConnectionError):
-            while await reader.read(65536):
-                pass
-
-    server = await asyncio.start_server(frozen, "127.0.0.1", 0)
-    frozen_url = f"http://127.0.0.1:{server.sockets[0].getsockname()[1]}"
-    try:
-        async with serving(AgentConfig(node="mid-1", topology=chain, home=digits_home,
-                                       neighbours={"core-1": frozen_url})) as (mid, _):
-            assert mid.config.forward_timeout_s >= 10
-            # the caller waits 1 s: the middle node waits half of that for the core, then
-            # serves the query itself with what it has
-            req = InferRequest("digits", [images[:1]], slo=SLO(min_accuracy=0.99),
-                               timeout_ms=1000)
-            answer = await asyncio.wait_for(mid.infer(req), 5)
-            assert answer.served_by.node == "mid-1"
-            assert answer.plan.handed_back.reason == (
-                "forwarding to core-1 failed: no answer within 500 ms")
-            assert mid.view.is_down("core-1", mid.clock())
-    finally:
-        for writer in held:
-            writer.close()
-        server.close()
-        await server.wait_closed()
+    async with memory_mesh(chain, digits_home, frozen={"core-1"}) as agents:
+        mid = agents["mid-1"]
+        assert mid.config.forward_timeout_s >= 10
+        # the caller waits 1 s: the middle node waits half of that for the core, then
+        # serves the query itself with what it has
+        req = InferRequest("digits", [images[:1]], slo=SLO(min_accuracy=0.99), timeout_ms=1000)
+        answer_ = await asyncio.wait_for(mid.infer(req), 5)
+        assert answer_.served_by.node == "mid-1"
+        assert answer_.plan is not None and answer_.plan.handed_back is not None
+        assert answer_.plan.handed_back.reason == (
+            "forwarding to core-1 failed: no answer within 500 ms")
+        assert mid.view.is_down("core-1", mid.clock())
