@@ -11,7 +11,6 @@ node and the hardware::
 
 from mesh.client import AsyncClient, Client, Result
 from mesh.errors import (
-    DeadlineExceeded,
     Forbidden,
     InputRejected,
     InvalidInput,
@@ -44,7 +43,6 @@ __all__ = [
     "Overloaded",
     "Unavailable",
     "NoRoute",
-    "DeadlineExceeded",
     "UpstreamError",
     "MeshConnectionError",
     "MeshTimeout",

@@ -16,8 +16,8 @@ the only place that turns responses back into errors::
     ├── Overloaded                  429  queue full here; retry after a pause
     ├── Unavailable                 503  node or variant not ready; retry elsewhere
     │   ├── NoRoute                 503  nothing reachable can serve the query
+    │   ├── RuntimeMissing          503  no runtime for a variant's format here (install its extra)
     │   └── CannotMeetDeadline      503  admitting it here would miss its deadline; place it elsewhere
-    ├── DeadlineExceeded            504  the query's deadline passed in flight
     ├── UpstreamError               502  a forwarded hop failed
     └── ClientError                 ---  raised only by the SDK, never sent
         ├── MeshConnectionError         also a ConnectionError
@@ -44,7 +44,7 @@ __all__ = [
     "Unavailable",
     "NoRoute",
     "CannotMeetDeadline",
-    "DeadlineExceeded",
+    "RuntimeMissing",
     "UpstreamError",
     "ClientError",
     "MeshConnectionError",
@@ -128,12 +128,12 @@ class NoRoute(Unavailable):
     pass
 
 
+class RuntimeMissing(Unavailable):
+    """No runtime for a variant's format on this node (unknown, or its extra not installed)."""
+
+
 class CannotMeetDeadline(Unavailable):
     """Refused at admission: this node's queue and batch model say the query would be late."""
-
-
-class DeadlineExceeded(MeshError):
-    status = 504
 
 
 class UpstreamError(MeshError):
@@ -167,7 +167,7 @@ _BY_NAME: dict[str, type[MeshError]] = {
         Unavailable,
         NoRoute,
         CannotMeetDeadline,
-        DeadlineExceeded,
+        RuntimeMissing,
         UpstreamError,
     )
 }
@@ -180,7 +180,6 @@ _BY_STATUS: dict[int, type[MeshError]] = {
     413: PayloadTooLarge,
     429: Overloaded,
     503: Unavailable,
-    504: DeadlineExceeded,
     502: UpstreamError,
 }
 

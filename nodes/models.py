@@ -40,7 +40,7 @@ from typing import Any
 import numpy as np
 
 from mesh.durable import write_atomic
-from mesh.errors import ArtifactNotFound, MeshError, Overloaded, Unavailable
+from mesh.errors import ArtifactNotFound, MeshError, Overloaded, RuntimeMissing, Unavailable
 from mesh.registry import Profile, TensorSpec, Variant
 from mesh.runtimes import ModelRuntime, runtime_for
 from nodes.artifacts import ArtifactSource
@@ -266,9 +266,8 @@ class ModelManager:
         except ArtifactNotFound as exc:
             self._mark(name, exc.message)
             raise Unavailable(f"variant {name} is unavailable here: {exc.message}") from None
-        except Unavailable as exc:
-            if "is not installed" in exc.message or "no runtime for format" in exc.message:
-                self._mark(name, exc.message)
+        except RuntimeMissing as exc:  # this node cannot run it until someone installs more
+            self._mark(name, exc.message)
             raise
         await self._make_room(need, for_variant=name)
         self._reserved += need

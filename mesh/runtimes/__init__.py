@@ -3,8 +3,8 @@
 A runtime is two calls: ``load(path, *, threads) -> session`` and
 ``run(session, inputs) -> outputs``. Each backend module is imported only when
 a variant of its format is first loaded, so a node without torch or LiteRT
-still serves ONNX; a missing backend raises :class:`~mesh.errors.Unavailable`
-naming the extra that provides it.
+still serves ONNX; a missing backend raises :class:`~mesh.errors.RuntimeMissing`
+(a 503 ``Unavailable``) naming the extra that provides it.
 
 Thread settings: several node agents share a small machine, so a session gets
 exactly its hardware class's ``threads`` for compute, no inter-op pool and no
@@ -24,7 +24,7 @@ from typing import Any, Protocol
 
 import numpy as np
 
-from mesh.errors import Unavailable
+from mesh.errors import RuntimeMissing
 
 __all__ = ["BACKENDS", "Backend", "ModelRuntime", "runtime_for", "thread_env"]
 
@@ -68,7 +68,7 @@ _cache: dict[str, ModelRuntime] = {}
 def runtime_for(fmt: str) -> ModelRuntime:
     """The runtime for a variant format (one instance per process).
 
-    Raises :class:`Unavailable` for an unknown format, or one whose backend
+    Raises :class:`RuntimeMissing` (an :class:`Unavailable`) for an unknown format, or one whose backend
     is not installed; the message says what to install.
     """
     runtime = _cache.get(fmt)
@@ -76,12 +76,13 @@ def runtime_for(fmt: str) -> ModelRuntime:
         return runtime
     backend = BACKENDS.get(fmt)
     if backend is None:
-        raise Unavailable(f"no runtime for format {fmt!r} (known: {', '.join(sorted(BACKENDS))})")
+        raise RuntimeMissing(
+            f"no runtime for format {fmt!r} (known: {', '.join(sorted(BACKENDS))})")
     try:
         runtime = getattr(importlib.import_module(backend.module), backend.cls)()
     except ImportError as exc:
         missing = exc.name or str(exc)
-        raise Unavailable(
+        raise RuntimeMissing(
             f"runtime for format {fmt!r} is not installed ({missing} missing); {backend.install}"
         ) from None
     _cache[fmt] = runtime
