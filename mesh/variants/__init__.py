@@ -19,7 +19,7 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING, Any
 
-from mesh.variants.build import build_bundled
+from mesh.variants.bundled import build_bundled
 
 if TYPE_CHECKING:
     from mesh.variants.factory import FamilyReport, register_model
