@@ -10,6 +10,7 @@ import click
 from rich.console import Console
 
 from mesh.errors import MeshError
+from mesh.status import fmt_ms  # re-exported for the command modules
 
 __all__ = ["cli", "console", "home_of", "fmt_ms"]
 
@@ -41,5 +42,3 @@ def cli(ctx: click.Context, home: str) -> None:
 
 
 
-def fmt_ms(value: float | None) -> str:
-    return "-" if value is None else f"{value:.2f}"

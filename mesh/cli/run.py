@@ -2,18 +2,16 @@
 
 from __future__ import annotations
 
-import asyncio
 import json
 from pathlib import Path
-from typing import Any
 
 import click
 from rich.table import Table
 
-from mesh.cli.app import cli, console, fmt_ms, home_of
-from mesh.errors import MeshError
+from mesh.cli.app import cli, console, home_of
+from mesh.status import mesh_status, status_table
 
-__all__ = ["mesh_status", "print_status", "fetch_status"]
+__all__: list[str] = []  # commands register themselves on the cli group
 
 
 # ---------------------------------------------------------------------- up / down
@@ -63,55 +61,6 @@ def down(ctx: click.Context) -> None:
 
 
 # ---------------------------------------------------------------------- status
-async def fetch_status(nodes: dict[str, dict[str, str]]) -> list[dict[str, Any]]:
-    import aiohttp
-
-    async def one(session: aiohttp.ClientSession, name: str, info: dict[str, str]
-                  ) -> dict[str, Any]:
-        try:
-            async with session.get(info["address"] + "/v1/status") as resp:
-                body = await resp.json()
-                body["up"] = resp.status == 200
-                return body
-        except (TimeoutError, aiohttp.ClientError, ValueError):
-            return {"node": name, "tier": info["tier"], "address": info["address"],
-                    "stream_address": info.get("stream_address"), "up": False}
-
-    async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=2.0)) as session:
-        return list(await asyncio.gather(*(one(session, n, i) for n, i in nodes.items())))
-
-
-def mesh_status(home: Path) -> list[dict[str, Any]]:
-    from mesh.testbed.local import read_state
-
-    state = read_state(home / "run")
-    if state is None:
-        raise MeshError(f"no mesh is running from {home}; start one with 'mesh up TOPOLOGY'")
-    return asyncio.run(fetch_status(state.nodes))
-
-
-def print_status(rows: list[dict[str, Any]]) -> None:
-    table = Table(title="mesh status")
-    for col in ("node", "tier", "address", "state", "variants", "queue", "requests",
-                "served here", "p50 ms", "p99 ms"):
-        table.add_column(col, justify="right" if col in (
-            "queue", "requests", "served here", "p50 ms", "p99 ms") else "left")
-    order = {"core": 0, "intermediate": 1, "edge": 2}
-    for row in sorted(rows, key=lambda r: (order.get(r.get("tier", ""), 3), r["node"])):
-        if not row["up"]:
-            table.add_row(row["node"], row.get("tier", "?"), row.get("address", ""),
-                          "[red]down[/red]", "", "", "", "", "", "")
-            continue
-        loaded = [v["name"] for v in row["variants"] if v.get("loaded")]
-        broken = [v["name"] for v in row["variants"] if not v.get("loaded")]
-        variants = ", ".join(loaded) + (f" [red](failed: {', '.join(broken)})[/red]" if broken else "")
-        lat = row.get("latency_ms", {})
-        table.add_row(row["node"], row["tier"], row["address"], "[green]up[/green]",
-                      variants or "-", str(row["queue_depth"]), str(row["requests"]),
-                      str(row["served_local"]), fmt_ms(lat.get("p50")), fmt_ms(lat.get("p99")))
-    console.print(table)
-
-
 @cli.command()
 @click.option("--json", "as_json", is_flag=True, help="Print JSON instead of a table.")
 @click.pass_context
@@ -121,7 +70,7 @@ def status(ctx: click.Context, as_json: bool) -> None:
     if as_json:
         click.echo(json.dumps({"nodes": rows}, indent=2))
     else:
-        print_status(rows)
+        console.print(status_table(rows))
 
 
 # ---------------------------------------------------------------------- demo

@@ -146,7 +146,7 @@ def test_bad_input_gets_a_clear_4xx_and_the_node_keeps_serving(mesh: LocalMesh, 
 def test_status_reports_every_node(mesh: LocalMesh, heldout) -> None:
     import asyncio
 
-    from mesh.cli.run import fetch_status
+    from mesh.status import fetch_status
 
     images, _ = heldout
     with Client(mesh.url("edge-1")) as client:

@@ -46,7 +46,7 @@ def mesh(built_home: Path, tmp_path_factory: pytest.TempPathFactory):
 
 
 def test_every_node_has_a_stream_address_in_the_run_file_and_in_status(mesh: LocalMesh) -> None:
-    from mesh.cli.run import fetch_status
+    from mesh.status import fetch_status
 
     assert mesh.state is not None
     run = json.loads((Path(mesh.state.run_dir) / "run.json").read_text())

@@ -1,0 +1,72 @@
+"""A running mesh's status: fetched from every node's ``/v1/status``, drawn as a table.
+
+Shared by ``mesh status`` and ``mesh demo`` (so neither imports the other).
+"""
+
+from __future__ import annotations
+
+import asyncio
+from pathlib import Path
+from typing import Any
+
+from rich.table import Table
+
+from mesh.errors import MeshError
+
+__all__ = ["fetch_status", "mesh_status", "status_table", "fmt_ms"]
+
+
+def fmt_ms(value: float | None) -> str:
+    return "-" if value is None else f"{value:.2f}"
+
+
+async def fetch_status(nodes: dict[str, dict[str, str]]) -> list[dict[str, Any]]:
+    """Every node's status (``up`` False, with what the run file says, for one that is down)."""
+    import aiohttp
+
+    async def one(session: aiohttp.ClientSession, name: str, info: dict[str, str]
+                  ) -> dict[str, Any]:
+        try:
+            async with session.get(info["address"] + "/v1/status") as resp:
+                body = await resp.json()
+                body["up"] = resp.status == 200
+                return body
+        except (TimeoutError, aiohttp.ClientError, ValueError):
+            return {"node": name, "tier": info["tier"], "address": info["address"],
+                    "stream_address": info.get("stream_address"), "up": False}
+
+    async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=2.0)) as session:
+        return list(await asyncio.gather(*(one(session, n, i) for n, i in nodes.items())))
+
+
+def mesh_status(home: Path) -> list[dict[str, Any]]:
+    """The status of the mesh running from ``home``; raises :class:`MeshError` when none is."""
+    from mesh.testbed.local import read_state
+
+    state = read_state(home / "run")
+    if state is None:
+        raise MeshError(f"no mesh is running from {home}; start one with 'mesh up TOPOLOGY'")
+    return asyncio.run(fetch_status(state.nodes))
+
+
+def status_table(rows: list[dict[str, Any]]) -> Table:
+    """One row per node: tier, address, up or down, variants, queue, requests, latencies."""
+    table = Table(title="mesh status")
+    for col in ("node", "tier", "address", "state", "variants", "queue", "requests",
+                "served here", "p50 ms", "p99 ms"):
+        table.add_column(col, justify="right" if col in (
+            "queue", "requests", "served here", "p50 ms", "p99 ms") else "left")
+    order = {"core": 0, "intermediate": 1, "edge": 2}
+    for row in sorted(rows, key=lambda r: (order.get(r.get("tier", ""), 3), r["node"])):
+        if not row["up"]:
+            table.add_row(row["node"], row.get("tier", "?"), row.get("address", ""),
+                          "[red]down[/red]", "", "", "", "", "", "")
+            continue
+        loaded = [v["name"] for v in row["variants"] if v.get("loaded")]
+        broken = [v["name"] for v in row["variants"] if not v.get("loaded")]
+        variants = ", ".join(loaded) + (f" [red](failed: {', '.join(broken)})[/red]" if broken else "")
+        lat = row.get("latency_ms", {})
+        table.add_row(row["node"], row["tier"], row["address"], "[green]up[/green]",
+                      variants or "-", str(row["queue_depth"]), str(row["requests"]),
+                      str(row["served_local"]), fmt_ms(lat.get("p50")), fmt_ms(lat.get("p99")))
+    return table
