@@ -416,12 +416,22 @@ class NodeAgent:
             raise InvalidInput(f"route.variant: {route.variant!r} does not serve task "
                                f"{req.task!r}")
 
+    @staticmethod
+    def _left_ms(req: InferRequest, arrived: float, now: float) -> float | None:
+        """What is left of the query's latency budget at ``now``: the one place it is computed.
+
+        ``req.budget_ms`` is what was left when the query arrived here (``arrived``); it is
+        rewritten only in the copy sent on to the next hop.
+        """
+        if req.budget_ms is None:
+            return None
+        return req.budget_ms - (now - arrived) * 1000.0
+
     async def _dispatch(self, req: InferRequest, arrived: float, deadline: float | None
                         ) -> InferResponse:
         assert req.route is not None
         if req.route.node == self.name:
-            left_ms = None if req.budget_ms is None else (
-                req.budget_ms - (time.perf_counter() - arrived) * 1000)
+            left_ms = self._left_ms(req, arrived, time.perf_counter())
             return await self._serve_local(req.request_id, req.route.variant, req.tensors,
                                            left_ms)
         return await self._forward(req, arrived, deadline)
@@ -459,9 +469,9 @@ class NodeAgent:
         log.info("%s: %s; serving %s on %s/%s instead", self.name, failed.message,
                  req.request_id, decision.node, decision.variant)
         req.route = Route(decision.node, decision.variant)
-        if req.budget_ms is not None:
-            left = req.budget_ms - (time.perf_counter() - arrived) * 1000
-            req.budget_ms = left if decision.feasible and left > 0 else None
+        left_ms = self._left_ms(req, arrived, time.perf_counter())
+        if left_ms is not None and (not decision.feasible or left_ms <= 0):
+            req.budget_ms = None  # served best-effort now: no deadline to refuse it by
         return Plan.from_decision(decision).amended(
             handed_back=Detour(first.node, first.variant, failed.message))
 
@@ -546,9 +556,10 @@ class NodeAgent:
         req.hops += 1
         sent = time.perf_counter()
         link_ms = self.config.topology.link(self.name, hop).latency_ms
-        if req.budget_ms is not None:
-            # what is left once this hop's time and the link's round trip are paid
-            req.budget_ms -= (sent - arrived) * 1000 + 2 * link_ms
+        left_ms = self._left_ms(req, arrived, sent)
+        if left_ms is not None:
+            # what the next node gets: what is left once the link's round trip is paid
+            req.budget_ms = left_ms - 2 * link_ms
         timeout_s = self._hop_timeout_s(req, deadline, sent)
         # the next node must give up on its own next hop before this one gives up on it
         req.timeout_ms = max(timeout_s * 1000 - 2 * link_ms, 1.0)
