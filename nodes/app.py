@@ -15,9 +15,10 @@ valid query) is refused 413 from ``Content-Length`` before it is read, a
 large body when the node already reads too many is refused 429 with
 ``Retry-After``, a body must arrive within ``read_timeout_s`` (408), and a
 connection idle for ``idle_timeout_s`` (also: one whose request headers have
-not come by then) is closed (:func:`runner_options`). An error answered
-before the body was read closes the connection, so that the node never reads
-a body it refused.
+not come by then) is closed (:func:`runner_options`). A body answered
+before it was read is never buffered: what still comes is dropped for at
+most a second (so that its sender reads the answer), then the connection
+closes.
 
 The error middleware is the only place where errors become responses: a
 :class:`~mesh.errors.MeshError` keeps its status (and ``Retry-After`` when it
@@ -87,13 +88,10 @@ async def error_middleware(request: web.Request, handler: Handler) -> web.Stream
         return await _answer_and_close(request, response)
     except Exception as exc:
         response = _error_response(request, as_mesh_error(exc, f"{request.method} {request.path}"))
-    if request.body_exists and not request.content.is_eof():
-        # Answered before its body was read. A large (or unsized) body is not read at all; a
-        # small rest is drained for at most lingering_time (runner_options), so that the
-        # caller reads this answer rather than a reset.
-        length = request.content_length
-        if length is None or length > request.app[LIMITS].budget.large_bytes:
-            return await _answer_and_close(request, response)
+    # A body answered before it was read (413 from its Content-Length, 429 over the body
+    # budget, a wrong Content-Type) is never buffered: aiohttp reads and drops what comes
+    # for at most lingering_time (runner_options), so that a caller still sending it gets
+    # to read this answer instead of a reset, and then closes the connection.
     return response
 
 
@@ -156,7 +154,8 @@ def runner_options(config: AgentConfig) -> dict[str, Any]:
     closes a connection idle between requests and one whose request headers
     have not all come within ``idle_timeout_s``.
     """
-    # lingering: how long the rest of a small body answered before it was read is drained
+    # lingering: how long the rest of a body answered before it was read is drained (read
+    # and dropped, never buffered) before the connection is closed
     return {"keepalive_timeout": config.idle_timeout_s,
             "lingering_time": min(1.0, config.read_timeout_s)}
 
