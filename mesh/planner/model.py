@@ -5,9 +5,10 @@ from __future__ import annotations
 import dataclasses
 import enum
 from dataclasses import dataclass, field
-from typing import Any, TypeVar
+from typing import TYPE_CHECKING, Any, TypeVar
 
-from mesh.registry import Profile
+if TYPE_CHECKING:  # mesh.wire imports the policy registry, which imports this: keep it light
+    from mesh.registry import Profile
 
 __all__ = ["Candidate", "Prediction", "Scored", "Escalation", "Decision", "Rank"]
 
