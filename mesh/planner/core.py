@@ -132,7 +132,7 @@ class Planner:
         index = self._index(task, tenant)
         table = build_table(entry, task, tenant, index, self.registry.variants,
                             energy_cost_per_kwh=self.topology.energy_cost_per_kwh,
-                            per_hop_ms=self.per_hop_ms, dispatch_ms=self.dispatch_ms,
+                            per_hop_ms=self.per_hop_ms, dispatch_ms=self.tuning.dispatch_ms,
                             margin_ms=self.margin_ms_by_tier, default_margin_ms=self.margin_ms)
         self._tables[(entry, task, tenant)] = table
         return table
@@ -157,7 +157,7 @@ class Planner:
             full, rest = divmod(depth, c.max_batch)
             queue = full * c.profile.latency_ms(c.max_batch) + (
                 c.profile.latency_ms(rest) if rest else 0.0)
-        compute = c.profile.latency_ms(rows) + self.dispatch_ms
+        compute = c.profile.latency_ms(rows) + self.tuning.dispatch_ms
         load = 0.0 if view.is_loaded(c.node, c.variant, now) else c.profile.cold_start_ms
         return Prediction(network, queue, compute, load)
 
@@ -174,7 +174,7 @@ class Planner:
         problems: list[str] = []
         violation = 0.0
         if target is not None:
-            padded = p.total_ms * (1 + self.margin_frac) + self.margin_for(c.tier)
+            padded = p.total_ms * (1 + self.tuning.margin_frac) + self.margin_for(c.tier)
             if padded > target:
                 problems.append(f"predicted {padded:.1f} ms (with margin) > {target:g} ms")
                 violation += (padded - target) / max(target, 1e-3)
