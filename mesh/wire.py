@@ -37,6 +37,7 @@ import numpy as np
 
 from mesh.errors import InvalidInput, PayloadTooLarge, error_from_payload
 from mesh.plan import Plan
+from mesh.planner.policy import POLICIES
 
 __all__ = [
     "ALLOWED_DTYPES",
@@ -60,7 +61,6 @@ __all__ = [
 ALLOWED_DTYPES: frozenset[str] = frozenset(
     {"float16", "float32", "float64", "int8", "uint8", "int16", "int32", "int64", "bool"}
 )
-POLICIES: tuple[str, ...] = ("cheapest", "most-accurate", "fastest", "cascade")
 DEFAULT_MAX_ELEMENTS = 16 * 1024 * 1024
 MAX_TENSORS = 16
 MAX_HOPS = 8
@@ -184,7 +184,7 @@ class SLO:
         if not isinstance(offline, bool):
             raise InvalidInput("slo.offline: must be true or false")
         policy = obj.get("policy", "cheapest")
-        if policy not in POLICIES:
+        if not isinstance(policy, str) or policy not in POLICIES:  # the planner's registry
             raise InvalidInput(f"slo.policy: {brief(policy)} is not one of {list(POLICIES)}")
         confidence = _opt_number(obj, "min_confidence", lo=0.0, hi=1.0)
         degraded = obj.get("allow_degraded", False)

@@ -579,8 +579,10 @@ class NodeAgent:
         response.timing["network_ms"] = response.timing.get("network_ms", 0.0) + max(
             rtt_ms - downstream_ms, 0.0)
         now = self.clock()
+        nodes = self.config.topology.nodes
         for node, depth in response.loads.items():
-            self.view.report(node, int(depth), now)
+            if node in nodes:  # the view holds this mesh's nodes only, whatever a peer says
+                self.view.report(node, int(depth), now)
         return response
 
     # ------------------------------------------------------------------ status

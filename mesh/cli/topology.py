@@ -94,7 +94,7 @@ def _live_view(address: str) -> Any:
 @click.option("--latency-ms", type=float, default=None)
 @click.option("--min-accuracy", type=float, default=None)
 @click.option("--max-cost-per-1k", type=float, default=None, help="USD per 1,000 inferences.")
-@click.option("--policy", type=click.Choice(POLICIES), default="cheapest", show_default=True)
+@click.option("--policy", type=click.Choice(tuple(POLICIES)), default="cheapest", show_default=True)
 @click.option("--rows", type=int, default=1, show_default=True, help="Batch rows in the query.")
 @click.option("--payload-bytes", type=int, default=None,
               help="Request size (default: rows x the task's input size).")

@@ -154,3 +154,21 @@ def test_slo_validates_its_fields() -> None:
         SLO.from_wire({"min_accuracy": 1.5})
     with pytest.raises(InvalidInput, match="offline"):
         SLO.from_wire({"offline": "yes"})
+
+
+def test_a_registered_policy_is_a_valid_slo_policy_and_a_non_string_is_refused() -> None:
+    from mesh.planner.policy import register_policy, unregister_policy
+    from mesh.planner.policies import Cheapest
+
+    @register_policy
+    class Frugal(Cheapest):
+        name = "frugal-test"
+
+    try:
+        assert SLO.from_wire({"policy": "frugal-test"}).policy == "frugal-test"
+    finally:
+        unregister_policy("frugal-test")
+    with pytest.raises(InvalidInput, match="slo.policy"):
+        SLO.from_wire({"policy": "frugal-test"})
+    with pytest.raises(InvalidInput, match="slo.policy"):
+        SLO.from_wire({"policy": ["cheapest"]})
