@@ -10,7 +10,9 @@ surface must still be answered. The node's resident memory is read before,
 after each surface and at the end.
 
 Issue 8 wants zero 5xx over at least 10,000 cases with the node answering
-valid queries throughout and its memory flat. Writes
+valid queries throughout and its memory flat. A 503 with ``Retry-After`` is
+the node refusing what it cannot do now (a latency target nothing can meet,
+issue 8 item 3); those are counted apart, every other 5xx is a defect. Writes
 ``benchmarks/results/fuzz.json``.
 
     python benchmarks/fuzz.py [--home DIR] [--cases 2600] [--check-every 200] [--out FILE]
@@ -114,7 +116,8 @@ def main(argv: list[str] | None = None) -> int:
                         check_every=args.check_every, raise_on_5xx=False, derandomize=False)
             rss[f"after_{surface}"] = rss_bytes(pid)
             print(f"{surface:>10}: {tally.cases} cases in {time.monotonic() - t0:.1f} s, "
-                  f"5xx {tally.five_xx}, hung {tally.hung}, statuses "
+                  f"5xx {tally.five_xx} (+{tally.refusals} 503 refusals with Retry-After), "
+                  f"hung {tally.hung}, statuses "
                   f"{dict(sorted(tally.statuses.items()))}, valid checks "
                   f"{tally.valid_checks - tally.valid_failures}/{tally.valid_checks}, "
                   f"node RSS {rss[f'after_{surface}'] / 2**20:.1f} MiB")
@@ -132,6 +135,8 @@ def main(argv: list[str] | None = None) -> int:
         "five_xx": {s: t.five_xx for s, t in tallies.items()},
         "five_xx_total": sum(t.five_xx for t in tallies.values()),
         "five_xx_examples": {s: t.server_errors for s, t in tallies.items() if t.server_errors},
+        # 503 + Retry-After: refused for now (e.g. a latency target nothing can meet), not a defect
+        "refused_503_with_retry_after": {s: t.refusals for s, t in tallies.items()},
         "hung_stream_connections": sum(t.hung for t in tallies.values()),
         "valid_checks": sum(t.valid_checks for t in tallies.values()),
         "valid_check_failures": sum(t.valid_failures for t in tallies.values()),

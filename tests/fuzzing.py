@@ -302,7 +302,12 @@ class Target:
 
 @dataclass
 class Tally:
-    """What one surface answered: statuses by count, and the first 5xx inputs (shortened)."""
+    """What one surface answered: statuses by count, and the first 5xx inputs (shortened).
+
+    A 503 that says when to retry (``Retry-After``; on the stream ``retry_after_s``) is the
+    node refusing what it cannot do now, such as a latency target nothing meets (issue 8,
+    item 3): it is counted in ``refusals``, not as a defect. Every other 5xx is one.
+    """
 
     statuses: collections.Counter[int] = field(default_factory=collections.Counter)
     cases: int = 0
@@ -313,14 +318,20 @@ class Tally:
     valid_checks: int = 0
     valid_failures: int = 0
 
-    def record(self, status: int, example: bytes | str) -> None:
+    #: 503s that said when to retry
+    refusals: int = 0
+
+    def record(self, status: int, example: bytes | str, *, retry_after: bool = False) -> None:
         self.statuses[status] += 1
-        if status >= 500 and len(self.server_errors) < 5:
+        if status == 503 and retry_after:
+            self.refusals += 1
+        elif status >= 500 and len(self.server_errors) < 5:
             self.server_errors.append(repr(example[:300]))
 
     @property
     def five_xx(self) -> int:
-        return sum(n for status, n in self.statuses.items() if status >= 500)
+        """5xx answers other than refusals that say when to retry."""
+        return sum(n for status, n in self.statuses.items() if status >= 500) - self.refusals
 
 
 class _Http:
@@ -330,7 +341,8 @@ class _Http:
         self.target = target
         self._conn: http.client.HTTPConnection | None = None
 
-    def post(self, path: str, headers: dict[str, str], body: bytes) -> int:
+    def post(self, path: str, headers: dict[str, str], body: bytes) -> tuple[int, bool]:
+        """(status, whether it carries Retry-After)."""
         for attempt in range(2):
             if self._conn is None:
                 self._conn = http.client.HTTPConnection(self.target.host, self.target.http_port,
@@ -349,7 +361,7 @@ class _Http:
                 raise
             if response.will_close:
                 self.close()
-            return response.status
+            return response.status, response.getheader("Retry-After") is not None
         raise AssertionError("unreachable")
 
     def close(self) -> None:
@@ -411,8 +423,12 @@ class _Stream:
                 return
             for _, kind, payload in reader.feed(data):
                 got += 1
-                status, _ = frame_answer(kind, payload)
-                self.tally.record(status, case.data)
+                status, body = frame_answer(kind, payload)
+                retry = False
+                if kind == ERROR:
+                    error = msgpack.unpackb(body, raw=False).get("error", {})
+                    retry = error.get("retry_after_s") is not None
+                self.tally.record(status, case.data, retry_after=retry)
 
 
 def _valid_request(rows: int = 1) -> InferRequest:
@@ -493,8 +509,8 @@ def run_surface(surface: str, target: Target, tally: Tally, *, cases: int,
         else:
             path, headers, body = (("/v1/infer", {"Content-Type": "application/msgpack"}, case)
                                    if surface == "msgpack" else case)
-            status = http.post(path, headers, body)
-            tally.record(status, body)
+            status, retry = http.post(path, headers, body)
+            tally.record(status, body, retry_after=retry)
         if raise_on_5xx:
             assert tally.five_xx == seen, f"{surface}: 5xx for {tally.server_errors[-1]}"
         if tally.cases % check_every == 0:
