@@ -1,11 +1,12 @@
-"""Run one node agent: ``python -m nodes --runtime RUN.json --node NAME``.
+"""Run one node agent.
 
-``RUN.json`` is written by the testbed (``mesh up``): the topology file, the
-home directory (registry + artifact store), and for every node its listen
-address and the URLs that reach its neighbours through the link emulator;
-optionally ``stream_port`` for its own msgpack stream (:mod:`mesh.stream`) and
-``stream_neighbours``, the ``tcp://`` addresses of its neighbours' streams,
-over which it forwards queries (HTTP to a neighbour without one).
+``python -m nodes --topology FILE --node NAME --home DIR`` (what ``mesh node run``
+runs): the node listens where its ``address`` in the topology says and reaches
+its neighbours at theirs; nothing else is needed on the host.
+
+``python -m nodes --runtime RUN.json --node NAME`` (what ``mesh up`` runs): the
+local testbed's run file says where each node listens and the URLs that reach
+its neighbours through the link emulators (HTTP and ``tcp://`` stream URLs).
 """
 
 from __future__ import annotations
@@ -65,31 +66,51 @@ async def serve(config: AgentConfig, address: str) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m nodes", description=__doc__)
-    parser.add_argument("--runtime", required=True, type=Path, help="run file written by mesh up")
+    source = parser.add_mutually_exclusive_group(required=True)
+    source.add_argument("--runtime", type=Path, help="run file written by mesh up (testbed)")
+    source.add_argument("--topology", type=Path,
+                        help="topology file: the node listens where its address says and finds "
+                             "its neighbours at theirs (mesh node run)")
     parser.add_argument("--node", required=True, help="which node of the topology to run")
+    parser.add_argument("--home", type=Path, help="the node's home (with --topology)")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO,
                         format=f"%(asctime)s {args.node} %(levelname)s %(name)s: %(message)s")
-    run = json.loads(args.runtime.read_text())
     try:
-        topology = load_topology(run["topology"])
-    except TopologyError as exc:
-        print(exc, file=sys.stderr)
+        config, address = (_from_run_file(args.runtime, args.node) if args.runtime
+                           else _from_topology(args.topology, args.node, args.home))
+    except (TopologyError, ValueError, OSError) as exc:
+        print(f"cannot start node {args.node!r}: {exc}", file=sys.stderr)
         return 2
-    me = run["nodes"].get(args.node)
+    # Runtimes loaded later (torch, LiteRT) size their thread pools from these.
+    for key, value in thread_env(config.topology.hardware_of(args.node).threads).items():
+        os.environ.setdefault(key, value)
+    _run(serve(config, address))
+    return 0
+
+
+def _from_topology(path: Path, node: str, home: Path | None) -> tuple[AgentConfig, str]:
+    """One node per host: everything from the topology file (``mesh node run``)."""
+    topology = load_topology(path)
+    config = AgentConfig.from_topology(topology, node, (home or Path(".tiermesh")).resolve())
+    address = topology.nodes[node].address
+    assert address is not None
+    return config, address.http_url
+
+
+def _from_run_file(path: Path, node: str) -> tuple[AgentConfig, str]:
+    """The local testbed: ports and neighbour URLs (through the link emulators) from run.json."""
+    run = json.loads(path.read_text())
+    topology = load_topology(run["topology"])
+    me = run["nodes"].get(node)
     if me is None:
-        print(f"node {args.node!r} is not in {args.runtime}", file=sys.stderr)
-        return 2
+        raise ValueError(f"node {node!r} is not in {path}")
     config = AgentConfig(
-        node=args.node, topology=topology, home=Path(run["home"]),
+        node=node, topology=topology, home=Path(run["home"]),
         neighbours=me["neighbours"], host=me["host"], port=me["port"],
         stream_port=me.get("stream_port"), stream_neighbours=me.get("stream_neighbours", {}),
     )
-    # Runtimes loaded later (torch, LiteRT) size their thread pools from these.
-    for key, value in thread_env(topology.hardware_of(args.node).threads).items():
-        os.environ.setdefault(key, value)
-    _run(serve(config, f"http://{me['host']}:{me['port']}"))
-    return 0
+    return config, f"http://{me['host']}:{me['port']}"
 
 
 def _run(main: Coroutine[Any, Any, None]) -> None:

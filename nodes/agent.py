@@ -157,6 +157,31 @@ class AgentConfig:
             raise ValueError(f"stream_neighbours: {', '.join(unknown)} have no HTTP URL in "
                              "neighbours; every neighbour needs one (status, artifacts, heartbeats)")
 
+    @classmethod
+    def from_topology(cls, topology: Topology, node: str, home: Path, **options: Any
+                      ) -> AgentConfig:
+        """The config of ``node`` from the topology alone: where it listens and where its
+        neighbours are, from their ``address`` entries (``mesh node run``).
+
+        Raises ``ValueError`` naming the node or neighbour that has no address.
+        """
+        if node not in topology.nodes:
+            raise ValueError(f"node {node!r} is not in topology {topology.name!r} "
+                             f"(nodes: {', '.join(sorted(topology.nodes))})")
+        me = topology.nodes[node].address
+        if me is None:
+            raise ValueError(f"node {node!r} has no address in topology {topology.name!r}; "
+                             "give it address: {host: ..., http_port: ..., stream_port: ...}")
+        missing = [n for n in topology.neighbours(node) if topology.nodes[n].address is None]
+        if missing:
+            raise ValueError(f"neighbour(s) {', '.join(missing)} of {node!r} have no address in "
+                             f"topology {topology.name!r}; {node} could not reach them")
+        neighbours = {n: topology.nodes[n].address for n in topology.neighbours(node)}
+        return cls(node=node, topology=topology, home=home,
+                   neighbours={n: a.http_url for n, a in neighbours.items() if a},
+                   stream_neighbours={n: a.stream_url for n, a in neighbours.items() if a},
+                   host=me.bind_host, port=me.http_port, stream_port=me.stream_port, **options)
+
 
 class NodeAgent:
     """The protocol-neutral data plane of one node. An async context manager."""

@@ -29,6 +29,7 @@ from mesh.topology.schema import (
     Link,
     MembershipSpec,
     Node,
+    NodeAddress,
     Tenant,
     TierSpec,
 )
@@ -42,6 +43,7 @@ __all__ = [
     "Link",
     "MembershipSpec",
     "Node",
+    "NodeAddress",
     "Path_",
     "Tenant",
     "TierSpec",

@@ -204,6 +204,18 @@ def parse_topology(data: Any, *, source: str = "topology") -> Topology:
             errors.append(f"nodes[{i}].name: {node.name!r} is already used by {where_of[node.name]}")
             continue
         where_of[node.name] = f"nodes[{i}]"
+    listening: dict[tuple[str, int], str] = {}
+    for i, node in enumerate(spec.nodes):
+        a = node.address
+        if a is None:
+            continue
+        if a.http_port == a.stream_port:
+            errors.append(f"nodes[{i}].address: http_port and stream_port are both {a.http_port}")
+        for key, port in (("http_port", a.http_port), ("stream_port", a.stream_port)):
+            taken = listening.setdefault((a.host.lower(), port), f"nodes[{i}] ({node.name})")
+            if taken != f"nodes[{i}] ({node.name})":
+                errors.append(f"nodes[{i}].address.{key}: {a.host}:{port} is already used by "
+                              f"{taken}")
     nodes = list(spec.nodes)
     links = list(spec.links)
     group_sizes: dict[str, int] = {}
@@ -265,7 +277,8 @@ def parse_topology(data: Any, *, source: str = "topology") -> Topology:
                          else DEFAULT_MAX_QUEUE)
         resolved.append(Node.model_construct(name=node.name, tier=node.tier,
                                              hardware=node.hardware, variants=tuple(variants),
-                                             max_queue=max_queue, parent=parent[node.name]))
+                                             max_queue=max_queue, parent=parent[node.name],
+                                             address=node.address))
     return Topology(spec.name, dict(spec.hardware), resolved, links, tenants=list(spec.tenants),
                     membership=spec.membership, energy_cost_per_kwh=spec.energy_cost_per_kwh,
                     groups=group_sizes)

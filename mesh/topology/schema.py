@@ -21,6 +21,7 @@ __all__ = [
     "HardwareClass",
     "TierSpec",
     "Node",
+    "NodeAddress",
     "Link",
     "Spread",
     "GroupLink",
@@ -82,6 +83,33 @@ class TierSpec(_Schema):
     max_queue: int | None = Field(None, ge=1)
 
 
+class NodeAddress(_Schema):
+    """Where a node listens and how its neighbours and clients reach it."""
+
+    #: A host name or IP address that the node's neighbours can reach.
+    host: str = Field(min_length=1, max_length=253, pattern=r"^[A-Za-z0-9.:\-\[\]]+$")
+    http_port: int = Field(ge=1, le=65535)
+    stream_port: int = Field(ge=1, le=65535)
+    #: The address the node binds (default: ``host``); ``0.0.0.0`` only when said here.
+    bind: str | None = Field(None, min_length=1, max_length=253)
+
+    @property
+    def bind_host(self) -> str:
+        return self.bind or self.host
+
+    @property
+    def http_url(self) -> str:
+        return f"http://{_url_host(self.host)}:{self.http_port}"
+
+    @property
+    def stream_url(self) -> str:
+        return f"tcp://{_url_host(self.host)}:{self.stream_port}"
+
+
+def _url_host(host: str) -> str:
+    return f"[{host}]" if ":" in host and not host.startswith("[") else host
+
+
 class Node(_Schema):
     name: str = Field(min_length=1, max_length=63, pattern=NAME_PATTERN)
     tier: Tier
@@ -91,6 +119,8 @@ class Node(_Schema):
     max_queue: int | None = Field(None, ge=1)
     #: The node it reports to; missing = derived (the nearest linked node of a higher tier).
     parent: str | None = None
+    #: Where it runs (``mesh node run``); missing = wherever ``mesh up`` puts it.
+    address: NodeAddress | None = None
 
     def allows(self, variant: str) -> bool:
         """Whether this node may host ``variant`` (entries may be glob patterns)."""
