@@ -65,7 +65,8 @@ def main(argv: list[str] | None = None) -> int:
     images = load_heldout()[0][:1]
     cases = []
     with tempfile.TemporaryDirectory() as run_dir, \
-            LocalMesh(ROOT / "topologies" / "local.yaml", home=args.home, run_dir=run_dir) as mesh:
+            LocalMesh(ROOT / "topologies" / "local.yaml", home=args.home, run_dir=run_dir,
+                      use_addresses=False) as mesh:
         assert mesh.state is not None
         pid = next(int(p["pid"]) for p in mesh.state.processes
                    if p["role"] == "node" and p["name"] == "edge-1")

@@ -122,7 +122,7 @@ def run(home: Path, queries: int, hop_transport: str = "stream") -> dict[str, An
     images, _ = load_heldout()
     classes: dict[str, dict[str, Any]] = {}
     with LocalMesh(LOCAL, home=home, run_dir=Path(tempfile.mkdtemp(prefix="pred-")),
-                   hop_transport=hop_transport) as mesh:
+                   hop_transport=hop_transport, use_addresses=False) as mesh:
         url = mesh.url("edge-1")
         topo = mesh.topology
         classes["edge"] = _summarise(_sequential(url, images, {"latency_ms": 10.0}, queries), topo)
@@ -138,7 +138,7 @@ def run(home: Path, queries: int, hop_transport: str = "stream") -> dict[str, An
         topo = Path(tmp) / "core-serves-cnn.yaml"
         topo.write_text(yaml.safe_dump(data))
         with LocalMesh(topo, home=home, run_dir=Path(tmp) / "run",
-                       hop_transport=hop_transport) as mesh:
+                       hop_transport=hop_transport, use_addresses=False) as mesh:
             classes["core"] = _summarise(_sequential(
                 mesh.url("edge-1"), images, {"latency_ms": 500.0, "min_accuracy": 0.99}, queries),
                 mesh.topology)

@@ -201,12 +201,19 @@ class Registry:
     the constructor was given) onto the file as it is when saving, so that
     changes other processes saved since this one was loaded are kept. The
     last change to one variant name wins.
+
+    Every save that changes something raises :attr:`version` by one. A node
+    reports the version it serves; a child whose parent holds a newer one pulls
+    the parent's :meth:`to_document` and :meth:`adopt` s it, so the core's
+    registry (the mesh's) reaches every node.
     """
 
     def __init__(self, variants: dict[str, Variant] | None = None,
                  rejected: dict[str, Rejection] | None = None) -> None:
         self.variants: dict[str, Variant] = {}
         self.rejected: dict[str, Rejection] = {}
+        #: raised by one by every save that changes the file (0: never saved)
+        self.version = 0
         #: changes not saved yet, in order: ("add", Variant) / ("reject", Rejection) /
         #: ("remove_family", family)
         self._changes: list[tuple[str, Any]] = []
@@ -273,7 +280,7 @@ class Registry:
         missing or of the wrong kind) when the file was damaged by hand.
         """
         registry = cls()
-        registry.variants, registry.rejected = _read(Path(home) / REGISTRY_FILE)
+        registry.variants, registry.rejected, registry.version = _read(Path(home) / REGISTRY_FILE)
         return registry
 
     def save(self, home: str | Path) -> Path:
@@ -289,22 +296,61 @@ class Registry:
             # Under the lock nobody else writes the registry: leftovers are from dead writers.
             remove_stale_temps(home)
             current = Registry()
-            current.variants, current.rejected = _read(path)
+            current.variants, current.rejected, current.version = _read(path)
             for kind, arg in self._changes:
                 current._apply(kind, arg)
-            write_atomic(path, json.dumps(
-                {"schema": SCHEMA_VERSION,
-                 "variants": {n: v.to_json() for n, v in sorted(current.variants.items())},
-                 "rejected": {n: r.to_json() for n, r in sorted(current.rejected.items())}},
-                indent=2))
-        self.variants, self.rejected = current.variants, current.rejected
+            if self._changes or not path.exists():
+                current.version += 1
+                write_atomic(path, json.dumps(current.to_document(), indent=2))
+        self.variants, self.rejected, self.version = (current.variants, current.rejected,
+                                                      current.version)
         self._changes.clear()
         return path
 
+    def to_document(self) -> dict[str, Any]:
+        """The registry as its file holds it (what a parent sends a child)."""
+        return {"schema": SCHEMA_VERSION, "version": self.version,
+                "variants": {n: v.to_json() for n, v in sorted(self.variants.items())},
+                "rejected": {n: r.to_json() for n, r in sorted(self.rejected.items())}}
 
-def _read(path: Path) -> tuple[dict[str, Variant], dict[str, Rejection]]:
+    @classmethod
+    def from_document(cls, doc: Any) -> Registry:
+        """A registry from :meth:`to_document`'s form; raises ``ValueError`` naming the fault."""
+        if not isinstance(doc, dict) or not isinstance(doc.get("variants"), dict):
+            raise ValueError("registry: not a registry document (no variants map)")
+        version = doc.get("version", 0)
+        if not isinstance(version, int) or isinstance(version, bool) or version < 0:
+            raise ValueError(f"registry.version: must be a non-negative integer, got {version!r}")
+        registry = cls()
+        try:
+            registry.variants = {n: Variant.from_json(v) for n, v in doc["variants"].items()}
+            registry.rejected = {n: Rejection.from_json(r)
+                                 for n, r in (doc.get("rejected") or {}).items()}
+        except (KeyError, TypeError, ValueError, AttributeError) as exc:
+            raise ValueError(f"registry: a variant entry is malformed ({exc})") from None
+        registry.version = version
+        return registry
+
+    def adopt(self, home: str | Path) -> bool:
+        """Make this registry (a parent's, with its version) the one in ``home``, unless the
+        file there is already as new. Atomic and durable; True when it was written."""
+        home = Path(home)
+        home.mkdir(parents=True, exist_ok=True)
+        path = home / REGISTRY_FILE
+        with locked(home / LOCK_FILE):
+            remove_stale_temps(home)
+            _, _, held = _read(path)
+            if path.exists() and held >= self.version:
+                return False
+            write_atomic(path, json.dumps(self.to_document(), indent=2))
+        self._changes.clear()
+        return True
+
+
+def _read(path: Path) -> tuple[dict[str, Variant], dict[str, Rejection], int]:
     if not path.exists():
-        return {}, {}
+        return {}, {}, 0
     data = json.loads(path.read_text())
     return ({name: Variant.from_json(v) for name, v in data.get("variants", {}).items()},
-            {name: Rejection.from_json(r) for name, r in data.get("rejected", {}).items()})
+            {name: Rejection.from_json(r) for name, r in data.get("rejected", {}).items()},
+            int(data.get("version", 0)))

@@ -14,6 +14,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
+import dataclasses
 import json
 import logging
 import os
@@ -73,12 +74,17 @@ def main(argv: list[str] | None = None) -> int:
                              "its neighbours at theirs (mesh node run)")
     parser.add_argument("--node", required=True, help="which node of the topology to run")
     parser.add_argument("--home", type=Path, help="the node's home (with --topology)")
+    parser.add_argument("--tls-dir", type=Path,
+                        help="ca.pem, node.pem and node-key.pem: mutual TLS with the other nodes")
+    parser.add_argument("--insecure", action="store_true",
+                        help="allow a non-loopback address without TLS")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO,
                         format=f"%(asctime)s {args.node} %(levelname)s %(name)s: %(message)s")
     try:
         config, address = (_from_run_file(args.runtime, args.node) if args.runtime
                            else _from_topology(args.topology, args.node, args.home))
+        config = _secured(config, args.tls_dir, args.insecure)
     except (TopologyError, ValueError, OSError) as exc:
         print(f"cannot start node {args.node!r}: {exc}", file=sys.stderr)
         return 2
@@ -87,6 +93,19 @@ def main(argv: list[str] | None = None) -> int:
         os.environ.setdefault(key, value)
     _run(serve(config, address))
     return 0
+
+
+def _secured(config: AgentConfig, tls_dir: Path | None, insecure: bool) -> AgentConfig:
+    """``config`` with the node's TLS files (``--tls-dir``) and ``--insecure``, if given."""
+    options: dict[str, Any] = {}
+    if tls_dir is not None:
+        from mesh.certs import TlsFiles
+
+        options["tls"] = TlsFiles(tls_dir / "ca.pem", tls_dir / "node.pem",
+                                  tls_dir / "node-key.pem")
+    if insecure:
+        options["allow_insecure"] = True
+    return dataclasses.replace(config, **options) if options else config
 
 
 def _from_topology(path: Path, node: str, home: Path | None) -> tuple[AgentConfig, str]:

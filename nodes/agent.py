@@ -32,7 +32,9 @@ feasibility are those of the variant that ran.
 
 from __future__ import annotations
 
+import asyncio
 import collections
+import contextlib
 import logging
 import time
 from collections.abc import Callable, Mapping
@@ -80,6 +82,7 @@ from nodes.membership import LocalLoad
 from nodes.metrics import NodeMetrics, outcome_of
 from nodes.models import ModelConfig, ModelManager, RuntimeLookup
 from nodes.peers import PeerKey
+from nodes.registry_sync import RegistrySync
 
 __all__ = ["AgentConfig", "NodeAgent"]
 
@@ -230,6 +233,10 @@ class NodeAgent:
             self.artifacts, self._executor, metrics=self.metrics, on_change=self._report_self,
             clock=clock, runtimes=runtimes)
         self.metrics.watch(self.models.gauges, lambda: self.models.config.budget_bytes)
+        self.registry_sync = RegistrySync(
+            self, parent_url=config.neighbours.get(parent) if parent else None,
+            session=lambda: self._http)
+        self._adopting: asyncio.Task[None] | None = None
         #: task -> its input specs (the hot path must not scan the registry)
         self._inputs: dict[str, tuple[TensorSpec, ...]] = {}
         #: (node, variant) routes checked once: -> the variant's task
@@ -246,12 +253,11 @@ class NodeAgent:
         )
         try:
             await self.neighbours.__aenter__()
+            await self.registry_sync.start()  # the parent's registry first: it says what to host
+            await self.registry_sync.__aenter__()
             await self.models.__aenter__()
             # A hardware class with no profile: measure here before advertising anything.
-            for name, profile in (await self.models.profile_missing()).items():
-                variant = self.registry.variants[name]
-                self.registry.add(replace(variant, profiles={**variant.profiles,
-                                                             self.hardware.profile_key: profile}))
+            await self._profile_missing()
             await self.models.preload(v.name for v in self.planner.hosted(self.name))
         except BaseException:
             await self.__aexit__(None, None, None)
@@ -262,6 +268,12 @@ class NodeAgent:
 
     async def __aexit__(self, *exc: object) -> None:
         self.ready = False
+        await self.registry_sync.__aexit__(None, None, None)
+        if self._adopting is not None:
+            self._adopting.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._adopting
+            self._adopting = None
         await self.neighbours.aclose()
         await self.models.__aexit__(None, None, None)
         await self.artifacts.aclose()
@@ -269,6 +281,41 @@ class NodeAgent:
             await self._http.close()
             self._http = None
         self._executor.shutdown(wait=True, cancel_futures=True)
+
+    async def adopt_registry(self, registry: Registry) -> None:
+        """Serve from ``registry`` from now on (a newer one from the parent, or a model
+        registered here): plan with it, host what it adds, load that in the background."""
+        before = set(self.models.variants)
+        self.registry = registry
+        self.planner = Planner(self.config.topology, registry)
+        self._inputs.clear()
+        self._routes.clear()
+        self.artifacts.use_policy(PullPolicy(self.config.topology, self.name,
+                                             registry.variants.values()))
+        hosted = {v.name: v for v in registry.variants.values() if self.spec.allows(v.name)}
+        self.models.variants.update(hosted)
+        self._report_self()
+        new = sorted(set(hosted) - before)
+        if new and self.ready:
+            if self._adopting is not None and not self._adopting.done():
+                self._adopting.cancel()
+            self._adopting = asyncio.create_task(self._load_new(), name=f"adopt:{self.name}")
+
+    async def _load_new(self) -> None:
+        """Profile what this hardware class has no profile for, then load what fits."""
+        try:
+            await self._profile_missing()
+            await self.models.preload(v.name for v in self.planner.hosted(self.name))
+        except Exception:  # the node keeps serving what it had
+            log.exception("%s: loading the variants a new registry adds failed", self.name)
+        self._report_self()
+
+    async def _profile_missing(self) -> None:
+        for name, profile in (await self.models.profile_missing()).items():
+            variant = self.registry.variants[name]
+            self.registry.add(replace(variant, profiles={**variant.profiles,
+                                                         self.hardware.profile_key: profile}))
+        self.planner = Planner(self.config.topology, self.registry)
 
     @property
     def loaded(self) -> Mapping[str, Any]:
@@ -638,6 +685,11 @@ class NodeAgent:
             "address": address,
             "stream_address": stream_address,
             "topology": self.config.topology.name,
+            #: the registry version this node serves (the core's, once copied down the tree)
+            "registry_version": self.registry.version,
+            #: neighbours this node currently counts as down (missed heartbeats, failed hops)
+            "unreachable": sorted(n for n in self.config.topology.neighbours(self.name)
+                                  if self.view.is_down(n, self.clock())),
             "uptime_s": round(self.clock() - self._started, 3),
             "ready": self.ready,
             "variants": variants,

@@ -20,6 +20,13 @@ before it was read is never buffered: what still comes is dropped for at
 most a second (so that its sender reads the answer), then the connection
 closes.
 
+Who may do what (:mod:`nodes.identity`): a query's ``route`` is honoured and
+an artifact served only for a node of the mesh: with TLS, one whose verified
+certificate names it (a certificate of the mesh CA naming anything else gets
+403 on every route); without TLS, one that sends the mesh-key token.
+Everyone else is a client (anonymous today; client authentication slots in
+as another kind of caller in :class:`~nodes.identity.Callers`).
+
 The error middleware is the only place where errors become responses: a
 :class:`~mesh.errors.MeshError` keeps its status (and ``Retry-After`` when it
 says when to retry); anything unexpected is logged and answered 500 without
@@ -42,11 +49,13 @@ from mesh.wire import decode_request, encode_response, pack
 from nodes.agent import AgentConfig, NodeAgent
 from nodes.answers import as_mesh_error, error_to_wire, retry_after
 from nodes.artifacts import check_sha256
+from nodes.identity import Callers
 from nodes.limits import BodyTimeout, NodeLimits, read_body
 from nodes.metrics import CONTENT_TYPE
 from nodes.oip import OipAdapter
+from nodes.registry_sync import routes as registry_routes
 
-__all__ = ["AGENT", "LIMITS", "make_app", "runner_options"]
+__all__ = ["AGENT", "CALLERS", "LIMITS", "caller", "make_app", "runner_options"]
 
 log = logging.getLogger("tiermesh.app")
 
@@ -54,6 +63,7 @@ AGENT = web.AppKey("agent", NodeAgent)
 ADDRESS = web.AppKey("address", str)
 STREAM_ADDRESS = web.AppKey("stream_address", str)
 LIMITS = web.AppKey("limits", NodeLimits)
+CALLERS = web.AppKey("callers", Callers)
 MSGPACK = "application/msgpack"
 _MSGPACK_TYPES = {MSGPACK, "application/x-msgpack", "application/vnd.msgpack"}
 
@@ -112,6 +122,18 @@ def _http_error(request: web.Request, exc: web.HTTPException) -> web.Response:
     return _error_response(request, MeshError(exc.reason), exc.status)
 
 
+def caller(request: web.Request) -> str | None:
+    """The mesh node ``request`` comes from, or None for a client. Raises Forbidden."""
+    return request.app[CALLERS].of_request(request.transport, request.headers)
+
+
+@web.middleware
+async def certificate_middleware(request: web.Request, handler: Handler) -> web.StreamResponse:
+    """With TLS: a mesh certificate for a name outside the topology is refused everywhere."""
+    request.app[CALLERS].of_connection(request.transport)
+    return await handler(request)
+
+
 async def infer(request: web.Request) -> web.Response:
     if request.content_type not in _MSGPACK_TYPES:
         raise InvalidInput(f"Content-Type: send {MSGPACK}, got {request.content_type!r}")
@@ -119,8 +141,8 @@ async def infer(request: web.Request) -> web.Response:
     async with read_body(request, cap=limits.caps.msgpack_bytes, budget=limits.budget,
                          timeout_s=limits.read_timeout_s) as body:
         req = decode_request(body, max_elements=agent.config.max_elements)
-    # only a proven neighbour may send a route (nodes.peers); everyone else is a client
-    response = await agent.infer(req, from_client=agent.peers.peer_of(request.headers) is None)
+    # only a proven node may send a route (nodes.identity); everyone else is a client
+    response = await agent.infer(req, from_client=caller(request) is None)
     return web.Response(body=encode_response(response), content_type=MSGPACK)
 
 
@@ -132,9 +154,9 @@ async def status(request: web.Request) -> web.Response:
 async def artifact(request: web.Request) -> web.StreamResponse:
     """A child node's pull (nodes.artifacts.PullPolicy); clients and strangers get a 403."""
     sha256 = check_sha256(request.match_info["sha256"])
-    agent = request.app[AGENT]
-    path = await agent.artifacts.serve(sha256, requester=agent.peers.peer_of(request.headers),
-                                       remote=request.remote)
+    agent, callers = request.app[AGENT], request.app[CALLERS]
+    path = await agent.artifacts.serve(sha256, requester=caller(request), remote=request.remote,
+                                       by_certificate=callers.tls)
     return web.FileResponse(path, headers={"Content-Type": "application/octet-stream"})
 
 
@@ -164,9 +186,12 @@ def make_app(agent: NodeAgent, *, address: str = "", stream_address: str | None 
              limits: NodeLimits | None = None) -> web.Application:
     """The node's app. ``limits``: share the stream port's (one body budget); default: the agent's."""
     limits = limits or NodeLimits.for_agent(agent)
-    app = web.Application(middlewares=[error_middleware],
-                          client_max_size=limits.largest_body_bytes)
+    callers = Callers.for_agent(agent)
+    # the certificate check costs a plain-HTTP node nothing: it is only there with TLS
+    middlewares = [error_middleware, certificate_middleware] if callers.tls else [error_middleware]
+    app = web.Application(middlewares=middlewares, client_max_size=limits.largest_body_bytes)
     app[AGENT] = agent
+    app[CALLERS] = callers
     app[LIMITS] = limits
     app[ADDRESS] = address
     app[STREAM_ADDRESS] = stream_address or ""
@@ -176,4 +201,5 @@ def make_app(agent: NodeAgent, *, address: str = "", stream_address: str | None 
     app.router.add_get("/metrics", metrics)
     app.router.add_get("/healthz", healthz)
     app.router.add_routes(OipAdapter(agent, limits).routes())
+    app.router.add_routes(registry_routes(agent))
     return app

@@ -188,6 +188,33 @@ class ArtifactSource:
         """Stop trusting the local copy (it failed to load); the next ensure re-hashes it."""
         self._verified.discard(sha256)
 
+    def use_policy(self, policy: PullPolicy) -> None:
+        """A new registry: what this node hosts and serves follows it from now on."""
+        self.policy = policy
+        self._known = policy.hosted
+
+    async def receive(self, sha256: str, content: aiohttp.StreamReader, *,
+                      max_bytes: int = 8 << 30) -> int:
+        """Store an uploaded artifact (an operator registering a model here), verified by
+        its sha256 as it is written; returns its size. Raises :class:`InvalidInput` when the
+        bytes do not hash to ``sha256`` (nothing is kept) or exceed ``max_bytes``."""
+        check_sha256(sha256)
+        digest = hashlib.sha256()
+        size = 0
+        with self.store.pending(sha256) as pending:
+            async for chunk in content.iter_chunked(1 << 16):
+                size += len(chunk)
+                if size > max_bytes:
+                    raise InvalidInput(f"artifact {sha256[:12]}: over {max_bytes} bytes")
+                digest.update(chunk)
+                pending.write(chunk)
+            if digest.hexdigest() != sha256:
+                raise InvalidInput(f"artifact {sha256[:12]}: the {size} bytes sent hash to "
+                                   f"{digest.hexdigest()[:12]}, not to their name")
+            await asyncio.get_running_loop().run_in_executor(self._executor, pending.commit)
+        self._verified.add(sha256)
+        return size
+
     async def ensure(self, sha256: str) -> Path:
         """The path of a verified local copy of an artifact this node hosts, pulled when needed.
 

@@ -66,8 +66,14 @@ class Membership:
     def __init__(self, node: str, topology: Topology, view: MeshView, *,
                  neighbours: Mapping[str, str], local_load: Callable[[], LocalLoad],
                  clock: Callable[[], float] = time.monotonic,
-                 peers: PeerKey | None = None) -> None:
+                 peers: PeerKey | None = None,
+                 registry_version: Callable[[], int] | None = None,
+                 on_registry: Callable[[int], None] | None = None) -> None:
         self.node = node
+        #: this node's registry version, told to children in every heartbeat answer
+        self.registry_version = registry_version
+        #: called with the parent's registry version from every heartbeat answer
+        self.on_registry = on_registry
         #: with a key, heartbeats are signed and only a child's own signed heartbeat counts
         self.peers = peers
         self.topology = topology
@@ -103,7 +109,8 @@ class Membership:
         config = agent.config
         return cls(config.node, config.topology, agent.view, neighbours=config.neighbours,
                    local_load=agent.local_load, clock=agent.clock,
-                   peers=agent.peers)
+                   peers=agent.peers, registry_version=lambda: agent.registry.version,
+                   on_registry=agent.registry_sync.parent_has)
 
     # ------------------------------------------------------------------ lifecycle
     async def __aenter__(self) -> Membership:
@@ -193,6 +200,10 @@ class Membership:
                 self.view.set_down(self._cut_off, now)
                 self.subtree.cut_off(self._cut_off)  # and tell the children
             return
+        registry = reply.get("registry")
+        if self.on_registry is not None and isinstance(registry, int) \
+                and not isinstance(registry, bool):
+            self.on_registry(registry)
         if self.upstream.heard(self.parent, now):
             log.info("%s: parent %s is back", self.node, self.parent)
             self.view.clear_down(self._cut_off)
@@ -237,6 +248,8 @@ class Membership:
         known = version if body.get("epoch") == self.epoch else -1
         current, summary = self.subtree.summary_for(child, self._own, known, now)
         reply: dict[str, Any] = {"epoch": self.epoch, "version": current}
+        if self.registry_version is not None:
+            reply["registry"] = self.registry_version()
         if summary is not None:
             reply["entries"] = [e.to_wire() for e in summary]
         return reply

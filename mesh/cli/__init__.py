@@ -4,6 +4,7 @@
 
     mesh build                         train and register the bundled variants
     mesh up topologies/local.yaml      start every node (own process) with emulated links
+    mesh node run TOPOLOGY NODE        run one node here, from its address in the topology
     mesh status [--json]               one row per node: tier, address, variants, queue, p50/p99
     mesh plan --task digits --from edge-1 --latency-ms 10
     mesh variants list [--task T]      the registered variants and their measurements
@@ -22,7 +23,7 @@ from __future__ import annotations
 
 import sys
 
-from mesh.cli import models, run, topology, variants  # noqa: F401  (registers the commands)
+from mesh.cli import models, node, run, topology, variants  # noqa: F401  (registers the commands)
 from mesh.cli.app import cli
 
 __all__ = ["cli", "main"]

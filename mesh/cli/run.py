@@ -17,12 +17,18 @@ __all__: list[str] = []  # commands register themselves on the cli group
 # ---------------------------------------------------------------------- up / down
 @cli.command()
 @click.argument("topology", type=click.Path(dir_okay=False))
+@click.option("--free-ports", is_flag=True,
+              help="Ignore the ports in the topology's addresses; use any free ones.")
 @click.pass_context
-def up(ctx: click.Context, topology: str) -> None:
-    """Start every node of TOPOLOGY on this machine, with emulated links."""
+def up(ctx: click.Context, topology: str, free_ports: bool) -> None:
+    """Start every node of TOPOLOGY on this machine, with emulated links.
+
+    A node whose topology entry gives an address listens on its ports (on loopback), so
+    that the URLs in the topology file work; the links between nodes are emulated.
+    """
     from mesh.testbed.local import LocalMesh
 
-    mesh = LocalMesh(topology, home=home_of(ctx))
+    mesh = LocalMesh(topology, home=home_of(ctx), use_addresses=not free_ports)
     with console.status(f"starting {len(mesh.topology.nodes)} nodes and "
                         f"{len(mesh.topology.links)} links..."):
         state = mesh.start()

@@ -114,10 +114,13 @@ class LocalMesh:
     stop_timeout_s: float = 10.0
 
     def __init__(self, topology: str | Path, *, home: str | Path, run_dir: str | Path | None = None,
-                 host: str = "127.0.0.1", hop_transport: str = "stream") -> None:
+                 host: str = "127.0.0.1", hop_transport: str = "stream",
+                 use_addresses: bool = True) -> None:
         """``hop_transport``: how nodes forward to their neighbours, ``"stream"`` (one
         persistent msgpack stream per neighbour) or ``"http"`` (for comparison). Every node
-        serves both either way."""
+        serves both either way. ``use_addresses``: a node whose topology entry gives an
+        address listens on its ports (so that the README's URLs work); False: every node
+        on free ports (tests that may run beside another mesh)."""
         if hop_transport not in ("stream", "http"):
             raise ValueError(f"hop_transport: expected 'stream' or 'http', got {hop_transport!r}")
         self.hop_transport = hop_transport
@@ -126,6 +129,7 @@ class LocalMesh:
         self.home = Path(home).resolve()
         self.run_dir = Path(run_dir).resolve() if run_dir else self.home / "run"
         self.host = host
+        self.use_addresses = use_addresses
         self._procs: list[tuple[str, str, subprocess.Popen[bytes]]] = []
         self.state: MeshState | None = None
 
@@ -173,6 +177,12 @@ class LocalMesh:
         ports = iter(_free_ports(2 * len(names) + 4 * len(topo.links), self.host))
         node_port = {n: next(ports) for n in names}
         stream_port = {n: next(ports) for n in names}
+        if self.use_addresses:  # the topology's own ports, on this machine's loopback
+            for n in names:
+                address = topo.nodes[n].address
+                if address is not None:
+                    node_port[n], stream_port[n] = address.http_port, address.stream_port
+            self._check_ports_free([p for n in names for p in (node_port[n], stream_port[n])])
         neighbours: dict[str, dict[str, str]] = {n: {} for n in names}
         stream_neighbours: dict[str, dict[str, str]] = {n: {} for n in names}
         link_spec = []
@@ -216,6 +226,20 @@ class LocalMesh:
             self.stop()
             raise
         return self.state
+
+    def _check_ports_free(self, ports: list[int]) -> None:
+        busy = []
+        for port in ports:
+            with socket.socket() as s:
+                try:
+                    s.bind((self.host, port))
+                except OSError:
+                    busy.append(port)
+        if busy:
+            raise TestbedError(
+                f"port(s) {', '.join(map(str, busy))} on {self.host}, which the topology's "
+                "addresses give its nodes, are in use; stop what holds them ('mesh down'), "
+                "or start with free ports (mesh up --free-ports)")
 
     def _spawn(self, role: str, name: str, argv: list[str]) -> None:
         log = open(self.run_dir / "logs" / f"{name}.log", "wb")

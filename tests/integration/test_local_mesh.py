@@ -175,7 +175,8 @@ def test_core_round_trip_pays_both_links_each_way(built_home: Path, tmp_path: Pa
     topo = tmp_path / "core-only.yaml"
     topo.write_text(yaml.safe_dump(data))
     images, _ = heldout
-    with LocalMesh(topo, home=built_home, run_dir=tmp_path / "run") as m:
+    with LocalMesh(topo, home=built_home, run_dir=tmp_path / "run",
+                   use_addresses=False) as m:
         with Client(m.url("edge-1")) as client:
             client.infer("digits", images[:1])
             results = [client.infer("digits", images[i:i + 1], min_accuracy=0.99, latency_ms=500)

@@ -35,7 +35,8 @@ def test_queries_route_around_a_killed_node(built_home: Path, tmp_path: Path, he
     topo.write_text(yaml.safe_dump(data))
     down_after_s = 0.2 * 3
     images, _ = heldout
-    with LocalMesh(topo, home=built_home, run_dir=tmp_path / "run") as m:
+    with LocalMesh(topo, home=built_home, run_dir=tmp_path / "run",
+                   use_addresses=False) as m:
         with Client(m.url("edge-1"), timeout_s=10) as client:
             before = [client.infer("digits", images[i:i + 1], min_accuracy=0.99, latency_ms=500)
                       for i in range(5)]

@@ -41,7 +41,8 @@ def _status(mesh: LocalMesh, node: str) -> dict:
 
 @pytest.fixture(scope="module")
 def mesh(built_home: Path, tmp_path_factory: pytest.TempPathFactory):
-    with LocalMesh(LOCAL, home=built_home, run_dir=tmp_path_factory.mktemp("run")) as m:
+    with LocalMesh(LOCAL, home=built_home, run_dir=tmp_path_factory.mktemp("run"),
+                   use_addresses=False) as m:
         yield m
 
 
@@ -143,7 +144,8 @@ def test_a_stream_neighbour_going_away_fails_cleanly_or_reroutes(
         built_home: Path, tmp_path: Path, heldout) -> None:
     """mid-1 dies: queries that needed it go elsewhere (or fail with a 5xx), never hang."""
     images, _ = heldout
-    with LocalMesh(LOCAL, home=built_home, run_dir=tmp_path / "run") as m:
+    with LocalMesh(LOCAL, home=built_home, run_dir=tmp_path / "run",
+                   use_addresses=False) as m:
         with Client(m.stream_url("edge-1"), timeout_s=10) as client:
             first = [client.infer("digits", images[i:i + 1], min_accuracy=0.98, latency_ms=250)
                      for i in range(3)]

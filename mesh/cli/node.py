@@ -1,0 +1,63 @@
+"""``mesh node run``: one node of a topology on this machine, from the topology alone."""
+
+from __future__ import annotations
+
+import os
+import sys
+from pathlib import Path
+
+import click
+
+from mesh.cli.app import cli, home_of
+from mesh.errors import MeshError
+from mesh.topology import load_topology
+
+__all__: list[str] = []  # commands register themselves on the cli group
+
+
+@cli.group()
+def node() -> None:
+    """Run one node of a mesh (one node per host)."""
+
+
+@node.command("run")
+@click.argument("topology_file", type=click.Path(dir_okay=False))
+@click.argument("name")
+@click.option("--tls-dir", type=click.Path(file_okay=False),
+              help="ca.pem, node.pem, node-key.pem for mutual TLS with the other nodes "
+                   "(mesh certs issue).")
+@click.option("--insecure", is_flag=True,
+              help="Allow a non-loopback address without TLS (a trusted network only).")
+@click.pass_context
+def run(ctx: click.Context, topology_file: str, name: str, tls_dir: str | None,
+        insecure: bool) -> None:
+    """Start node NAME of TOPOLOGY_FILE here: it listens at its address and finds its
+    neighbours at theirs. It pulls the registry entries and artifacts it needs from its
+    parent, so its --home may start empty. Runs until SIGTERM or Ctrl-C."""
+    topology = load_topology(topology_file)  # a broken file is reported by key path
+    if name not in topology.nodes:
+        raise MeshError(f"node {name!r} is not in {topology_file} "
+                        f"(nodes: {', '.join(sorted(topology.nodes))})")
+    spec = topology.nodes[name]
+    if spec.address is None:
+        raise MeshError(f"node {name!r} has no address in {topology_file}; give it "
+                        "address: {host: ..., http_port: ..., stream_port: ...}")
+    missing = [n for n in topology.neighbours(name) if topology.nodes[n].address is None]
+    if missing:
+        raise MeshError(f"neighbour(s) {', '.join(missing)} of {name!r} have no address in "
+                        f"{topology_file}")
+    if tls_dir is not None:
+        absent = [f for f in ("ca.pem", "node.pem", "node-key.pem")
+                  if not (Path(tls_dir) / f).is_file()]
+        if absent:
+            raise MeshError(f"--tls-dir {tls_dir}: missing {', '.join(absent)}; make them "
+                            f"with 'mesh certs issue {name} --topology {topology_file}'")
+    home = home_of(ctx).resolve()
+    argv = [sys.executable, "-m", "nodes", "--topology", str(Path(topology_file).resolve()),
+            "--node", name, "--home", str(home)]
+    if tls_dir is not None:
+        argv += ["--tls-dir", str(Path(tls_dir).resolve())]
+    if insecure:
+        argv.append("--insecure")
+    # The node is its own process image: signals, exit status and logs are the node's.
+    os.execv(sys.executable, argv)

@@ -1,0 +1,199 @@
+"""The mesh's registry on every node: the core holds it, every other node copies its parent's.
+
+A node starts from whatever home it is given, empty included. If it has a
+parent, it asks the parent for its registry (``GET /v1/registry``) before it
+advances anything, and adopts it when it is newer than its own (atomically,
+:meth:`mesh.registry.Registry.adopt`); it then pulls the artifacts it hosts
+from the parent as it loads them, each verified by sha256
+(:mod:`nodes.artifacts`). Every heartbeat answer carries the parent's
+registry version; a child that sees a newer one pulls it again and loads
+what it now hosts, without a restart, so a model registered at the core
+reaches the edge within a membership interval or two per tier.
+
+``POST /v1/registry/variants`` registers variants at a running node (the
+core, normally: ``mesh models add --mesh URL``): their artifacts must be in
+its store already (``PUT /v1/artifacts/{sha256}``, verified as written).
+Both the registry read and the write are for mesh nodes and operators
+holding the mesh key (:mod:`nodes.peers`); clients get 403.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import logging
+from collections.abc import Callable
+from typing import TYPE_CHECKING, Any
+
+import aiohttp
+from aiohttp import web
+
+from mesh.errors import Forbidden, InvalidInput, Unavailable
+from mesh.registry import Registry, Variant
+
+if TYPE_CHECKING:  # the agent owns a RegistrySync: only the type is needed here
+    from nodes.agent import NodeAgent
+
+__all__ = ["RegistrySync", "routes", "REGISTRY_PATH"]
+
+log = logging.getLogger("tiermesh.registry")
+
+REGISTRY_PATH = "/v1/registry"
+MAX_REGISTRY_BYTES = 64 * 1024 * 1024
+
+
+class RegistrySync:
+    """Pulls the parent's registry when it is newer. An async context manager (one task)."""
+
+    #: How long a node with an empty registry waits for its parent at start.
+    startup_wait_s: float = 60.0
+
+    def __init__(self, agent: NodeAgent, *, parent_url: str | None,
+                 session: Callable[[], aiohttp.ClientSession | None]) -> None:
+        self.agent = agent
+        self.parent = agent.artifacts.parent
+        self.parent_url = parent_url
+        self._session = session
+        self._wanted = 0
+        self._wake = asyncio.Event()
+        self._task: asyncio.Task[None] | None = None
+        self.pulls = 0
+
+    async def __aenter__(self) -> RegistrySync:
+        self._task = asyncio.create_task(self._run(), name=f"registry:{self.agent.name}")
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        if self._task is not None:
+            self._task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._task
+            self._task = None
+
+    def parent_has(self, version: int) -> None:
+        """A heartbeat said the parent's registry is at ``version``."""
+        if version > self.agent.registry.version and version > self._wanted:
+            self._wanted = version
+            self._wake.set()
+
+    async def start(self) -> None:
+        """Before the node serves: copy the parent's registry, waiting for the parent when
+        this node has nothing at all. Raises :class:`Unavailable` naming the parent."""
+        if self.parent_url is None:
+            return
+        empty = not self.agent.registry.variants
+        deadline = asyncio.get_running_loop().time() + (self.startup_wait_s if empty else 2.0)
+        while True:
+            try:
+                await self.pull()
+                return
+            except Unavailable as exc:
+                if asyncio.get_running_loop().time() >= deadline:
+                    if empty:
+                        raise Unavailable(
+                            f"{self.agent.name} has no registry and its parent {self.parent} "
+                            f"({self.parent_url}) cannot be reached: {exc.message}") from None
+                    log.warning("%s: serving registry version %d; parent %s: %s",
+                                self.agent.name, self.agent.registry.version, self.parent,
+                                exc.message)
+                    return
+                await asyncio.sleep(0.5)
+
+    async def pull(self) -> bool:
+        """Fetch the parent's registry and adopt it when newer; True when adopted."""
+        session = self._session()
+        if session is None or self.parent_url is None:
+            raise Unavailable("no parent to pull the registry from")
+        try:
+            async with session.get(self.parent_url + REGISTRY_PATH,
+                                   headers=self.agent.peers.headers(self.agent.name),
+                                   timeout=aiohttp.ClientTimeout(total=10)) as resp:
+                if resp.status != 200:
+                    raise Unavailable(f"the parent answered {resp.status}")
+                body = await resp.content.read(MAX_REGISTRY_BYTES + 1)
+        except (TimeoutError, aiohttp.ClientError) as exc:
+            raise Unavailable(str(exc) or "the parent could not be reached") from None
+        if len(body) > MAX_REGISTRY_BYTES:
+            raise Unavailable("the parent's registry is larger than this node accepts")
+        try:
+            registry = Registry.from_document(json.loads(body))
+        except ValueError as exc:
+            raise Unavailable(f"the parent's registry is malformed: {exc}") from None
+        self.pulls += 1
+        if registry.version <= self.agent.registry.version:
+            return False
+        registry.adopt(self.agent.config.home)
+        await self.agent.adopt_registry(registry)
+        log.info("%s: registry version %d from %s (%d variants)", self.agent.name,
+                 registry.version, self.parent, len(registry.variants))
+        return True
+
+    async def _run(self) -> None:
+        while True:
+            await self._wake.wait()
+            self._wake.clear()
+            try:
+                await self.pull()
+            except Unavailable as exc:
+                log.warning("%s: registry pull from %s failed: %s", self.agent.name,
+                            self.parent, exc.message)
+                await asyncio.sleep(1.0)
+                if self._wanted > self.agent.registry.version:
+                    self._wake.set()
+
+
+# --------------------------------------------------------------------------- handlers
+
+
+def _require_node(request: web.Request, agent: NodeAgent) -> str:
+    peer = agent.peers.peer_of(request.headers)
+    if peer is None:
+        raise Forbidden("the registry is for mesh nodes and operators (the mesh key)")
+    return peer
+
+
+def routes(agent: NodeAgent) -> list[web.RouteDef]:
+    async def read(request: web.Request) -> web.Response:
+        _require_node(request, agent)
+        return web.json_response(agent.registry.to_document())
+
+    async def register(request: web.Request) -> web.Response:
+        _require_node(request, agent)
+        try:
+            entries = json.loads(await request.read())
+        except ValueError:
+            raise InvalidInput("body: a JSON list of variant entries") from None
+        if not isinstance(entries, list) or not entries:
+            raise InvalidInput("body: a non-empty JSON list of variant entries")
+        variants: list[Variant] = []
+        for i, entry in enumerate(entries):
+            try:
+                variants.append(Variant.from_json(entry))
+            except (KeyError, TypeError, ValueError, AttributeError) as exc:
+                raise InvalidInput(f"variants[{i}]: malformed entry ({exc})") from None
+        missing = [v.name for v in variants if not agent.store.verify(v.sha256)]
+        if missing:
+            raise InvalidInput(f"variants {', '.join(missing)}: their artifacts are not in this "
+                               "node's store (PUT /v1/artifacts/SHA256 first)")
+        registry = Registry.load(agent.config.home)
+        for variant in variants:
+            registry.add(variant)
+        registry.save(agent.config.home)
+        await agent.adopt_registry(registry)
+        return web.json_response({"version": registry.version,
+                                  "registered": [v.name for v in variants]})
+
+    async def upload(request: web.Request) -> web.Response:
+        _require_node(request, agent)
+        sha256 = request.match_info["sha256"]
+        stored = await agent.artifacts.receive(sha256, request.content)
+        return web.json_response({"sha256": sha256, "bytes": stored})
+
+    return [web.get(REGISTRY_PATH, read), web.post(REGISTRY_PATH + "/variants", register),
+            web.put("/v1/artifacts/{sha256}", upload)]
+
+
+def registry_version_of(reply: dict[str, Any]) -> int | None:
+    version = reply.get("registry")
+    return version if isinstance(version, int) and not isinstance(version, bool) else None
