@@ -19,7 +19,9 @@ is the asyncio client (``async with StreamClient(host, port) as c: await
 c.infer(request)``); with ``reconnect=True`` it connects on first use and again
 after the connection is lost, which is how nodes keep one stream per
 neighbour. :class:`BlockingStream` is the blocking client the SDK's
-:class:`~mesh.client.Client` uses. Transport failures raise
+:class:`~mesh.client.Client` uses. Both take ``ssl=`` (an
+:class:`ssl.SSLContext`) to speak the same frames over TLS, as nodes do to
+each other off loopback (:mod:`mesh.certs`). Transport failures raise
 :class:`~mesh.errors.MeshConnectionError`; answers that are errors raise the
 :mod:`mesh.errors` class the node sent.
 """
@@ -29,6 +31,7 @@ from __future__ import annotations
 import asyncio
 import itertools
 import socket
+import ssl as _ssl
 import struct
 import time
 from typing import Any
@@ -235,8 +238,11 @@ class StreamClient:
     """
 
     def __init__(self, host: str, port: int, *, reconnect: bool = False,
-                 hello: bytes | None = None, connect_timeout_s: float | None = None) -> None:
+                 hello: bytes | None = None, connect_timeout_s: float | None = None,
+                 ssl: _ssl.SSLContext | None = None) -> None:
         self.host, self.port = host, port
+        #: TLS for every connection (None: plain TCP); the handshake counts as connecting
+        self.ssl = ssl
         self.reconnect = reconnect
         #: how long opening a connection may take (None: as long as the OS allows)
         self.connect_timeout_s = connect_timeout_s
@@ -249,11 +255,12 @@ class StreamClient:
 
     @classmethod
     def from_url(cls, url: str, *, reconnect: bool = False, hello: bytes | None = None,
-                 connect_timeout_s: float | None = None) -> StreamClient:
+                 connect_timeout_s: float | None = None,
+                 ssl: _ssl.SSLContext | None = None) -> StreamClient:
         """A client for ``tcp://HOST:PORT``; raises :class:`ValueError` for anything else."""
         host, port = parse_stream_url(url)
         return cls(host, port, reconnect=reconnect, hello=hello,
-                   connect_timeout_s=connect_timeout_s)
+                   connect_timeout_s=connect_timeout_s, ssl=ssl)
 
     async def __aenter__(self) -> StreamClient:
         if self._state != "unopened":
@@ -279,7 +286,8 @@ class StreamClient:
         loop = asyncio.get_running_loop()
         try:
             async with asyncio.timeout(self.connect_timeout_s):
-                _, conn = await loop.create_connection(_ClientProtocol, self.host, self.port)
+                _, conn = await loop.create_connection(_ClientProtocol, self.host, self.port,
+                                                       ssl=self.ssl)
         except TimeoutError:
             raise MeshConnectionError(f"cannot reach {self.host}:{self.port}: no connection "
                                       f"within {self.connect_timeout_s:g} s") from None
@@ -354,8 +362,10 @@ class BlockingStream:
     """
 
     def __init__(self, host: str, port: int, *, timeout_s: float,
-                 connect_timeout_s: float | None = None) -> None:
+                 connect_timeout_s: float | None = None,
+                 ssl: _ssl.SSLContext | None = None) -> None:
         self.host, self.port, self.timeout_s = host, port, timeout_s
+        self.ssl = ssl
         self.connect_timeout_s = timeout_s if connect_timeout_s is None else connect_timeout_s
         self._sock: socket.socket | None = None
         self._reader = FrameReader()
@@ -379,6 +389,17 @@ class BlockingStream:
         except OSError as exc:
             raise MeshConnectionError(f"cannot reach {self.host}:{self.port}: {exc}") from None
         sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        if self.ssl is not None:
+            try:  # the handshake shares the connect timeout
+                sock = self.ssl.wrap_socket(sock, server_hostname=self.host)
+            except TimeoutError:
+                sock.close()
+                raise MeshConnectionError(f"cannot reach {self.host}:{self.port}: no TLS "
+                                          f"handshake within {wait:g} s") from None
+            except OSError as exc:
+                sock.close()
+                raise MeshConnectionError(f"cannot reach {self.host}:{self.port}: TLS: {exc}"
+                                          ) from None
         self._sock, self._reader = sock, FrameReader()
 
     def send(self, body: bytes, *, timeout_s: float | None = None) -> tuple[int, bytes]:

@@ -6,8 +6,15 @@ one carries the bytes is decided once, from the URL, by
 :func:`transport_for`::
 
     http://HOST:PORT    HttpTransport       POST /v1/infer (aiohttp / http.client)
+    https://HOST:PORT   HttpTransport       the same over TLS
     tcp://HOST:PORT     StreamTransport     the msgpack stream (mesh.stream)
     (tests)             MemoryTransport     an async function, in this process
+
+Every socket transport takes ``ssl=`` (an :class:`ssl.SSLContext`): then it
+speaks TLS whatever the URL's scheme says (``http://`` becomes ``https://``),
+which is how nodes reach each other off loopback (:mod:`mesh.certs`, mutual
+TLS) and how a client reaches a node that serves TLS. Without it, ``https://``
+URLs use the system's trust store and everything else is plain TCP.
 
 Every implementation answers the same way: ``(status, body)`` where a 200
 body is an encoded ``InferResponse`` and any other body the error's wire form
@@ -25,6 +32,7 @@ from __future__ import annotations
 
 import asyncio
 import http.client
+import ssl as _ssl
 import time
 from collections.abc import Awaitable, Callable, Mapping
 from typing import Any, Protocol
@@ -65,7 +73,10 @@ class BlockingTransport(Protocol):
 
 
 def parse_url(url: str) -> tuple[str, str, int, str]:
-    """(scheme, host, port, path prefix) of a node URL; raises :class:`ClientError`."""
+    """(scheme, host, port, path prefix) of a node URL; raises :class:`ClientError`.
+
+    The scheme is ``http``, ``https`` or ``tcp`` (the stream).
+    """
     parts = urlsplit(url if "://" in url else f"http://{url}")
     try:
         port = parts.port
@@ -73,25 +84,35 @@ def parse_url(url: str) -> tuple[str, str, int, str]:
         port = None
     if parts.scheme == STREAM_SCHEME and parts.hostname and port and parts.path in ("", "/"):
         return STREAM_SCHEME, parts.hostname, port, ""
-    if parts.scheme != "http" or not parts.hostname:
-        raise ClientError(f"URL {url!r}: expected http://HOST:PORT, or "
+    if parts.scheme not in ("http", "https") or not parts.hostname:
+        raise ClientError(f"URL {url!r}: expected http://HOST:PORT (or https://), or "
                           f"{STREAM_SCHEME}://HOST:PORT for a node's stream port")
-    return "http", parts.hostname, port or 80, parts.path.rstrip("/")
+    default = 443 if parts.scheme == "https" else 80
+    return parts.scheme, parts.hostname, port or default, parts.path.rstrip("/")
+
+
+def _host(host: str) -> str:
+    return f"[{host}]" if ":" in host else host
 
 
 # --------------------------------------------------------------------------- asyncio
 
 
 class HttpTransport:
-    """``POST /v1/infer`` with aiohttp. Uses ``session`` when given (not closed here)."""
+    """``POST /v1/infer`` with aiohttp. Uses ``session`` when given (not closed here).
+
+    ``ssl``: speak TLS with this context (an ``http://`` URL is reached as ``https://``).
+    """
 
     def __init__(self, url: str, *, headers: Mapping[str, str] | None = None,
-                 session: Any = None) -> None:
-        _, host, port, prefix = parse_url(url)
-        self.url = f"http://{host}:{port}{prefix}{INFER_PATH}"
+                 session: Any = None, ssl: _ssl.SSLContext | None = None) -> None:
+        scheme, host, port, prefix = parse_url(url)
+        scheme = "https" if ssl is not None else scheme
+        self.url = f"{scheme}://{_host(host)}:{port}{prefix}{INFER_PATH}"
         self._headers = {"Content-Type": MSGPACK, **(headers or {})}
         self._session = session
         self._own = session is None
+        self._ssl: _ssl.SSLContext | bool = ssl if ssl is not None else True
 
     async def send(self, body: bytes, *, timeout_s: float,
                    connect_timeout_s: float | None = None) -> Answer:
@@ -106,7 +127,7 @@ class HttpTransport:
         try:
             async with asyncio.timeout(timeout_s + (connect_timeout_s or 0.0)):
                 async with self._session.post(self.url, data=body, headers=self._headers,
-                                              timeout=timeout) as resp:
+                                              timeout=timeout, ssl=self._ssl) as resp:
                     return resp.status, await resp.read()
         except aiohttp.ConnectionTimeoutError:  # before TimeoutError: it is one too
             raise MeshConnectionError(f"no connection within {connect_timeout_s:.3g} s"
@@ -126,9 +147,10 @@ class StreamTransport:
     """The msgpack stream: one persistent connection, made again after it is lost."""
 
     def __init__(self, url: str, *, hello: bytes | None = None,
-                 connect_timeout_s: float | None = None) -> None:
+                 connect_timeout_s: float | None = None,
+                 ssl: _ssl.SSLContext | None = None) -> None:
         self.client = StreamClient.from_url(url, reconnect=True, hello=hello,
-                                            connect_timeout_s=connect_timeout_s)
+                                            connect_timeout_s=connect_timeout_s, ssl=ssl)
         self._opened = False
 
     async def send(self, body: bytes, *, timeout_s: float,
@@ -175,21 +197,31 @@ class MemoryTransport:
 
 def transport_for(url: str, *, headers: Mapping[str, str] | None = None,
                   hello: bytes | None = None, session: Any = None,
-                  connect_timeout_s: float | None = None) -> Transport:
-    """The transport a URL names: ``tcp://`` the stream (``hello`` opens it), else HTTP."""
+                  connect_timeout_s: float | None = None,
+                  ssl: _ssl.SSLContext | None = None) -> Transport:
+    """The transport a URL names: ``tcp://`` the stream (``hello`` opens it), else HTTP.
+
+    ``ssl``: both over TLS with this context.
+    """
     if parse_url(url)[0] == STREAM_SCHEME:
-        return StreamTransport(url, hello=hello, connect_timeout_s=connect_timeout_s)
-    return HttpTransport(url, headers=headers, session=session)
+        return StreamTransport(url, hello=hello, connect_timeout_s=connect_timeout_s, ssl=ssl)
+    return HttpTransport(url, headers=headers, session=session, ssl=ssl)
 
 
 # --------------------------------------------------------------------------- blocking
 
 
 class BlockingHttpTransport:
-    """``POST /v1/infer`` on one kept-alive ``http.client`` connection. Not thread-safe."""
+    """``POST /v1/infer`` on one kept-alive ``http.client`` connection. Not thread-safe.
 
-    def __init__(self, url: str, *, headers: Mapping[str, str] | None = None) -> None:
-        _, self.host, self.port, prefix = parse_url(url)
+    ``ssl``: over TLS with this context (an ``https://`` URL without one: the system's CAs).
+    """
+
+    def __init__(self, url: str, *, headers: Mapping[str, str] | None = None,
+                 ssl: _ssl.SSLContext | None = None) -> None:
+        scheme, self.host, self.port, prefix = parse_url(url)
+        self.ssl = ssl if ssl is not None or scheme != "https" else \
+            _ssl.create_default_context()
         self.path = prefix + INFER_PATH
         self._headers = {"Content-Type": MSGPACK, "Accept": MSGPACK, **(headers or {})}
         self._conn: http.client.HTTPConnection | None = None
@@ -205,8 +237,11 @@ class BlockingHttpTransport:
         for retry in range(2):  # a kept-alive socket the server closed is retried once
             fresh = self._conn is None
             if self._conn is None:
-                self._conn = http.client.HTTPConnection(self.host, self.port,
-                                                        timeout=connect_timeout_s or timeout_s)
+                wait = connect_timeout_s or timeout_s
+                self._conn = http.client.HTTPConnection(self.host, self.port, timeout=wait) \
+                    if self.ssl is None else \
+                    http.client.HTTPSConnection(self.host, self.port, timeout=wait,
+                                                context=self.ssl)
             try:
                 if self._conn.sock is None:
                     self._conn.connect()
@@ -236,9 +271,9 @@ class BlockingHttpTransport:
 class BlockingStreamTransport:
     """The msgpack stream, blocking: one query at a time on one kept connection."""
 
-    def __init__(self, url: str) -> None:
+    def __init__(self, url: str, *, ssl: _ssl.SSLContext | None = None) -> None:
         _, host, port, _ = parse_url(url)
-        self.stream = BlockingStream(host, port, timeout_s=30.0)
+        self.stream = BlockingStream(host, port, timeout_s=30.0, ssl=ssl)
 
     def close(self) -> None:
         self.stream.close()
@@ -268,11 +303,12 @@ class BlockingMemoryTransport:
         return None
 
 
-def blocking_transport_for(url: str, *, headers: Mapping[str, str] | None = None
-                           ) -> BlockingTransport:
+def blocking_transport_for(url: str, *, headers: Mapping[str, str] | None = None,
+                           ssl: _ssl.SSLContext | None = None) -> BlockingTransport:
+    """The blocking transport a URL names; ``ssl``: over TLS with this context."""
     if parse_url(url)[0] == STREAM_SCHEME:
-        return BlockingStreamTransport(url)
-    return BlockingHttpTransport(url, headers=headers)
+        return BlockingStreamTransport(url, ssl=ssl)
+    return BlockingHttpTransport(url, headers=headers, ssl=ssl)
 
 
 def _reason(exc: BaseException) -> str:

@@ -26,36 +26,61 @@ from typing import Any
 
 from aiohttp import web
 
+from mesh.certs import CertificateError, with_tls
 from mesh.errors import TopologyError
 from mesh.runtimes import thread_env
 from mesh.topology import load_topology
 from nodes.agent import AgentConfig, NodeAgent
 from nodes.app import make_app, runner_options
+from nodes.identity import insecure_bind
 from nodes.limits import NodeLimits
 from nodes.membership import Membership
 from nodes.stream import StreamServer
 
 
 async def serve(config: AgentConfig, address: str) -> None:
+    """Serve ``config``'s node on its HTTP and stream ports until SIGTERM or SIGINT.
+
+    With ``config.tls`` both ports speak TLS and know nodes by certificate. Exits
+    (``SystemExit``, with the reason and the fix) when the node would listen on a
+    non-loopback address without TLS and without ``allow_insecure``, or when its TLS
+    files are missing or broken; nothing has started then.
+    """
+    log = logging.getLogger("tiermesh.node")
+    problem = insecure_bind(config.host, tls=config.tls is not None,
+                            allow_insecure=config.allow_insecure)
+    if problem is not None:
+        raise SystemExit(f"cannot start node {config.node!r}: {problem}")
+    server_tls = None
+    if config.tls is not None:
+        try:
+            server_tls = config.tls.server_context()
+        except CertificateError as exc:
+            raise SystemExit(f"cannot start node {config.node!r}: {exc}") from None
+        address = with_tls(address)
+    elif config.allow_insecure and insecure_bind(config.host, tls=False, allow_insecure=False):
+        log.warning("%s listens on %s without TLS (--insecure): anyone on that network can pose "
+                    "as a node of this mesh", config.node, config.host)
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
-    log = logging.getLogger("tiermesh.node")
     async with NodeAgent(config) as agent, Membership.for_agent(agent) as membership, \
             contextlib.AsyncExitStack() as stack:
         stream_address = None
         limits = NodeLimits.for_agent(agent)  # one large-body budget for both ports
         if config.stream_port is not None:  # open first, so /healthz means both are up
             stream = await stack.enter_async_context(
-                StreamServer(agent, config.host, config.stream_port, limits=limits))
+                StreamServer(agent, config.host, config.stream_port, limits=limits,
+                             ssl=server_tls))
             stream_address = f"tcp://{config.host}:{stream.port}"
         app = make_app(agent, address=address, stream_address=stream_address, limits=limits)
         membership.add_routes(app)
         runner = web.AppRunner(app, access_log=None, **runner_options(config))
         await runner.setup()
         try:
-            site = web.TCPSite(runner, config.host, config.port, reuse_address=True)
+            site = web.TCPSite(runner, config.host, config.port, reuse_address=True,
+                               ssl_context=server_tls)
             await site.start()
             log.info("%s (%s) serving on %s%s with %s", config.node, agent.spec.tier, address,
                      f" and {stream_address}" if stream_address else "",

@@ -46,6 +46,7 @@ from typing import Any
 import aiohttp
 import numpy as np
 
+from mesh.certs import TlsFiles
 from mesh.errors import (
     CannotMeetDeadline,
     Forbidden,
@@ -78,6 +79,7 @@ from nodes.artifacts import ArtifactSource, PullPolicy, parent_of
 from nodes.batching import BatchSettings
 from nodes.cascade import run_cascade
 from nodes.forward import HopFailed, Neighbours
+from nodes.identity import Callers
 from nodes.membership import LocalLoad
 from nodes.metrics import NodeMetrics, outcome_of
 from nodes.models import ModelConfig, ModelManager, RuntimeLookup
@@ -141,6 +143,12 @@ class AgentConfig:
     batching: BatchSettings = BatchSettings()
     #: port of the msgpack stream (mesh.stream); None: HTTP only, 0: any free port
     stream_port: int | None = None
+    #: the node's certificate, key and mesh CA (mesh.certs): every hop to and from other
+    #: nodes over mutual TLS, nodes known by certificate. None: plain TCP, nodes known by
+    #: the mesh key's tokens (loopback only, unless allow_insecure)
+    tls: TlsFiles | None = None
+    #: serve a non-loopback address without TLS (anyone on the network could pose as a node)
+    allow_insecure: bool = False
 
     def __post_init__(self) -> None:
         if self.node not in self.topology.nodes:
@@ -212,17 +220,23 @@ class NodeAgent:
         self._http: aiohttp.ClientSession | None = None
         self.peers = PeerKey(config.mesh_key) if config.mesh_key is not None else \
             PeerKey.for_home(config.home)
+        #: this node's side of mutual TLS to other nodes (None: plain TCP)
+        self.tls_client = config.tls.client_context() if config.tls is not None else None
+        #: who calls: nodes (by certificate with TLS, else by token) or clients
+        self.callers = Callers.for_agent(self)
         self.neighbours = Neighbours(config.neighbours, config.stream_neighbours,
                                      timeout_s=config.forward_timeout_s,
-                                     headers=self.peers.headers(self.name),
-                                     hello=self.peers.hello(self.name), transports=transports)
+                                     headers=self.callers.headers(self.name),
+                                     hello=self.callers.hello(self.name), transports=transports,
+                                     ssl=self.tls_client)
         parent = parent_of(config.topology, config.node)
         policy = PullPolicy(config.topology, config.node, self.registry.variants.values())
         self.artifacts = ArtifactSource(
             self.store, known=policy.hosted,  # pulls for itself only what it hosts
             parent=parent, parent_url=config.neighbours.get(parent) if parent else None,
             http=lambda: self._http, on_fetch=self.metrics.fetched, policy=policy,
-            neighbour_urls=config.neighbours, pull_headers=self.peers.headers(self.name))
+            neighbour_urls=config.neighbours, pull_headers=self.callers.headers(self.name),
+            ssl=self.tls_client)
         self.models = ModelManager(
             ModelConfig(budget_bytes=self.hardware.memory_mb * 1024 * 1024,
                         threads=self.hardware.threads, profile_key=self.hardware.profile_key,
@@ -234,7 +248,7 @@ class NodeAgent:
             clock=clock, runtimes=runtimes)
         self.metrics.watch(self.models.gauges, lambda: self.models.config.budget_bytes)
         self.registry_sync = RegistrySync(
-            self, parent_url=config.neighbours.get(parent) if parent else None,
+            self, parent_url=self.artifacts.parent_url,  # https:// with TLS
             session=lambda: self._http)
         self._adopting: asyncio.Task[None] | None = None
         #: task -> its input specs (the hot path must not scan the registry)
@@ -249,7 +263,8 @@ class NodeAgent:
     async def __aenter__(self) -> NodeAgent:
         self._http = aiohttp.ClientSession(
             timeout=aiohttp.ClientTimeout(total=self.config.forward_timeout_s),
-            connector=aiohttp.TCPConnector(limit=256),
+            # https:// URLs (every neighbour's, with TLS) present this node's certificate
+            connector=aiohttp.TCPConnector(limit=256, ssl=self.tls_client or True),
         )
         try:
             await self.neighbours.__aenter__()

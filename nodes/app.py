@@ -186,7 +186,7 @@ def make_app(agent: NodeAgent, *, address: str = "", stream_address: str | None 
              limits: NodeLimits | None = None) -> web.Application:
     """The node's app. ``limits``: share the stream port's (one body budget); default: the agent's."""
     limits = limits or NodeLimits.for_agent(agent)
-    callers = Callers.for_agent(agent)
+    callers = agent.callers
     # the certificate check costs a plain-HTTP node nothing: it is only there with TLS
     middlewares = [error_middleware, certificate_middleware] if callers.tls else [error_middleware]
     app = web.Application(middlewares=middlewares, client_max_size=limits.largest_body_bytes)

@@ -18,8 +18,10 @@ and only when the child hosts a variant with that artifact or some node
 that pulls through the child does. So an intermediate node pulls through,
 and keeps, what the edge nodes below it host, and nothing else; a client,
 or a node asking for what it has no use for, gets a 403 naming the reason
-and nothing is pulled or stored. Until node certificates land, the address
-check is what keeps a leaked token from being used from elsewhere.
+and nothing is pulled or stored. With TLS the pull comes over mutual TLS and
+the child's certificate proves who it is (``by_certificate``), wherever it
+connects from; without TLS (loopback) it carries the mesh-key token and must
+come from the child's address, so that a leaked token is useless elsewhere.
 """
 
 from __future__ import annotations
@@ -28,6 +30,7 @@ import asyncio
 import hashlib
 import ipaddress
 import logging
+import ssl as _ssl
 from collections.abc import Callable, Collection, Iterable, Mapping
 from concurrent.futures import Executor
 from pathlib import Path
@@ -35,6 +38,7 @@ from urllib.parse import urlsplit
 
 import aiohttp
 
+from mesh.certs import with_tls
 from mesh.errors import ArtifactNotFound, Forbidden, InvalidInput, Unavailable
 from mesh.registry import Variant
 from mesh.store import ArtifactStore
@@ -149,15 +153,18 @@ class ArtifactSource:
                  on_fetch: Callable[[str], None] | None = None,
                  policy: PullPolicy | None = None,
                  neighbour_urls: Mapping[str, str] | None = None,
-                 pull_headers: Mapping[str, str] | None = None) -> None:
+                 pull_headers: Mapping[str, str] | None = None,
+                 ssl: _ssl.SSLContext | None = None) -> None:
         """``known``: the artifacts this node pulls for itself (those of the variants it
         hosts). ``policy`` decides which child may pull what from here (None: nobody);
         ``neighbour_urls`` are the neighbours' URLs, whose hosts are the only addresses a
         pull is taken from; ``pull_headers`` name this node (and prove it) on its own pulls.
+        ``ssl``: pull over TLS with this context (the node's client context).
         """
         self.store = store
         self.parent = parent
-        self.parent_url = parent_url
+        self.parent_url = with_tls(parent_url) if parent_url and ssl is not None else parent_url
+        self._ssl: _ssl.SSLContext | bool = ssl if ssl is not None else True
         self.policy = policy
         self._known = known
         self._http = http
@@ -230,11 +237,14 @@ class ArtifactSource:
             raise ArtifactNotFound(f"no variant this node hosts has artifact {sha256[:12]}")
         return await self._local_copy(sha256)
 
-    async def serve(self, sha256: str, *, requester: str | None, remote: str | None) -> Path:
+    async def serve(self, sha256: str, *, requester: str | None, remote: str | None,
+                    by_certificate: bool = False) -> Path:
         """The local copy to send to a pull from ``requester`` at address ``remote``.
 
         ``requester`` is the mesh node the request proved it comes from (None:
-        a client). Everything is checked before anything is pulled: raises
+        a client); ``by_certificate``: proved by its TLS certificate, so where it
+        connects from does not matter (a token must come from the requester's
+        address). Everything is checked before anything is pulled: raises
         :class:`InvalidInput` for a malformed hash, :class:`Forbidden` when
         the requester may not have it (see :class:`PullPolicy`) or the request
         does not come from the requester's address, :class:`ArtifactNotFound`
@@ -245,7 +255,8 @@ class ArtifactSource:
             raise Forbidden("this node serves no artifacts")
         self.policy.check(requester, sha256)
         assert requester is not None  # the policy refuses anonymous pulls
-        await self._check_address(requester, remote)
+        if not by_certificate:
+            await self._check_address(requester, remote)
         path = self.store.path(sha256)
         if sha256 in self._verified and path.is_file():
             return path
@@ -316,7 +327,7 @@ class ArtifactSource:
         digest = hashlib.sha256()
         with self.store.pending(sha256) as pending:
             async with session.get(f"{self.parent_url}/v1/artifacts/{sha256}",
-                                   headers=self._pull_headers) as resp:
+                                   headers=self._pull_headers, ssl=self._ssl) as resp:
                 if resp.status == 404:
                     raise ArtifactNotFound(f"parent {self.parent} has no artifact {sha256[:12]}")
                 if resp.status == 403:

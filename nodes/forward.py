@@ -5,7 +5,9 @@ testbed a link-emulator port in front of the neighbour's stream port) is
 reached over one persistent msgpack stream, opened with the node's HELLO
 (:mod:`nodes.peers`) and made again after it is lost; every query forwarded
 to it shares that stream. A neighbour without one is reached by ``POST
-/v1/infer`` carrying the node's peer token. Tests hand in their own
+/v1/infer`` carrying the node's peer token. With TLS (``ssl``, the node's
+client context from :class:`mesh.certs.TlsFiles`) both go over mutual TLS
+and the node's certificate proves who it is: no token, no HELLO. Tests hand in their own
 transports (:class:`~mesh.transport.MemoryTransport` wired to another agent),
 with no sockets at all.
 
@@ -18,6 +20,7 @@ never for an error the neighbour answered with.
 from __future__ import annotations
 
 import asyncio
+import ssl as _ssl
 from collections.abc import Mapping
 
 from mesh.errors import MeshConnectionError, MeshTimeout
@@ -40,7 +43,8 @@ class Neighbours:
     def __init__(self, urls: Mapping[str, str], stream_urls: Mapping[str, str], *,
                  timeout_s: float, headers: Mapping[str, str] | None = None,
                  hello: bytes | None = None,
-                 transports: Mapping[str, Transport] | None = None) -> None:
+                 transports: Mapping[str, Transport] | None = None,
+                 ssl: _ssl.SSLContext | None = None) -> None:
         self.urls = dict(urls)
         self.timeout_s = timeout_s
         given = dict(transports or {})
@@ -51,10 +55,10 @@ class Neighbours:
             if name in given:
                 self.transports[name], self.kinds[name] = given[name], "memory"
             elif name in stream_urls:
-                self.transports[name] = StreamTransport(stream_urls[name], hello=hello)
+                self.transports[name] = StreamTransport(stream_urls[name], hello=hello, ssl=ssl)
                 self.kinds[name] = "stream"
             else:
-                self.transports[name] = HttpTransport(urls[name], headers=headers)
+                self.transports[name] = HttpTransport(urls[name], headers=headers, ssl=ssl)
                 self.kinds[name] = "http"
 
     def transport(self, hop: str) -> str:

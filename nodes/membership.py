@@ -18,6 +18,11 @@ A node that dies is therefore seen as down by its parent within
 ``down_after_s`` plus one interval, and by every node of the mesh within one
 more interval per level of the hierarchy. The pure parts (aggregation,
 versions, detection) are :class:`~mesh.state.Subtree` and friends.
+
+A heartbeat (and the load reports in it) counts only when it comes from the
+child it speaks for (:mod:`nodes.identity`): with TLS, the child's verified
+certificate (heartbeats then travel over mutual TLS, ``ssl``); without, the
+child's mesh-key token. Anything else is refused 403 and changes nothing.
 """
 
 from __future__ import annotations
@@ -25,6 +30,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import ssl as _ssl
 import time
 import uuid
 from collections.abc import Callable, Mapping
@@ -34,10 +40,12 @@ from typing import Any
 import aiohttp
 from aiohttp import web
 
+from mesh.certs import with_tls
 from mesh.errors import Forbidden, InvalidInput
 from mesh.state import FailureDetector, LoadEntry, MeshView, RateMeter, Subtree, apply_entries
 from mesh.topology import Topology
 from mesh.wire import pack, unpack
+from nodes.identity import Callers
 from nodes.peers import PeerKey
 
 __all__ = ["LocalLoad", "Membership", "HEARTBEAT_PATH"]
@@ -68,14 +76,21 @@ class Membership:
                  clock: Callable[[], float] = time.monotonic,
                  peers: PeerKey | None = None,
                  registry_version: Callable[[], int] | None = None,
-                 on_registry: Callable[[int], None] | None = None) -> None:
+                 on_registry: Callable[[int], None] | None = None,
+                 callers: Callers | None = None, ssl: _ssl.SSLContext | None = None) -> None:
+        """``callers``: who a heartbeat comes from (certificates or tokens); ``peers``, a
+        mesh key alone, stands for ``Callers`` without TLS. With either, only a child's own
+        proven heartbeat counts. ``ssl``: heartbeats to the parent over TLS (the node's
+        client context)."""
         self.node = node
         #: this node's registry version, told to children in every heartbeat answer
         self.registry_version = registry_version
         #: called with the parent's registry version from every heartbeat answer
         self.on_registry = on_registry
-        #: with a key, heartbeats are signed and only a child's own signed heartbeat counts
-        self.peers = peers
+        #: who may heartbeat here: only a child, proven by certificate or token (None: anyone)
+        self.callers = callers if callers is not None else \
+            Callers(topology.nodes, tls=False, key=peers) if peers is not None else None
+        self.ssl = ssl
         self.topology = topology
         self.view = view
         self.spec = topology.membership
@@ -109,8 +124,9 @@ class Membership:
         config = agent.config
         return cls(config.node, config.topology, agent.view, neighbours=config.neighbours,
                    local_load=agent.local_load, clock=agent.clock,
-                   peers=agent.peers, registry_version=lambda: agent.registry.version,
-                   on_registry=agent.registry_sync.parent_has)
+                   registry_version=lambda: agent.registry.version,
+                   on_registry=agent.registry_sync.parent_has,
+                   callers=agent.callers, ssl=agent.tls_client)
 
     # ------------------------------------------------------------------ lifecycle
     async def __aenter__(self) -> Membership:
@@ -179,9 +195,11 @@ class Membership:
             self.heartbeats_sent += 1
             try:
                 headers = {"Content-Type": MSGPACK,
-                           **(self.peers.headers(self.node) if self.peers else {})}
-                async with self._http.post(url + HEARTBEAT_PATH, data=pack(body),
-                                           headers=headers) as resp:
+                           **(self.callers.headers(self.node) if self.callers else {})}
+                target = (with_tls(url) if self.ssl is not None else url) + HEARTBEAT_PATH
+                async with self._http.post(target, data=pack(body), headers=headers,
+                                           ssl=self.ssl if self.ssl is not None else True
+                                           ) as resp:
                     data = await resp.read()
                     if resp.status == 200:
                         reply = unpack(data)
@@ -224,18 +242,20 @@ class Membership:
     def on_heartbeat(self, body: Any, *, sender: str | None = None) -> dict[str, Any]:
         """A child's heartbeat: record it, answer with our summary if its copy is stale.
 
-        ``sender``: the node the request proved it came from (:mod:`nodes.peers`); with a
-        mesh key, a heartbeat counts only from that node itself and only if it is a child.
+        ``sender``: the node the request proved it came from (:mod:`nodes.identity`); with
+        callers to check, a heartbeat counts only from that node itself, and only if it is a
+        child.
         """
         if not isinstance(body, dict):
             raise InvalidInput("heartbeat: must be a map with node, version and entries")
         child, entries = body.get("node"), body.get("entries")
         if not isinstance(child, str) or not isinstance(entries, list) or not entries:
             raise InvalidInput("heartbeat: node (a name) and entries (a non-empty list) required")
-        if self.peers is not None and (sender != child
-                                       or child not in self.topology.children[self.node]):
-            raise Forbidden(f"heartbeat: only a child node of {self.node} may send one, signed "
-                            "with the mesh key")
+        if self.callers is not None and (sender != child
+                                         or child not in self.topology.children[self.node]):
+            proof = "its certificate" if self.callers.tls else "the mesh key's token"
+            raise Forbidden(f"heartbeat: only a child node of {self.node} may send one, for "
+                            f"itself, proven by {proof}")
         version = body.get("version", -1)
         if not isinstance(version, int) or isinstance(version, bool):
             raise InvalidInput("heartbeat.version: must be an integer")
@@ -278,7 +298,8 @@ MEMBERSHIP = web.AppKey("membership", Membership)
 
 async def _heartbeat_handler(request: web.Request) -> web.Response:
     membership = request.app[MEMBERSHIP]
-    sender = membership.peers.peer_of(request.headers) if membership.peers else None
+    callers = membership.callers
+    sender = callers.of_request(request.transport, request.headers) if callers else None
     reply = membership.on_heartbeat(unpack(await request.read()), sender=sender)
     return web.Response(body=pack(reply), content_type=MSGPACK)
 

@@ -121,7 +121,8 @@ class RegistrySync:
         except ValueError as exc:
             raise Unavailable(f"the parent's registry is malformed: {exc}") from None
         self.pulls += 1
-        if registry.version <= self.agent.registry.version:
+        mine = self.agent.registry
+        if registry.version <= mine.version and (mine.variants or not registry.variants):
             return False
         registry.adopt(self.agent.config.home)
         await self.agent.adopt_registry(registry)
@@ -147,7 +148,7 @@ class RegistrySync:
 
 
 def _require_node(request: web.Request, agent: NodeAgent) -> str:
-    peer = agent.peers.peer_of(request.headers)
+    peer = agent.callers.of_request(request.transport, request.headers)  # cert or token
     if peer is None:
         raise Forbidden("the registry is for mesh nodes and operators (the mesh key)")
     return peer

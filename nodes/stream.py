@@ -6,6 +6,13 @@ queries at once) and answered with an ANSWER or ERROR frame carrying the same
 request id. Every task is tracked, and cancelled and awaited when the server
 stops.
 
+Who is on the other end (:mod:`nodes.identity`): with TLS (``ssl=``, the
+node's server context) the node named by the connection's verified
+certificate, known once the handshake is done; a certificate of the mesh CA
+for a name outside the topology is answered 403 and the connection closed. A
+connection without a certificate is a client's. Without TLS, a HELLO frame
+with the mesh-key token makes the connection a node's.
+
 What one connection can make the node hold is bounded (:mod:`nodes.limits`):
 
 * **Backpressure.** The node stops reading a connection's socket while it has
@@ -29,6 +36,7 @@ from __future__ import annotations
 import asyncio
 import functools
 import logging
+import ssl as _ssl
 from dataclasses import dataclass
 from typing import Any
 
@@ -37,6 +45,7 @@ from mesh.stream import ANSWER, ERROR, HELLO, INFER, FrameReader, error_payload,
 from mesh.wire import decode_request, encode_response, pack
 from nodes.agent import NodeAgent
 from nodes.answers import as_mesh_error, error_to_wire
+from nodes.identity import Callers
 from nodes.limits import NodeLimits, Reservation
 
 __all__ = ["StreamServer"]
@@ -65,7 +74,8 @@ class _Connection(asyncio.Protocol):
         self.reader = FrameReader(server.limits.caps.msgpack_bytes)
         self.open: set[asyncio.Task[None]] = set()
         self.transport: asyncio.Transport | None = None
-        #: the mesh node this connection proved to come from (a HELLO frame); None: a client
+        #: the mesh node this connection proved to come from (certificate or HELLO); None: a
+        #: client
         self.peer: str | None = None
         #: bytes of queries read and not decoded yet
         self.undecoded_bytes = 0
@@ -87,6 +97,10 @@ class _Connection(asyncio.Protocol):
         transport.set_write_buffer_limits(high=limit, low=limit // 4)
         self.server.connections.add(self)
         self._arm(self._loop.time() + min(self.limits.idle_timeout_s, self.limits.read_timeout_s))
+        try:  # with TLS the handshake is done by now: the certificate says who this is
+            self.peer = self.server.callers.of_connection(transport)
+        except Forbidden as exc:
+            self._close_with(_error_frame(0, exc))
 
     def data_received(self, data: bytes) -> None:
         self._last_active = self._loop.time()
@@ -174,7 +188,9 @@ class _Connection(asyncio.Protocol):
             return
         reservation.release()
         if kind == HELLO:
-            self.peer = self.server.agent.peers.peer_of_hello(payload)
+            if self.server.callers.tls:  # the certificate said who this is; tokens prove less
+                return
+            self.peer = self.server.callers.of_hello(payload)
             if self.peer is None:
                 self._close_with(_error_frame(request_id, Forbidden(
                     "HELLO: not a node of this mesh (bad token); clients send INFER only")))
@@ -270,12 +286,16 @@ class StreamServer:
     """Serves one agent on a stream port. An async context manager; ``port`` is set once open.
 
     ``limits`` defaults to the agent's (:meth:`NodeLimits.for_agent`); pass the
-    HTTP app's to share one large-body budget.
+    HTTP app's to share one large-body budget. ``ssl``: serve TLS with this
+    context (the node's :meth:`~mesh.certs.TlsFiles.server_context`).
     """
 
     def __init__(self, agent: NodeAgent, host: str, port: int, *,
-                 limits: NodeLimits | None = None) -> None:
+                 limits: NodeLimits | None = None, ssl: _ssl.SSLContext | None = None) -> None:
         self.agent = agent
+        self.ssl = ssl
+        # a TLS port knows nodes by certificate only; a plain one by the mesh-key HELLO
+        self.callers = Callers(agent.config.topology.nodes, tls=ssl is not None, key=agent.peers)
         self.host = host
         self.port = port
         self.limits = limits or NodeLimits.for_agent(agent)
@@ -298,7 +318,7 @@ class StreamServer:
     async def __aenter__(self) -> StreamServer:
         loop = asyncio.get_running_loop()
         self._server = await loop.create_server(lambda: _Connection(self), self.host, self.port,
-                                                reuse_address=True)
+                                                reuse_address=True, ssl=self.ssl)
         self.port = self._server.sockets[0].getsockname()[1]
         return self
 
