@@ -353,4 +353,5 @@ def _read(path: Path) -> tuple[dict[str, Variant], dict[str, Rejection], int]:
     data = json.loads(path.read_text())
     return ({name: Variant.from_json(v) for name, v in data.get("variants", {}).items()},
             {name: Rejection.from_json(r) for name, r in data.get("rejected", {}).items()},
-            int(data.get("version", 0)))
+            # a file from before versions, with variants in it, is the first version
+            int(data.get("version", 1 if data.get("variants") else 0)))

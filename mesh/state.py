@@ -136,7 +136,8 @@ class MeshView:
             node: {"queue_depth": load.queue_depth, "age_s": round(now - load.reported_at, 3),
                    "healthy": load.healthy and node not in self.down,
                    "arrival_rate": round(load.arrival_rate, 3),
-                   "stale": now - load.reported_at > self.stale_after_s}
+                   "stale": now - load.reported_at > self.stale_after_s,
+                   "loaded": sorted(load.loaded) if load.loaded is not None else None}
             for node, load in sorted(self.loads.items())
         }
         for node, since in self.down.items():

@@ -33,11 +33,21 @@ def models() -> None:
               help="Comma-separated variants to attempt (default: all the model allows).")
 @click.option("--max-batch", default=32, show_default=True, type=click.IntRange(1, 4096))
 @click.option("--replace", is_flag=True, help="Replace an existing family of the same NAME.")
+@click.option("--mesh", "mesh_url", default=None,
+              help="Also register the accepted variants at this running node (the core's "
+                   "http://HOST:PORT): every node copies them down the tree and loads what "
+                   "it hosts, without a restart.")
+@click.option("--mesh-key", default=None, type=click.Path(dir_okay=False),
+              help="The mesh key to sign with (default: <home>/mesh.key, the core's).")
 @click.pass_context
 def models_add(ctx: click.Context, name: str, task: str, model: str, weights: str | None,
                validation: str, train: str | None, kind: str, formats: str | None,
-               max_batch: int, replace: bool) -> None:
+               max_batch: int, replace: bool, mesh_url: str | None, mesh_key: str | None
+               ) -> None:
     """Register model NAME: generate, check, measure and store its variants."""
+    from mesh.remote import key_from
+
+    key = key_from(home_of(ctx), mesh_key) if mesh_url else None  # fail before building
     from mesh.variants.factory import register_model
 
     wanted = [f.strip() for f in formats.split(",") if f.strip()] if formats else None
@@ -67,3 +77,14 @@ def models_add(ctx: click.Context, name: str, task: str, model: str, weights: st
         console.print(table)
     if not report.accepted:
         raise click.exceptions.Exit(1)
+    if mesh_url is not None and key is not None:
+        from mesh.registry import Registry
+        from mesh.remote import push_variants
+        from mesh.store import ArtifactStore
+
+        registry = Registry.load(home_of(ctx))
+        sent = push_variants(mesh_url, [registry.variants[v.name] for v in report.accepted],
+                             ArtifactStore(home_of(ctx) / "store"), key)
+        console.print(f"registered at {mesh_url}: {', '.join(sent.get('registered', []))} "
+                      f"(registry version {sent.get('version')}); the nodes load what they "
+                      "host within a few heartbeats")

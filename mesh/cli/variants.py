@@ -96,12 +96,30 @@ def rejected_table(rejected: list[Rejection], title: str) -> None:
 @variants.command("list")
 @click.option("--task", default=None, help="Only this task.")
 @click.option("--json", "as_json", is_flag=True)
+@click.option("--mesh", "mesh_url", default=None,
+              help="Instead: what each node of the running mesh at this URL has loaded.")
 @click.pass_context
-def variants_list(ctx: click.Context, task: str | None, as_json: bool) -> None:
+def variants_list(ctx: click.Context, task: str | None, as_json: bool,
+                  mesh_url: str | None) -> None:
     """List variants with format, size, accuracy, latency per hardware class, cold start, memory.
 
     Variants the factory rejected are listed after them, with the reason.
     """
+    if mesh_url is not None:
+        from mesh.remote import mesh_variants
+
+        seen = mesh_variants(mesh_url)
+        if as_json:
+            click.echo(json.dumps(seen, indent=2))
+            return
+        table = Table(title=f"loaded variants seen from {seen['node']} (registry version "
+                            f"{seen['registry_version']})")
+        table.add_column("node")
+        table.add_column("loaded variants")
+        for node, names in seen["loaded"].items():
+            table.add_row(node, ", ".join(names) or "-")
+        console.print(table)
+        return
     registry = Registry.load(home_of(ctx))
     found = registry.for_task(task) if task else sorted(registry.variants.values(),
                                                         key=lambda v: v.name)

@@ -137,3 +137,21 @@ def test_save_keeps_changes_other_writers_saved_meanwhile(tmp_path: Path) -> Non
     second.save(tmp_path)
     assert sorted(Registry.load(tmp_path).variants) == ["b-onnx-fp32", "c-onnx-fp32"]
     assert sorted(second.variants) == ["b-onnx-fp32", "c-onnx-fp32"]  # it now sees the file
+
+
+def test_every_saving_change_raises_the_version_and_a_newer_copy_is_adopted(tmp_path: Path) -> None:
+    core, edge = tmp_path / "core", tmp_path / "edge"
+    registry = Registry()
+    registry.add(_variant("a"))
+    registry.save(core)
+    assert Registry.load(core).version == 1
+    registry.add(_variant("b"))
+    registry.save(core)
+    registry.save(core)  # nothing changed: the version stays
+    assert Registry.load(core).version == 2
+    parent = Registry.from_document(Registry.load(core).to_document())
+    assert parent.adopt(edge) and Registry.load(edge).version == 2
+    assert set(Registry.load(edge).variants) == {"a", "b"}
+    assert not parent.adopt(edge)  # not newer than what the edge holds
+    with pytest.raises(ValueError, match="registry.version"):
+        Registry.from_document({"variants": {}, "version": -1})

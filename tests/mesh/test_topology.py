@@ -71,6 +71,13 @@ def test_nodes_allow_variants_by_glob() -> None:
         (lambda d: d["hardware"]["core-cpu"].update(accelerators=[{"type": "a10", "count": 0}]),
          "hardware.core-cpu.accelerators[0].count: must be >= 1"),
         (lambda d: d["hardware"]["core-cpu"].update(power_w=-5), "hardware.core-cpu.power_w: must be >= 0"),
+        (lambda d: d["nodes"][1]["address"].update(http_port=d["nodes"][0]["address"]["http_port"]),
+         "nodes[1].address.http_port: 127.0.0.1:7107 is already used by nodes[0] (core-1)"),
+        (lambda d: d["nodes"][2]["address"].update(stream_port=70000),
+         "nodes[2].address.stream_port: must be <= 65535"),
+        (lambda d: d["nodes"][3]["address"].update(stream_port=7103),
+         "nodes[3].address: http_port and stream_port are both 7103"),
+        (lambda d: d["nodes"][0]["address"].pop("host"), "nodes[0].address.host: required"),
     ],
 )
 def test_errors_name_the_key_path(mutate, expected: str) -> None:
@@ -279,3 +286,10 @@ def test_behind_lists_what_a_neighbour_leads_to() -> None:
     assert sorted(topo.behind("mid-1", "core-1")) == ["core-1"]
     assert sorted(topo.behind("mid-1", "edge-2")) == ["edge-2"]
     assert sorted(topo.behind("core-1", "mid-1")) == ["edge-1", "edge-2", "mid-1"]
+
+
+def test_node_addresses_give_the_urls_nodes_and_clients_use() -> None:
+    topology = parse_topology(_local())
+    edge = topology.nodes["edge-1"].address
+    assert edge is not None and edge.http_url == "http://127.0.0.1:7101"
+    assert edge.stream_url == "tcp://127.0.0.1:7102" and edge.bind_host == "127.0.0.1"

@@ -1,0 +1,159 @@
+"""One node per host, from the topology alone: `mesh node run` on every node of local.yaml.
+
+Here every "host" is a process on loopback with its own home: only the core's home
+holds the registry and the artifacts; the others start empty (but for the mesh key,
+which TLS replaces off loopback) and copy what they need from their parents. A model
+registered at the core while the mesh runs reaches the edge without a restart.
+(`tests/integration/test_netns.py` does the same across network namespaces.)
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+import yaml
+
+from mesh import Client
+from mesh.peers import PeerKey
+from mesh.registry import Registry
+from mesh.remote import mesh_variants, push_variants
+from mesh.store import ArtifactStore
+
+ROOT = Path(__file__).resolve().parents[2]
+pytestmark = pytest.mark.integration
+
+
+def _free_ports(n: int) -> list[int]:
+    socks = [socket.socket() for _ in range(n)]
+    try:
+        for s in socks:
+            s.bind(("127.0.0.1", 0))
+        return [s.getsockname()[1] for s in socks]
+    finally:
+        for s in socks:
+            s.close()
+
+
+def _get(url: str) -> tuple[int, Any]:
+    try:
+        with urllib.request.urlopen(url, timeout=5) as resp:
+            return resp.status, json.loads(resp.read() or b"null")
+    except urllib.error.HTTPError as err:
+        err.close()
+        return err.code, None
+    except (OSError, ValueError):
+        return 0, None
+
+
+def _until(condition: Any, what: str, timeout_s: float = 90.0) -> None:
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        if condition():
+            return
+        time.sleep(0.2)
+    raise AssertionError(f"not within {timeout_s} s: {what}")
+
+
+@contextlib.contextmanager
+def _nodes(topology: Path, homes: dict[str, Path], logs: Path) -> Iterator[None]:
+    procs: list[subprocess.Popen[bytes]] = []
+    try:
+        for name, home in homes.items():
+            log = open(logs / f"{name}.log", "wb")  # noqa: SIM115 - the child holds it
+            procs.append(subprocess.Popen(
+                [sys.executable, "-m", "mesh.cli", "--home", str(home), "node", "run",
+                 str(topology), name], stdout=log, stderr=subprocess.STDOUT,
+                start_new_session=True))
+            log.close()
+        yield
+    finally:
+        for proc in procs:
+            with contextlib.suppress(ProcessLookupError):
+                proc.send_signal(signal.SIGTERM)
+        for proc in procs:
+            try:
+                proc.wait(timeout=15)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                proc.wait()
+
+
+def test_every_node_runs_from_the_topology_and_an_empty_home(
+        built_home: Path, tmp_path: Path, heldout: Any) -> None:
+    images, _ = heldout
+    doc = yaml.safe_load((ROOT / "topologies" / "local.yaml").read_text())
+    ports = iter(_free_ports(2 * len(doc["nodes"])))
+    for node in doc["nodes"]:
+        node["address"] = {"host": "127.0.0.1", "http_port": next(ports),
+                           "stream_port": next(ports)}
+        if node["tier"] == "edge":  # lets the model registered below reach the edge
+            node["variants"] = ["digits-linear*", "digits-mlp"]
+    topology = tmp_path / "local.yaml"
+    topology.write_text(yaml.safe_dump(doc))
+    url = {n["name"]: f"http://127.0.0.1:{n['address']['http_port']}" for n in doc["nodes"]}
+
+    homes = {n["name"]: tmp_path / "homes" / n["name"] for n in doc["nodes"]}
+    core = homes["core-1"]
+    core.mkdir(parents=True)
+    shutil.copy(built_home / "registry.json", core / "registry.json")
+    (core / "store").symlink_to(built_home / "store")
+    key = PeerKey.for_home(core)
+    for name, home in homes.items():
+        if name != "core-1":
+            home.mkdir(parents=True)
+            shutil.copy(core / "mesh.key", home / "mesh.key")  # TLS replaces this off loopback
+    logs = tmp_path / "logs"
+    logs.mkdir()
+
+    with _nodes(topology, homes, logs):
+        _until(lambda: all(_get(u + "/v1/status")[0] == 200 for u in url.values()),
+               "every node serving")
+        registry = Registry.load(core)
+        for name in ("edge-1", "edge-2", "mid-1"):  # the registry came down the tree
+            status = _get(url[name] + "/v1/status")[1]
+            assert status["registry_version"] == registry.version, (name, status)
+            assert status["unreachable"] == []
+        for entry in ("edge-1", "edge-2"):
+            with Client(url[entry]) as client:
+                fast = client.infer("digits", images[:1], latency_ms=10)
+                accurate = client.infer("digits", images[:1], min_accuracy=0.99)
+            assert fast.served_by.node == entry and fast.served_by.tier == "edge"
+            assert accurate.served_by.variant == "digits-cnn"
+            assert accurate.served_by.tier in ("intermediate", "core")
+            assert accurate.slo_met
+        # every artifact an edge node serves crossed the network, and verified
+        edge_store = ArtifactStore(homes["edge-1"] / "store")
+        linear = registry.variants["digits-linear"]
+        assert edge_store.verify(linear.sha256)
+        assert not edge_store.has(registry.variants["digits-cnn"].sha256)  # not hosted there
+
+        # a model registered at the core reaches the edge while the mesh runs
+        new = linear.__class__.from_json({**linear.to_json(), "name": "digits-linear-v2",
+                                          "family": "digits-v2"})
+        sent = push_variants(url["core-1"], [new], ArtifactStore(core / "store"), key)
+        assert sent["registered"] == ["digits-linear-v2"]
+        _until(lambda: "digits-linear-v2" in mesh_variants(url["edge-1"])["loaded"]["edge-1"],
+               "the new variant loaded at edge-1", timeout_s=60)
+        _until(lambda: _get(url["edge-2"] + "/v1/status")[1]["registry_version"]
+               == sent["version"], "edge-2 on the new registry", timeout_s=30)
+        # and a client's route is still refused while a stranger's registration is too
+        req = urllib.request.Request(url["core-1"] + "/v1/registry/variants", method="POST",
+                                     data=json.dumps([new.to_json()]).encode())
+        with pytest.raises(urllib.error.HTTPError) as refused:
+            urllib.request.urlopen(req, timeout=5)
+        refused.value.close()
+        assert refused.value.code == 403
+    assert np.isfinite(fast.output).all()
