@@ -39,6 +39,7 @@ a mesh that did not say it answered outside the SLO (``plan["feasible"]``).
 from __future__ import annotations
 
 import asyncio
+import ssl as _ssl
 import time
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
@@ -167,13 +168,16 @@ class Client:
     Raises :class:`ClientError` at once for a bad URL or timeout; see the module
     docstring for how the timeouts and failover work. ``transports`` maps an entry
     URL to the :class:`~mesh.transport.BlockingTransport` that carries its queries
-    (tests pass in-memory ones); the others are made from their URLs.
+    (tests pass in-memory ones); the others are made from their URLs. ``ssl``: reach
+    the entry nodes over TLS with this context (nodes that serve TLS, ``mesh.certs``).
     """
 
     def __init__(self, url: str | Sequence[str], *, timeout_s: float = 30.0,
                  connect_timeout_s: float = 1.0, attempt_timeout_s: float = 5.0,
-                 transports: Mapping[str, BlockingTransport] | None = None) -> None:
+                 transports: Mapping[str, BlockingTransport] | None = None,
+                 ssl: _ssl.SSLContext | None = None) -> None:
         self._urls = _entry_urls(url, "Client")
+        self._ssl = ssl
         self.timeouts = Timeouts(timeout_s, connect_timeout_s, attempt_timeout_s)
         given = dict(transports or {})
         self._transports: list[BlockingTransport | None] = [
@@ -222,7 +226,8 @@ class Client:
     def _transport(self, index: int) -> BlockingTransport:
         transport = self._transports[index]
         if transport is None:
-            transport = self._transports[index] = blocking_transport_for(self._urls[index])
+            transport = self._transports[index] = blocking_transport_for(self._urls[index],
+                                                                         ssl=self._ssl)
         return transport
 
     def _send(self, attempt: Attempt, body: bytes) -> tuple[int, bytes]:
@@ -250,12 +255,15 @@ class AsyncClient:
     may run concurrently. ``transports`` maps an entry URL to the
     :class:`~mesh.transport.Transport` that carries its queries (tests pass
     :class:`~mesh.transport.MemoryTransport`); the others are made from their URLs.
+    ``ssl``: reach the entry nodes over TLS with this context.
     """
 
     def __init__(self, url: str | Sequence[str], *, timeout_s: float = 30.0,
                  connect_timeout_s: float = 1.0, attempt_timeout_s: float = 5.0,
-                 transports: Mapping[str, Transport] | None = None) -> None:
+                 transports: Mapping[str, Transport] | None = None,
+                 ssl: _ssl.SSLContext | None = None) -> None:
         self._urls = _entry_urls(url, "AsyncClient")
+        self._ssl = ssl
         self.timeouts = Timeouts(timeout_s, connect_timeout_s, attempt_timeout_s)
         given = dict(transports or {})
         self._transports: list[Transport | None] = [
@@ -311,7 +319,7 @@ class AsyncClient:
         transport = self._transports[attempt.index]
         if transport is None:
             transport = self._transports[attempt.index] = transport_for(
-                url, connect_timeout_s=self.timeouts.connect_s)
+                url, connect_timeout_s=self.timeouts.connect_s, ssl=self._ssl)
         wait = attempt.answer_timeout(time.monotonic())
         try:
             return await transport.send(body, timeout_s=wait, connect_timeout_s=attempt.connect_s)
