@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import http.client
 import json
+import ssl as _ssl
 from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
@@ -27,23 +28,27 @@ from mesh.peers import PeerKey
 from mesh.registry import Variant
 from mesh.store import ArtifactStore
 
-__all__ = ["push_variants", "mesh_variants", "key_from", "OPERATOR"]
+__all__ = ["push_variants", "mesh_variants", "key_from", "tls_from", "OPERATOR"]
 
 #: The name an operator's requests are signed with.
 OPERATOR = "operator"
 
 
-def _connection(url: str, timeout_s: float) -> tuple[http.client.HTTPConnection, str]:
+def _connection(url: str, timeout_s: float, ssl: _ssl.SSLContext | None
+                ) -> tuple[http.client.HTTPConnection, str]:
     parts = urlsplit(url if "://" in url else f"http://{url}")
-    if parts.scheme != "http" or not parts.hostname:
-        raise MeshError(f"--mesh {url!r}: expected http://HOST:PORT of a node")
+    if parts.scheme not in ("http", "https") or not parts.hostname:
+        raise MeshError(f"--mesh {url!r}: expected http://HOST:PORT (or https://) of a node")
+    if parts.scheme == "https" or ssl is not None:
+        return (http.client.HTTPSConnection(parts.hostname, parts.port or 443, timeout=timeout_s,
+                                            context=ssl), parts.path.rstrip("/"))
     return (http.client.HTTPConnection(parts.hostname, parts.port or 80, timeout=timeout_s),
             parts.path.rstrip("/"))
 
 
 def _request(url: str, method: str, path: str, body: Any, headers: dict[str, str],
-             timeout_s: float = 60.0) -> dict[str, Any]:
-    conn, prefix = _connection(url, timeout_s)
+             timeout_s: float = 60.0, ssl: _ssl.SSLContext | None = None) -> dict[str, Any]:
+    conn, prefix = _connection(url, timeout_s, ssl)
     try:
         conn.request(method, prefix + path, body=body, headers=headers)
         resp = conn.getresponse()
@@ -64,11 +69,15 @@ def _request(url: str, method: str, path: str, body: Any, headers: dict[str, str
     return parsed if isinstance(parsed, dict) else {"value": parsed}
 
 
-def push_variants(url: str, variants: Iterable[Variant], store: ArtifactStore, key: PeerKey
-                  ) -> dict[str, Any]:
-    """Register ``variants`` (their artifacts in ``store``) at the node at ``url``."""
+def push_variants(url: str, variants: Iterable[Variant], store: ArtifactStore,
+                  key: PeerKey | None, *, ssl: _ssl.SSLContext | None = None) -> dict[str, Any]:
+    """Register ``variants`` (their artifacts in ``store``) at the node at ``url``.
+
+    Signed with the mesh ``key`` on loopback; over TLS, ``ssl`` carries a node certificate
+    of the mesh (the core's, on the core's machine) and no key is needed.
+    """
     variants = list(variants)
-    headers = key.headers(OPERATOR)
+    headers = key.headers(OPERATOR) if key is not None else {}
     for sha in sorted({v.sha256 for v in variants}):
         path = store.path(sha)
         if not store.verify(sha):
@@ -76,16 +85,16 @@ def push_variants(url: str, variants: Iterable[Variant], store: ArtifactStore, k
         with open(path, "rb") as f:
             _request(url, "PUT", f"/v1/artifacts/{sha}", f,
                      {**headers, "Content-Type": "application/octet-stream",
-                      "Content-Length": str(path.stat().st_size)}, timeout_s=600.0)
+                      "Content-Length": str(path.stat().st_size)}, timeout_s=600.0, ssl=ssl)
     body = json.dumps([v.to_json() for v in variants]).encode()
     return _request(url, "POST", "/v1/registry/variants", body,
-                    {**headers, "Content-Type": "application/json"})
+                    {**headers, "Content-Type": "application/json"}, ssl=ssl)
 
 
-def mesh_variants(url: str) -> dict[str, Any]:
+def mesh_variants(url: str, *, ssl: _ssl.SSLContext | None = None) -> dict[str, Any]:
     """``{"node": ..., "registry_version": ..., "loaded": {node: [variants]}}`` seen from
     the node at ``url`` (itself, and what the nodes whose reports it holds have loaded)."""
-    status = _request(url, "GET", "/v1/status", None, {})
+    status = _request(url, "GET", "/v1/status", None, {}, ssl=ssl)
     loaded: dict[str, list[str]] = {
         status["node"]: sorted(v["name"] for v in status.get("variants", []) if v.get("loaded"))}
     for node, seen in (status.get("view") or {}).items():
@@ -105,3 +114,15 @@ def key_from(home: Path, key_file: str | None) -> PeerKey:
                         "<home>/mesh.key)") from None
     except ValueError:
         raise MeshError(f"{path} is not a mesh key (hex)") from None
+
+
+def tls_from(tls_dir: str | Path) -> _ssl.SSLContext:
+    """A client context that proves a node of the mesh: ``ca.pem``, ``node.pem``,
+    ``node-key.pem`` in ``tls_dir``; raises :class:`MeshError` naming a missing file."""
+    folder = Path(tls_dir)
+    missing = [f for f in ("ca.pem", "node.pem", "node-key.pem") if not (folder / f).is_file()]
+    if missing:
+        raise MeshError(f"--tls-dir {folder}: missing {', '.join(missing)}")
+    context = _ssl.create_default_context(cafile=str(folder / "ca.pem"))
+    context.load_cert_chain(folder / "node.pem", folder / "node-key.pem")
+    return context

@@ -39,15 +39,19 @@ def models() -> None:
                    "it hosts, without a restart.")
 @click.option("--mesh-key", default=None, type=click.Path(dir_okay=False),
               help="The mesh key to sign with (default: <home>/mesh.key, the core's).")
+@click.option("--tls-dir", default=None, type=click.Path(file_okay=False),
+              help="For a mesh on TLS: a node's ca.pem, node.pem, node-key.pem (the core's).")
 @click.pass_context
 def models_add(ctx: click.Context, name: str, task: str, model: str, weights: str | None,
                validation: str, train: str | None, kind: str, formats: str | None,
-               max_batch: int, replace: bool, mesh_url: str | None, mesh_key: str | None
-               ) -> None:
+               max_batch: int, replace: bool, mesh_url: str | None, mesh_key: str | None,
+               tls_dir: str | None) -> None:
     """Register model NAME: generate, check, measure and store its variants."""
-    from mesh.remote import key_from
+    from mesh.remote import key_from, tls_from
 
-    key = key_from(home_of(ctx), mesh_key) if mesh_url else None  # fail before building
+    # what --mesh needs is checked before anything is built
+    tls = tls_from(tls_dir) if mesh_url and tls_dir else None
+    key = key_from(home_of(ctx), mesh_key) if mesh_url and tls is None else None
     from mesh.variants.factory import register_model
 
     wanted = [f.strip() for f in formats.split(",") if f.strip()] if formats else None
@@ -77,14 +81,14 @@ def models_add(ctx: click.Context, name: str, task: str, model: str, weights: st
         console.print(table)
     if not report.accepted:
         raise click.exceptions.Exit(1)
-    if mesh_url is not None and key is not None:
+    if mesh_url is not None:
         from mesh.registry import Registry
         from mesh.remote import push_variants
         from mesh.store import ArtifactStore
 
         registry = Registry.load(home_of(ctx))
         sent = push_variants(mesh_url, [registry.variants[v.name] for v in report.accepted],
-                             ArtifactStore(home_of(ctx) / "store"), key)
+                             ArtifactStore(home_of(ctx) / "store"), key, ssl=tls)
         console.print(f"registered at {mesh_url}: {', '.join(sent.get('registered', []))} "
                       f"(registry version {sent.get('version')}); the nodes load what they "
                       "host within a few heartbeats")
