@@ -7,7 +7,9 @@ Routes::
     GET  /v1/artifacts/{sha256}   a variant's artifact from this node's store (pulled through
                                   its parent when missing); children fetch from here
     GET  /metrics                 Prometheus text format
-    GET  /healthz                 200 "ok" once the agent is serving
+    GET  /healthz                 readiness: 200 "ok" once the variants the node hosts are
+                                  loaded (:func:`waiting_for`), else 503 with what it waits for
+    GET  /livez                   liveness: 200 "ok" while the process serves
     /v2/...                       Open Inference Protocol v2 (:mod:`nodes.oip`)
 
 Limits (:mod:`nodes.limits`): a query body over the node's cap (its largest
@@ -165,7 +167,42 @@ async def metrics(request: web.Request) -> web.Response:
                         headers={"Content-Type": CONTENT_TYPE})
 
 
+def waiting_for(agent: NodeAgent) -> list[str] | None:
+    """What keeps the node from being ready: the hosted variants still on their way.
+
+    None when it is ready: the agent has started and every variant it hosts
+    is loaded, or unavailable here for good, or can load at once from the
+    local store when asked (evicted for memory, or not preloaded because it
+    does not fit beside the others; waiting for those would make readiness
+    flap with normal eviction). A variant still being pulled or loaded, or
+    whose artifact the parent has not delivered yet, holds readiness back.
+    """
+    if not agent.ready:
+        return ["the agent to start"]
+    models = agent.models
+    pending = []
+    for variant in agent.planner.hosted(agent.name):
+        name = variant.name
+        if name in models.loaded or name in models.unavailable:
+            continue
+        if name in models.variants and models.state_of(name) != "loading" and (
+                agent.artifacts.store.has(variant.sha256)
+                or models.memory_used + models.need_bytes(name) > models.config.budget_bytes):
+            continue
+        pending.append(name)
+    return pending or None
+
+
 async def healthz(request: web.Request) -> web.Response:
+    """Readiness: 200 "ok" when the node serves what it hosts; 503 with what it waits for."""
+    waiting = waiting_for(request.app[AGENT])
+    if waiting is None:
+        return web.Response(text="ok")
+    return web.json_response({"ready": False, "waiting_for": waiting}, status=503)
+
+
+async def livez(request: web.Request) -> web.Response:
+    """Liveness: 200 "ok" while the process serves HTTP at all."""
     return web.Response(text="ok")
 
 
@@ -200,6 +237,7 @@ def make_app(agent: NodeAgent, *, address: str = "", stream_address: str | None 
     app.router.add_get("/v1/artifacts/{sha256}", artifact)
     app.router.add_get("/metrics", metrics)
     app.router.add_get("/healthz", healthz)
+    app.router.add_get("/livez", livez)
     app.router.add_routes(OipAdapter(agent, limits).routes())
     app.router.add_routes(registry_routes(agent))
     return app

@@ -23,7 +23,7 @@ from __future__ import annotations
 
 import sys
 
-from mesh.cli import models, node, run, topology, variants  # noqa: F401  (registers the commands)
+from mesh.cli import certs, deploy, models, node, run, topology, variants  # noqa: F401  (registers the commands)
 from mesh.cli.app import cli
 
 __all__ = ["cli", "main"]
