@@ -43,7 +43,7 @@ from typing import Any
 from mesh.durable import make_dirs, write_atomic
 
 __all__ = ["CA_CERT", "CA_KEY", "NODE_CERT", "NODE_KEY", "CertificateError", "TlsFiles",
-           "init_ca", "issue", "peer_node", "with_tls"]
+           "ca_context", "init_ca", "issue", "peer_node", "with_tls"]
 
 CA_CERT, CA_KEY = "ca.pem", "ca-key.pem"
 NODE_CERT, NODE_KEY = "node.pem", "node-key.pem"
@@ -123,6 +123,25 @@ class TlsFiles:
         except ssl.SSLError as exc:
             raise CertificateError(f"{self.cert} with {self.key}: not a PEM certificate and its "
                                    f"private key ({exc.reason})") from None
+
+
+def ca_context(ca: str | Path) -> ssl.SSLContext:
+    """A client's context for nodes that serve TLS: trusts the mesh CA, presents nothing.
+
+    ``Client(url, ssl=ca_context("ca.pem"))``: the nodes serve it as a client (no routes,
+    heartbeats or pulls), over an encrypted connection to a node the mesh CA vouches for.
+    Raises :class:`CertificateError` when ``ca`` is missing or not a CA certificate.
+    """
+    context = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
+    context.minimum_version = ssl.TLSVersion.TLSv1_2
+    context.check_hostname = False  # any node of the mesh; the CA signs nothing else
+    try:
+        context.load_verify_locations(cafile=str(ca))
+    except FileNotFoundError:
+        raise CertificateError(f"mesh CA certificate {ca} does not exist") from None
+    except ssl.SSLError as exc:
+        raise CertificateError(f"{ca}: not a PEM CA certificate ({exc.reason})") from None
+    return context
 
 
 def peer_node(ssl_object: Any) -> str | None:

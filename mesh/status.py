@@ -20,14 +20,19 @@ def fmt_ms(value: float | None) -> str:
     return "-" if value is None else f"{value:.2f}"
 
 
-async def fetch_status(nodes: dict[str, dict[str, str]]) -> list[dict[str, Any]]:
-    """Every node's status (``up`` False, with what the run file says, for one that is down)."""
+async def fetch_status(nodes: dict[str, dict[str, str]], ssl: Any = None
+                       ) -> list[dict[str, Any]]:
+    """Every node's status (``up`` False, with what the run file says, for one that is down).
+
+    ``ssl``: the context for nodes that serve TLS (:func:`mesh.certs.ca_context`).
+    """
     import aiohttp
 
     async def one(session: aiohttp.ClientSession, name: str, info: dict[str, str]
                   ) -> dict[str, Any]:
         try:
-            async with session.get(info["address"] + "/v1/status") as resp:
+            async with session.get(info["address"] + "/v1/status",
+                                   ssl=ssl if ssl is not None else True) as resp:
                 body = await resp.json()
                 body["up"] = resp.status == 200
                 return body
@@ -46,7 +51,7 @@ def mesh_status(home: Path) -> list[dict[str, Any]]:
     state = read_state(home / "run")
     if state is None:
         raise MeshError(f"no mesh is running from {home}; start one with 'mesh up TOPOLOGY'")
-    return asyncio.run(fetch_status(state.nodes))
+    return asyncio.run(fetch_status(state.nodes, state.client_ssl()))
 
 
 def status_table(rows: list[dict[str, Any]]) -> Table:

@@ -299,6 +299,11 @@ class StreamClient:
         self._conn = conn
         return conn
 
+    async def connect(self) -> None:
+        """Make sure a connection is open (one connect however many wait for it); raises
+        :class:`MeshConnectionError`."""
+        await self._connection()
+
     @property
     def connected(self) -> bool:
         """Whether a connection is open now."""

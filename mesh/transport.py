@@ -153,6 +153,14 @@ class StreamTransport:
                                             connect_timeout_s=connect_timeout_s, ssl=ssl)
         self._opened = False
 
+    async def connect(self) -> None:
+        """Open the stream now unless it is open (ahead of queries: a TLS handshake costs
+        round trips). Raises :class:`MeshConnectionError`."""
+        if not self._opened:
+            await self.client.__aenter__()
+            self._opened = True
+        await self.client.connect()
+
     async def send(self, body: bytes, *, timeout_s: float,
                    connect_timeout_s: float | None = None) -> Answer:
         if not self._opened:

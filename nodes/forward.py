@@ -7,7 +7,9 @@ reached over one persistent msgpack stream, opened with the node's HELLO
 to it shares that stream. A neighbour without one is reached by ``POST
 /v1/infer`` carrying the node's peer token. With TLS (``ssl``, the node's
 client context from :class:`mesh.certs.TlsFiles`) both go over mutual TLS
-and the node's certificate proves who it is: no token, no HELLO. Tests hand in their own
+and the node's certificate proves who it is: no token, no HELLO. A TLS stream
+is opened ahead of the first query and again soon after it is lost
+(``warm_interval_s``), so that queries do not wait for a handshake. Tests hand in their own
 transports (:class:`~mesh.transport.MemoryTransport` wired to another agent),
 with no sockets at all.
 
@@ -20,6 +22,7 @@ never for an error the neighbour answered with.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import ssl as _ssl
 from collections.abc import Mapping
 
@@ -40,6 +43,10 @@ class HopFailed(Exception):
 class Neighbours:
     """The ways to a node's neighbours. An async context manager that closes them."""
 
+    #: With TLS, how often streams to neighbours that are not open are opened, ahead of
+    #: queries: a handshake costs round trips a query's latency budget may not have.
+    warm_interval_s: float = 1.0
+
     def __init__(self, urls: Mapping[str, str], stream_urls: Mapping[str, str], *,
                  timeout_s: float, headers: Mapping[str, str] | None = None,
                  hello: bytes | None = None,
@@ -47,6 +54,8 @@ class Neighbours:
                  ssl: _ssl.SSLContext | None = None) -> None:
         self.urls = dict(urls)
         self.timeout_s = timeout_s
+        self._warm: asyncio.Task[None] | None = None
+        self._streams: list[StreamTransport] = []
         given = dict(transports or {})
         #: neighbour -> its transport; a ValueError here is a bad run file, found at start
         self.transports: dict[str, Transport] = {}
@@ -55,8 +64,11 @@ class Neighbours:
             if name in given:
                 self.transports[name], self.kinds[name] = given[name], "memory"
             elif name in stream_urls:
-                self.transports[name] = StreamTransport(stream_urls[name], hello=hello, ssl=ssl)
-                self.kinds[name] = "stream"
+                stream = StreamTransport(stream_urls[name], hello=hello, ssl=ssl,
+                                         connect_timeout_s=min(timeout_s, 1.0))
+                self.transports[name], self.kinds[name] = stream, "stream"
+                if ssl is not None:
+                    self._streams.append(stream)
             else:
                 self.transports[name] = HttpTransport(urls[name], headers=headers, ssl=ssl)
                 self.kinds[name] = "http"
@@ -66,13 +78,27 @@ class Neighbours:
         return self.kinds.get(hop, "http")
 
     async def __aenter__(self) -> Neighbours:
+        if self._streams:
+            self._warm = asyncio.create_task(self._keep_open(), name="neighbour streams")
         return self
+
+    async def _keep_open(self) -> None:
+        while True:
+            # a neighbour not up yet (or gone) is simply tried again; queries decide it is down
+            await asyncio.gather(*(s.connect() for s in self._streams if not s.connections),
+                                 return_exceptions=True)
+            await asyncio.sleep(self.warm_interval_s)
 
     async def __aexit__(self, *exc: object) -> None:
         await self.aclose()
 
     async def aclose(self) -> None:
         """Close every transport; queries still in flight on them fail. Idempotent."""
+        if self._warm is not None:
+            self._warm.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._warm
+            self._warm = None
         await asyncio.gather(*(t.aclose() for t in self.transports.values()))
 
     async def post(self, hop: str, body: bytes, timeout_s: float | None = None

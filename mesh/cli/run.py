@@ -19,8 +19,11 @@ __all__: list[str] = []  # commands register themselves on the cli group
 @click.argument("topology", type=click.Path(dir_okay=False))
 @click.option("--free-ports", is_flag=True,
               help="Ignore the ports in the topology's addresses; use any free ones.")
+@click.option("--tls", is_flag=True,
+              help="Run the nodes as off loopback: a mesh CA and a certificate per node under "
+                   "the run directory, every hop over mutual TLS, both ports TLS only.")
 @click.pass_context
-def up(ctx: click.Context, topology: str, free_ports: bool) -> None:
+def up(ctx: click.Context, topology: str, free_ports: bool, tls: bool) -> None:
     """Start every node of TOPOLOGY on this machine, with emulated links.
 
     A node whose topology entry gives an address listens on its ports (on loopback), so
@@ -28,7 +31,7 @@ def up(ctx: click.Context, topology: str, free_ports: bool) -> None:
     """
     from mesh.testbed.local import LocalMesh
 
-    mesh = LocalMesh(topology, home=home_of(ctx), use_addresses=not free_ports)
+    mesh = LocalMesh(topology, home=home_of(ctx), use_addresses=not free_ports, tls=tls)
     with console.status(f"starting {len(mesh.topology.nodes)} nodes and "
                         f"{len(mesh.topology.links)} links..."):
         state = mesh.start()
@@ -38,6 +41,8 @@ def up(ctx: click.Context, topology: str, free_ports: bool) -> None:
     for name, info in state.nodes.items():
         table.add_row(name, info["tier"], info["address"], info.get("stream_address", ""))
     console.print(table)
+    if state.ca:
+        console.print(f"nodes serve TLS only; clients pass ssl=mesh.certs.ca_context({state.ca!r})")
     console.print(f"logs in {state.run_dir}/logs; stop with [bold]mesh down[/bold]")
 
 

@@ -15,6 +15,15 @@ group. Stopping finds the mesh's processes by their command lines
 (:mod:`mesh.testbed.processes`), not only by the pids it recorded, so a node
 restarted by hand with the same run file is stopped too; a process that
 cannot be stopped is reported, never silently left behind.
+
+With ``tls=True`` (``mesh up --tls``) the nodes run as they do off loopback:
+a mesh CA under ``RUN_DIR/tls`` (made once, then reused, so that clients'
+copies of ``ca.pem`` stay valid), a certificate per node issued at every
+start, every node started with ``--tls-dir RUN_DIR/tls/NODE``. Both ports of
+every node then speak TLS only, and nodes know each other by certificate.
+The link emulators are unchanged: they proxy TCP, so TLS passes through them.
+Clients reach the nodes with ``ssl=``:func:`mesh.certs.ca_context` of
+``RUN_DIR/tls/ca.pem`` (:attr:`MeshState.ca`).
 """
 
 from __future__ import annotations
@@ -23,6 +32,7 @@ import json
 import os
 import signal
 import socket
+import ssl
 import subprocess
 import sys
 import time
@@ -33,6 +43,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from mesh.certs import CA_CERT, ca_context, init_ca, issue
 from mesh.durable import write_atomic
 from mesh.errors import MeshError
 from mesh.registry import Registry
@@ -67,10 +78,17 @@ class MeshState:
     nodes: dict[str, dict[str, str]]
     #: {"role": "node"|"links", "name", "pid"}
     processes: list[dict[str, Any]]
+    #: the mesh CA's certificate when the nodes serve TLS (``mesh up --tls``), else None
+    ca: str | None = None
 
     def to_json(self) -> dict[str, Any]:
-        return {"topology": self.topology, "home": self.home, "run_dir": self.run_dir,
-                "nodes": self.nodes, "processes": self.processes}
+        out = {"topology": self.topology, "home": self.home, "run_dir": self.run_dir,
+               "nodes": self.nodes, "processes": self.processes}
+        return out | ({"ca": self.ca} if self.ca else {})
+
+    def client_ssl(self) -> ssl.SSLContext | None:
+        """What a client passes as ``ssl=`` to reach these nodes (None: plain TCP)."""
+        return ca_context(self.ca) if self.ca else None
 
     def address(self, node: str) -> str:
         return self.nodes[node]["address"]
@@ -115,12 +133,13 @@ class LocalMesh:
 
     def __init__(self, topology: str | Path, *, home: str | Path, run_dir: str | Path | None = None,
                  host: str = "127.0.0.1", hop_transport: str = "stream",
-                 use_addresses: bool = True) -> None:
+                 use_addresses: bool = True, tls: bool = False) -> None:
         """``hop_transport``: how nodes forward to their neighbours, ``"stream"`` (one
         persistent msgpack stream per neighbour) or ``"http"`` (for comparison). Every node
         serves both either way. ``use_addresses``: a node whose topology entry gives an
         address listens on its ports (so that the README's URLs work); False: every node
-        on free ports (tests that may run beside another mesh)."""
+        on free ports (tests that may run beside another mesh). ``tls``: every node with its
+        own certificate from a mesh CA under ``run_dir/tls``, both ports TLS only."""
         if hop_transport not in ("stream", "http"):
             raise ValueError(f"hop_transport: expected 'stream' or 'http', got {hop_transport!r}")
         self.hop_transport = hop_transport
@@ -130,6 +149,7 @@ class LocalMesh:
         self.run_dir = Path(run_dir).resolve() if run_dir else self.home / "run"
         self.host = host
         self.use_addresses = use_addresses
+        self.tls = tls
         self._procs: list[tuple[str, str, subprocess.Popen[bytes]]] = []
         self.state: MeshState | None = None
 
@@ -204,10 +224,12 @@ class LocalMesh:
                              "stream_neighbours": stream_neighbours[n]
                              if self.hop_transport == "stream" else {}}
                          for n in names}}
+        tls_dirs = self._issue_certificates() if self.tls else {}
+        scheme = "https" if self.tls else "http"
         run_file = write_atomic(self.run_dir / RUN_FILE, json.dumps(run, indent=2))
         links_file = write_atomic(self.run_dir / LINKS_FILE, json.dumps(link_spec, indent=2))
 
-        nodes = {n: {"tier": topo.nodes[n].tier, "address": f"http://{self.host}:{node_port[n]}",
+        nodes = {n: {"tier": topo.nodes[n].tier, "address": f"{scheme}://{self.host}:{node_port[n]}",
                      "stream_address": f"tcp://{self.host}:{stream_port[n]}"}
                  for n in names}
         try:
@@ -215,17 +237,26 @@ class LocalMesh:
                 self._spawn("links", "links", [sys.executable, "-m", "mesh.testbed.links",
                                                str(links_file)])
             for n in names:
+                tls = ["--tls-dir", str(tls_dirs[n])] if self.tls else []
                 self._spawn("node", n, [sys.executable, "-m", "nodes", "--runtime", str(run_file),
-                                        "--node", n])
+                                        "--node", n, *tls])
             self.state = MeshState(str(self.topology_path), str(self.home), str(self.run_dir),
                                    nodes, [{"role": r, "name": nm, "pid": p.pid}
-                                           for r, nm, p in self._procs])
+                                           for r, nm, p in self._procs],
+                                   ca=str(self.run_dir / "tls" / CA_CERT) if self.tls else None)
             write_atomic(self.run_dir / STATE_FILE, json.dumps(self.state.to_json(), indent=2))
             self._wait_ready(link_spec, nodes)
         except BaseException:
             self.stop()
             raise
         return self.state
+
+    def _issue_certificates(self) -> dict[str, Path]:
+        """A certificate per node from the run directory's mesh CA (made on first use)."""
+        root = self.run_dir / "tls"
+        if not (root / CA_CERT).exists():
+            init_ca(root, name=f"Tiermesh testbed CA ({self.topology.name})")
+        return {n: issue(n, self.topology, root).cert.parent for n in self.topology.nodes}
 
     def _check_ports_free(self, ports: list[int]) -> None:
         busy = []
@@ -255,6 +286,7 @@ class LocalMesh:
         deadline = time.monotonic() + self.startup_timeout_s
         pending_links = {s["listen_port"] for s in link_spec}
         pending_nodes = dict(nodes)
+        context = self.state.client_ssl() if self.state is not None else None
         while pending_links or pending_nodes:
             for role, name, proc in self._procs:
                 if proc.poll() is not None:
@@ -267,7 +299,8 @@ class LocalMesh:
                         pending_links.discard(port)
             for name, info in list(pending_nodes.items()):
                 try:
-                    with urllib.request.urlopen(info["address"] + "/healthz", timeout=0.5) as r:
+                    with urllib.request.urlopen(info["address"] + "/healthz", timeout=0.5,
+                                                context=context) as r:
                         if r.status == 200:
                             del pending_nodes[name]
                 except (urllib.error.URLError, OSError):
@@ -345,7 +378,7 @@ def read_state(run_dir: str | Path) -> MeshState | None:
     try:
         data = json.loads(path.read_text())
         return MeshState(data["topology"], data["home"], data["run_dir"], data["nodes"],
-                         data["processes"])
+                         data["processes"], data.get("ca"))
     except (ValueError, KeyError) as exc:
         raise TestbedError(f"{path} is damaged ({exc}); remove it and stop stray processes") from None
 
