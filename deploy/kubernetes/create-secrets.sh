@@ -4,10 +4,10 @@
 # Creates (or updates) the Secret tiermesh-certs-NODE that each node's pod mounts at
 # /etc/tiermesh/tls: ca.pem, node.pem, node-key.pem, as `mesh certs issue` writes them.
 #
-#   mesh certs init --dir certs                                  # once: the mesh CA
-#   mesh certs issue NODE --topology campus.yaml --dir certs     # for every node below
-#   NAMESPACE=tiermesh sh create-secrets.sh certs
+#   mesh certs init --dir certs          # once: the mesh CA
+#   TOPOLOGY=campus.yaml NAMESPACE=tiermesh sh create-secrets.sh certs
 #
+# With TOPOLOGY set, a node's missing certificate is issued first (mesh certs issue).
 # kubectl apply -f on this folder skips this file (not YAML); keys never go in a manifest.
 set -eu
 certs=${1:-certs}
@@ -44,6 +44,9 @@ for node in \
     med-ward-9 \
     med-ward-10
 do
+    if [ ! -f "$certs/$node/node.pem" ] && [ -n "${TOPOLOGY:-}" ]; then
+        mesh certs issue "$node" --topology "$TOPOLOGY" --dir "$certs"
+    fi
     for file in ca.pem node.pem node-key.pem; do
         [ -f "$certs/$node/$file" ] || {
             echo "missing $certs/$node/$file: run mesh certs issue $node --topology campus.yaml --dir $certs" >&2

@@ -310,16 +310,19 @@ def _secrets_script(topology: Topology, source: str) -> str:
 # Creates (or updates) the Secret tiermesh-certs-NODE that each node's pod mounts at
 # {TLS_DIR}: ca.pem, node.pem, node-key.pem, as `mesh certs issue` writes them.
 #
-#   mesh certs init --dir certs                                  # once: the mesh CA
-#   mesh certs issue NODE --topology {source} --dir certs     # for every node below
-#   NAMESPACE=tiermesh sh create-secrets.sh certs
+#   mesh certs init --dir certs          # once: the mesh CA
+#   TOPOLOGY={source} NAMESPACE=tiermesh sh create-secrets.sh certs
 #
+# With TOPOLOGY set, a node's missing certificate is issued first (mesh certs issue).
 # kubectl apply -f on this folder skips this file (not YAML); keys never go in a manifest.
 set -eu
 certs=${{1:-certs}}
 for node in \\
     {nodes}
 do
+    if [ ! -f "$certs/$node/node.pem" ] && [ -n "${{TOPOLOGY:-}}" ]; then
+        mesh certs issue "$node" --topology "$TOPOLOGY" --dir "$certs"
+    fi
     for file in ca.pem node.pem node-key.pem; do
         [ -f "$certs/$node/$file" ] || {{
             echo "missing $certs/$node/$file: run mesh certs issue $node --topology {source} --dir $certs" >&2

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import subprocess
 from pathlib import Path
 
 import pytest
@@ -101,3 +102,37 @@ def test_systemd_warns_about_nodes_without_addresses(tmp_path: Path) -> None:
     assert code == 0
     assert "Warning: gym-gate: gym-gate, sports have no address in campus.yaml" in text
     assert sorted(os.listdir(tmp_path)) == ["gym-gate.env", "tiermesh-gym-gate.service"]
+
+
+def test_the_secrets_script_makes_one_secret_per_node_from_its_certificate_files(
+        tmp_path: Path) -> None:
+    out = tmp_path / "k8s"
+    assert _render(ROOT / "topologies" / "local.yaml", "--target", "kubernetes",
+                   "--out", out)[0] == 0
+    certs = tmp_path / "certs"
+    for node in ("core-1", "mid-1", "edge-1", "edge-2"):
+        (certs / node).mkdir(parents=True)
+        for name in ("ca.pem", "node.pem", "node-key.pem"):
+            (certs / node / name).write_text(f"{node} {name}\n")
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    calls = tmp_path / "calls"
+    kubectl = bin_dir / "kubectl"  # records its arguments; `apply -f -` reads what it is piped
+    kubectl.write_text(f'#!/bin/sh\necho "$*" >> {calls}\n'
+                       '[ "$3" = apply ] && cat > /dev/null\nexit 0\n')
+    kubectl.chmod(0o755)
+    env = {**os.environ, "PATH": f"{bin_dir}:{os.environ['PATH']}", "NAMESPACE": "tm"}
+    done = subprocess.run(["sh", str(out / "create-secrets.sh"), str(certs)], env=env,
+                          capture_output=True, text=True, timeout=30)
+    assert done.returncode == 0, done.stderr
+    creates = [line for line in calls.read_text().splitlines() if " create secret " in line]
+    assert [line.split()[5] for line in creates] == [
+        "tiermesh-certs-core-1", "tiermesh-certs-mid-1", "tiermesh-certs-edge-1",
+        "tiermesh-certs-edge-2"]
+    assert f"--from-file=node-key.pem={certs}/edge-1/node-key.pem" in creates[2]
+    assert all(line.startswith("--namespace tm ") for line in calls.read_text().splitlines())
+    (certs / "mid-1" / "node-key.pem").unlink()
+    done = subprocess.run(["sh", str(out / "create-secrets.sh"), str(certs)], env=env,
+                          capture_output=True, text=True, timeout=30)
+    assert done.returncode == 1
+    assert f"missing {certs}/mid-1/node-key.pem: run mesh certs issue mid-1" in done.stderr
