@@ -48,6 +48,20 @@ def machine() -> dict[str, Any]:
             "note": "shared 2-core sandbox; client and server compete for the cores"}
 
 
+def code_version(root: Path = ROOT) -> str:
+    """The commit the benchmark ran on, with ``+dirty`` when the checkout had changes."""
+    def git(*args: str) -> str:
+        return subprocess.run(["git", *args], cwd=root, capture_output=True, text=True,
+                              timeout=10).stdout.strip()
+
+    try:
+        commit = git("rev-parse", "--short", "HEAD")
+        dirty = git("status", "--porcelain", "--untracked-files=no")
+    except (OSError, subprocess.SubprocessError):
+        return "unknown"
+    return (commit or "unknown") + ("+dirty" if dirty else "")
+
+
 def percentiles_us(samples_s: list[float]) -> dict[str, float]:
     arr = np.asarray(samples_s) * 1e6
     return {"p50_us": round(float(np.percentile(arr, 50)), 1),
@@ -252,20 +266,38 @@ def one_node_topology(variants: list[str], *, threads: int = 1, memory_mb: int =
 
 @contextlib.contextmanager
 def start_agent(home: Path, topology: dict[str, Any], *, options: dict[str, Any] | None = None,
-                timeout_s: float = 60.0, root: Path = ROOT) -> Iterator[int]:
-    """A node agent process serving ``edge-1`` of ``topology``; yields its port.
+                timeout_s: float = 60.0, root: Path = ROOT, node: str = "edge-1",
+                port: int | None = None) -> Iterator[int]:
+    """A node agent process serving ``node`` of ``topology``; yields its HTTP port.
 
     ``root``: the checkout whose code the agent runs (another one, e.g. a git worktree
-    of an older commit, makes a baseline measured in the same run).
+    of an older commit, makes a baseline measured in the same run). ``port``: listen
+    there (its neighbours must know it before it starts); default a free one.
     """
-    port = free_port()
+    with agent_process(home, topology, options=options, timeout_s=timeout_s, root=root,
+                       node=node, port=port) as (bound, _):
+        yield bound
+
+
+@contextlib.contextmanager
+def agent_process(home: Path, topology: dict[str, Any], *, options: dict[str, Any] | None = None,
+                  timeout_s: float = 60.0, root: Path = ROOT, node: str = "edge-1",
+                  port: int | None = None, launcher: Path | None = None,
+                  extra: dict[str, Any] | None = None
+                  ) -> Iterator[tuple[int, subprocess.Popen[bytes]]]:
+    """:func:`start_agent` that also yields the process (to profile it by its pid).
+
+    ``launcher``: a script run as ``launcher agent SPEC`` instead of this module (it
+    wraps :func:`_agent_main`); ``extra``: more keys for its SPEC.
+    """
+    port = free_port() if port is None else port
     with tempfile.TemporaryDirectory(prefix="tiermesh-bench-") as tmp:
         topo = Path(tmp) / "topology.yaml"
         topo.write_text(yaml.safe_dump(topology))
-        spec = {"topology": str(topo), "home": str(home), "node": "edge-1", "port": port,
-                "options": options or {}}
+        spec = {"topology": str(topo), "home": str(home), "node": node, "port": port,
+                "options": options or {}, **(extra or {})}
         log = open(Path(tmp) / "agent.log", "wb")  # noqa: SIM115 - closed below
-        script = root / "benchmarks" / "_loadgen.py"
+        script = launcher or root / "benchmarks" / "_loadgen.py"
         proc = subprocess.Popen([sys.executable, str(script), "agent", json.dumps(spec)],
                                 stdout=log, stderr=subprocess.STDOUT, cwd=root,
                                 env={**os.environ, "PYTHONPATH": str(root)})
@@ -284,7 +316,7 @@ def start_agent(home: Path, topology: dict[str, Any], *, options: dict[str, Any]
                 if time.monotonic() > deadline:
                     raise RuntimeError("agent not ready in time")
                 time.sleep(0.1)
-            yield port
+            yield port, proc
         finally:
             proc.terminate()
             try:
