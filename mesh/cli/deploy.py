@@ -4,11 +4,14 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import click
 
 from mesh.cli.app import cli, console
-from mesh.deploy.rendering import MARKER, Rendering
+
+if TYPE_CHECKING:  # the renderers are imported when a command runs, not by every `mesh` call
+    from mesh.deploy import Rendering
 
 
 @cli.group()
@@ -71,6 +74,8 @@ def deploy_render(topology_file: str, target: str, out_dir: str, nodes: tuple[st
 
 def _rendered_before(path: Path) -> bool:
     """Whether ``path`` is a file this command wrote (its marker in the first two lines)."""
+    from mesh.deploy.rendering import MARKER
+
     try:
         with path.open(errors="replace") as f:
             return any(f.readline().startswith(MARKER) for _ in range(2))
