@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 import asyncio
+import json
+import time
+import urllib.request
 from pathlib import Path
 
 import pytest
@@ -37,6 +40,16 @@ def test_a_tls_mesh_answers_queries_across_its_tiers(built_home: Path, tmp_path:
 
         rows = asyncio.run(fetch_status(mesh.state.nodes, context))  # what mesh status shows
         assert all(row["up"] for row in rows)
+        # heartbeats over TLS count: mid-1 hears both edges (a refused one never would)
+        deadline = time.monotonic() + 20
+        while True:
+            with urllib.request.urlopen(mesh.url("mid-1") + "/v1/membership",
+                                        context=context, timeout=5) as resp:
+                children = json.load(resp)["children"]
+            if all(children.get(e, {}).get("last_heard_s", 99) < 2 for e in ("edge-1", "edge-2")):
+                break
+            assert time.monotonic() < deadline, children
+            time.sleep(0.2)
         with Client(mesh.url("edge-1").replace("https://", "http://"), timeout_s=3) as client:
             with pytest.raises(MeshConnectionError):  # no plain-text way in
                 client.infer("digits", images[:1])

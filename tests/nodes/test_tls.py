@@ -16,7 +16,7 @@ import numpy as np
 import pytest
 from aiohttp import web
 
-from mesh.certs import TlsFiles, init_ca, issue, peer_node
+from mesh.certs import TlsFiles, ca_context, init_ca, issue, peer_node
 from mesh.errors import MeshConnectionError
 from mesh.registry import Registry
 from mesh.state import MeshView
@@ -38,14 +38,6 @@ MSGPACK = {"Content-Type": "application/msgpack"}
 
 def _routed(node: str = "core-1", variant: str = "digits-cnn") -> bytes:
     return encode_request(InferRequest("digits", [X], route=Route(node, variant)))
-
-
-def _client_context(ca: Path) -> ssl.SSLContext:
-    """What a client (no certificate) uses: trusts the mesh CA, presents nothing."""
-    context = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
-    context.check_hostname = False
-    context.load_verify_locations(cafile=str(ca))
-    return context
 
 
 @pytest.fixture
@@ -145,7 +137,7 @@ async def test_a_peer_without_a_mesh_certificate_for_a_node_of_the_topology_is_r
 
         # no certificate: a client, who may query but not route; a mesh-key token (sent in
         # clear text on plain links) does not make it a node either
-        client = _client_context(pki["ca"])
+        client = ca_context(pki["ca"])
         token = agent.peers.headers("edge-1")
         for target, headers in ((url, None), (url, token), (stream_url, None)):
             status, body = await _send(target, _routed(), client, headers)
@@ -165,7 +157,7 @@ async def test_artifacts_and_the_registry_are_pulled_over_tls_by_certificate_onl
                        tls=pki["core-1"])
     async with _tls_node(core) as (core_agent, url, _, _):
         sha = core_agent.registry.get("digits-linear").sha256
-        for context in (_client_context(pki["ca"]), pki["rogue-1"].client_context()):
+        for context in (ca_context(pki["ca"]), pki["rogue-1"].client_context()):
             async with aiohttp.ClientSession() as session, \
                     session.get(f"{url}/v1/artifacts/{sha}", ssl=context) as resp:
                 assert resp.status == 403
@@ -201,7 +193,7 @@ async def test_a_childs_heartbeat_over_tls_counts_and_a_forged_one_is_refused(
     try:
         forged = pack({"node": child, "version": -1, "entries": [{"node": child, "q": 99}]})
         async with aiohttp.ClientSession() as session:
-            for context in (_client_context(ca / "ca.pem"), files[sibling].client_context()):
+            for context in (ca_context(ca / "ca.pem"), files[sibling].client_context()):
                 async with session.post(url + HEARTBEAT_PATH, data=forged, headers=MSGPACK,
                                         ssl=context) as resp:
                     assert resp.status == 403
@@ -244,7 +236,7 @@ async def test_the_server_can_require_a_certificate_of_every_caller(
         assert peer_node(writer.get_extra_info("ssl_object")) == "core-1"
         writer.close()
         reader, writer = await asyncio.open_connection(
-            "127.0.0.1", port, ssl=_client_context(pki["ca"]))
+            "127.0.0.1", port, ssl=ca_context(pki["ca"]))
         try:  # TLS 1.3: the refusal arrives after the client's side of the handshake
             got = await reader.read()
         except (ssl.SSLError, ConnectionError):
@@ -287,9 +279,9 @@ async def test_a_client_reaches_a_tls_node_through_the_sdk_with_an_ssl_context(
     core = AgentConfig(node="core-1", topology=edge_and_core, home=digits_home,
                        tls=pki["core-1"])
     async with _tls_node(core) as (_, url, stream_url, _):
-        async with AsyncClient([stream_url, url], ssl=_client_context(pki["ca"])) as client:
+        async with AsyncClient([stream_url, url], ssl=ca_context(pki["ca"])) as client:
             result = await client.infer("digits", X)
         assert result.served_by.node == "core-1"
-        async with StreamClient.from_url(stream_url, ssl=_client_context(pki["ca"])) as c:
+        async with StreamClient.from_url(stream_url, ssl=ca_context(pki["ca"])) as c:
             answer = decode_answer(*await c.send(encode_request(InferRequest("digits", [X]))))
         assert answer.served_by.node == "core-1"
