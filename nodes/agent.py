@@ -213,7 +213,7 @@ class NodeAgent:
         self.clock = clock
         self.registry = Registry.load(config.home)
         self.store = ArtifactStore(config.home / "store")
-        self.planner = Planner(config.topology, self.registry)
+        self.planner = Planner(config.topology, self.registry, tls=config.tls is not None)
         self.view = MeshView()
         self.metrics = NodeMetrics()
         self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix=f"compute-{self.name}")
@@ -302,7 +302,7 @@ class NodeAgent:
         registered here): plan with it, host what it adds, load that in the background."""
         before = set(self.models.variants)
         self.registry = registry
-        self.planner = Planner(self.config.topology, registry)
+        self.planner = Planner(self.config.topology, registry, tls=self.config.tls is not None)
         self._inputs.clear()
         self._routes.clear()
         self.artifacts.use_policy(PullPolicy(self.config.topology, self.name,
@@ -330,7 +330,8 @@ class NodeAgent:
             variant = self.registry.variants[name]
             self.registry.add(replace(variant, profiles={**variant.profiles,
                                                          self.hardware.profile_key: profile}))
-        self.planner = Planner(self.config.topology, self.registry)
+        self.planner = Planner(self.config.topology, self.registry,
+                               tls=self.config.tls is not None)
 
     @property
     def loaded(self) -> Mapping[str, Any]:

@@ -48,6 +48,10 @@ class Planner:
     #: Fitted on the local mesh by benchmarks/prediction.py (suggested_per_hop_ms: 1.56 and
     #: 1.59 over the stream; 1.95 with nodes forwarding over HTTP, the same session).
     per_hop_ms: float = 1.6
+    #: What mutual TLS adds to a hop on a kept connection (a stream round trip: 11 us
+    #: measured on this machine, 22 us over HTTP); added to per_hop_ms when the mesh
+    #: runs on TLS. Handshakes are not per query: nodes keep their connections open.
+    tls_hop_ms: float = 0.011
     #: Cost of handing a query to the local runtime (queueing, thread hand-off).
     dispatch_ms: float = 0.3
     #: Hosts kept per (variant, hardware class, tier) in a table: the nearest ones.
@@ -67,9 +71,12 @@ class Planner:
     def __init__(self, topology: Topology, registry: Registry, *,
                  margin_frac: float | None = None, margin_ms: float | None = None,
                  margin_ms_by_tier: Mapping[str, float] | None = None,
-                 per_group: int | None = None, seed: int = 0) -> None:
+                 per_group: int | None = None, seed: int = 0, tls: bool = False) -> None:
+        """``tls``: hops run over mutual TLS, which costs ``tls_hop_ms`` more each."""
         self.topology = topology
         self.registry = registry
+        if tls:
+            self.per_hop_ms = self.per_hop_ms + self.tls_hop_ms
         if margin_frac is not None:
             self.margin_frac = margin_frac
         if margin_ms is not None:  # one flat margin replaces the calibrated ones

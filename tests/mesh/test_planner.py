@@ -483,3 +483,14 @@ def test_the_margins_in_use_cover_the_measured_prediction_error() -> None:
     for tier, suggested in data["suggested_margin_ms"].items():
         assert CALIBRATED_MARGIN_MS[tier] >= suggested
         assert CALIBRATED_MARGIN_MS[tier] >= data["median_abs_error_ms_by_tier"][tier]
+
+
+def test_a_mesh_on_tls_pays_the_measured_tls_cost_on_every_hop_it_predicts() -> None:
+    slo = SLO(latency_ms=200, min_accuracy=0.98)
+    plain = Planner(_topology(), REGISTRY).plan("digits", slo, "edge-1", MeshView(), now=0.0)
+    tls = Planner(_topology(), REGISTRY, tls=True).plan("digits", slo, "edge-1", MeshView(),
+                                                        now=0.0)
+    assert (tls.node, tls.variant) == (plain.node, plain.variant) == ("mid-1", "digits-cnn")
+    # one hop each way
+    assert tls.prediction.network_ms - plain.prediction.network_ms == pytest.approx(
+        2 * Planner.tls_hop_ms)
