@@ -5,6 +5,8 @@
     mesh build                         train and register the bundled variants
     mesh up topologies/local.yaml      start every node (own process) with emulated links
     mesh node run TOPOLOGY NODE        run one node here, from its address in the topology
+    mesh certs init | issue NODE       a mesh CA and node certificates (mutual TLS between nodes)
+    mesh deploy render TOPOLOGY        Kubernetes manifests or a systemd unit from the topology
     mesh status [--json]               one row per node: tier, address, variants, queue, p50/p99
     mesh plan --task digits --from edge-1 --latency-ms 10
     mesh variants list [--task T]      the registered variants and their measurements
