@@ -71,7 +71,10 @@ def status_table(rows: list[dict[str, Any]]) -> Table:
         broken = [v["name"] for v in row["variants"] if not v.get("loaded")]
         variants = ", ".join(loaded) + (f" [red](failed: {', '.join(broken)})[/red]" if broken else "")
         lat = row.get("latency_ms", {})
-        table.add_row(row["node"], row["tier"], row["address"], "[green]up[/green]",
+        unreachable = row.get("unreachable") or []
+        state = "[green]up[/green]" + (
+            f" [yellow](cannot reach {', '.join(unreachable)})[/yellow]" if unreachable else "")
+        table.add_row(row["node"], row["tier"], row["address"], state,
                       variants or "-", str(row["queue_depth"]), str(row["requests"]),
                       str(row["served_local"]), fmt_ms(lat.get("p50")), fmt_ms(lat.get("p99")))
     return table
