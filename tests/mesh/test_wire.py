@@ -157,8 +157,8 @@ def test_slo_validates_its_fields() -> None:
 
 
 def test_a_registered_policy_is_a_valid_slo_policy_and_a_non_string_is_refused() -> None:
-    from mesh.planner.policy import register_policy, unregister_policy
     from mesh.planner.policies import Cheapest
+    from mesh.planner.policy import register_policy, unregister_policy
 
     @register_policy
     class Frugal(Cheapest):
