@@ -607,19 +607,23 @@ class NodeAgent:
     async def _serve_local(self, request_id: str, variant: str, inputs: list[np.ndarray],
                            budget_ms: float | None = None) -> InferResponse:
         entry = self.models.get(variant)
+        cold_ms = 0.0
         if entry is None or not entry.batcher.running:
+            waited = time.perf_counter()
             entry = await self.models.acquire(variant)  # loads it (one load however many wait)
             if not entry.batcher.running:  # evicted before this request got to it
                 entry = await self.models.acquire(variant)
+            cold_ms = (time.perf_counter() - waited) * 1000
+            self.metrics.cold_start(variant)  # this query paid for a load
         result = await entry.batcher.submit(inputs, budget_ms=budget_ms)
         self.metrics.served()
-        return InferResponse(
-            request_id=request_id,
-            outputs=result.outputs,
-            served_by=ServedBy(self.name, self.spec.tier, variant),
-            timing={"queue_ms": result.queue_ms, "compute_ms": result.compute_ms,
-                    "batch_rows": float(result.batch_rows), "network_ms": 0.0},
-        )
+        timing = {"queue_ms": result.queue_ms, "compute_ms": result.compute_ms,
+                  "batch_rows": float(result.batch_rows), "network_ms": 0.0}
+        if cold_ms:
+            timing["cold_start_ms"] = cold_ms
+        return InferResponse(request_id=request_id, outputs=result.outputs,
+                             served_by=ServedBy(self.name, self.spec.tier, variant),
+                             timing=timing)
 
     #: Of what is left of the caller's timeout, the share a hop may use: the rest is kept
     #: for planning the query once around that hop if it does not answer.
@@ -722,6 +726,8 @@ class NodeAgent:
                                      for n in sorted(self.config.neighbours)},
             #: failed queries by outcome (the metrics' label: "overloaded", "invalid_input", ...)
             "errors": totals["errors"],
+            #: queries that paid for a variant's load, by variant
+            "cold_starts": totals["cold_starts"],
             "latency_ms": {"p50": _percentile(lat, 0.50), "p99": _percentile(lat, 0.99)},
             "view": self.view.snapshot(self.clock()),
         }

@@ -106,6 +106,8 @@ class NodeMetrics:
         #: (destination, next hop, transport) -> queries forwarded and answered
         self.forwards: dict[tuple[str, str, str], int] = {}
         self.served_here = 0
+        #: variant -> queries that waited for it to load (a cold start they paid for)
+        self.cold_starts: dict[str, int] = {}
         self.loads: dict[tuple[str, str], int] = {}
         self.evictions: dict[str, int] = {}
         self.artifact_fetches: dict[str, int] = {}
@@ -147,6 +149,10 @@ class NodeMetrics:
         """One query ran on this node's own runtimes."""
         self.served_here += 1
 
+    def cold_start(self, variant: str) -> None:
+        """One query waited for ``variant`` to load."""
+        self.cold_starts[variant] = self.cold_starts.get(variant, 0) + 1
+
     # ------------------------------------------------------------------ reading (status)
     def totals(self) -> dict[str, Any]:
         """The counters ``status()`` shows, read from the same series the scrape exports."""
@@ -164,7 +170,8 @@ class NodeMetrics:
             forwarded[hop] = forwarded.get(hop, 0) + n
             via[transport] = via.get(transport, 0) + n
         return {"requests": requests, "served_local": self.served_here, "forwarded": forwarded,
-                "forwarded_via": via, "errors": by_outcome}
+                "forwarded_via": via, "errors": by_outcome,
+                "cold_starts": dict(sorted(self.cold_starts.items()))}
 
     def loaded(self, variant: str, outcome: str) -> None:
         self.loads[(variant, outcome)] = self.loads.get((variant, outcome), 0) + 1
@@ -211,6 +218,8 @@ class _Collector(Collector):
                        ["destination", "next_hop", "transport"], m.forwards)
         yield CounterMetricFamily("tiermesh_served_local_requests",
                                   "Queries run on this node's own runtimes.", value=m.served_here)
+        yield _counter("tiermesh_cold_starts", "Queries that waited for their variant to load.",
+                       ["variant"], {(k,): v for k, v in m.cold_starts.items()})
         yield _counter("tiermesh_variant_loads", "Variant loads, by outcome (loaded / failed).",
                        ["variant", "outcome"], m.loads)
         yield _counter("tiermesh_variant_evictions", "Variants unloaded to make room for others.",

@@ -329,6 +329,17 @@ class ModelManager:
                 self._metrics.evicted(victim.variant.name)
             await self._unload(victim.variant.name)
 
+    async def unload(self, name: str) -> bool:
+        """Evict ``name`` if it is loaded and idle (placement's decision); True when it was.
+        A variant with queries queued or running is left loaded."""
+        entry = self.loaded.get(name)
+        if entry is None or not entry.batcher.idle:
+            return False
+        if self._metrics is not None:
+            self._metrics.evicted(name)
+        await self._unload(name)
+        return True
+
     async def _unload(self, name: str) -> None:
         entry = self.loaded.pop(name, None)
         if entry is None:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import shutil
 from pathlib import Path
+from typing import Any
 
 import aiohttp
 import msgpack
@@ -93,3 +94,20 @@ async def test_http_errors_are_json_or_msgpack_never_tracebacks(home: Path, held
     finally:
         await server.close()
         await agent.__aexit__(None, None, None)
+
+
+async def test_a_query_that_waits_for_its_variant_to_load_is_counted_as_a_cold_start(
+        solo_config: Any, heldout: Any) -> None:
+    from mesh.wire import InferRequest, Route
+
+    images, _ = heldout
+    async with NodeAgent(solo_config(["digits-linear", "digits-mlp"])) as agent:
+        warm = await agent.infer(InferRequest("digits", [images[:1]],
+                                              route=Route("solo-1", "digits-mlp")))
+        assert "cold_start_ms" not in warm.timing
+        assert await agent.models.unload("digits-mlp")  # idle: evicted
+        cold = await agent.infer(InferRequest("digits", [images[:1]],
+                                              route=Route("solo-1", "digits-mlp")))
+        assert cold.timing["cold_start_ms"] > 0
+        assert agent.status()["cold_starts"] == {"digits-mlp": 1}
+        assert b'tiermesh_cold_starts_total{variant="digits-mlp"} 1.0' in agent.metrics.render()
