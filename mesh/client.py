@@ -39,6 +39,7 @@ a mesh that did not say it answered outside the SLO (``plan["feasible"]``).
 from __future__ import annotations
 
 import asyncio
+import json
 import ssl as _ssl
 import time
 from collections.abc import Mapping, Sequence
@@ -47,7 +48,15 @@ from typing import Any
 
 import numpy as np
 
-from mesh.errors import ClientError, InvalidInput, MeshConnectionError, MeshTimeout
+from mesh.errors import (
+    AnswerNotFound,
+    ClientError,
+    InvalidInput,
+    MeshConnectionError,
+    MeshError,
+    MeshTimeout,
+    error_from_payload,
+)
 from mesh.failover import Attempt, Failover, Timeouts, rotate_past
 from mesh.plan import Plan
 from mesh.transport import (
@@ -162,6 +171,30 @@ def _entry_urls(url: str | Sequence[str], kind: str) -> list[str]:
     return [u if "://" in u else f"http://{u}" for u in urls]
 
 
+def _feedback_body(request_id: str, label: Any) -> bytes:
+    labels = np.asarray(label)
+    if labels.dtype.kind not in "iu":
+        raise InvalidInput("feedback: label must be an integer class (or one per row)")
+    return json.dumps({"request_id": request_id, "label": labels.tolist()}).encode()
+
+
+def _feedback_answer(status: int, data: bytes) -> dict[str, Any]:
+    try:
+        payload = json.loads(data)
+    except ValueError:
+        payload = data[:200].decode(errors="replace")
+    if status != 200:
+        raise error_from_payload(status, payload)
+    return payload if isinstance(payload, dict) else {}
+
+
+def _http_entries(urls: Sequence[str]) -> list[str]:
+    found = [u for u in urls if parse_url(u)[0] in ("http", "https")]
+    if not found:
+        raise ClientError("feedback goes over HTTP: give the client an http:// entry URL too")
+    return found
+
+
 class Client:
     """Blocking client over a kept-alive HTTP connection, or a stream. Not thread-safe.
 
@@ -222,6 +255,41 @@ class Client:
                 continue
             return _result(status, data, slo, (time.perf_counter() - started) * 1000)
         raise failover.error()
+
+    def feedback(self, request_id: str, label: Any) -> dict[str, Any]:
+        """Report the true class of an answered query (one per row): the entry node that
+        answered counts it toward the serving variant's live accuracy, which planning uses
+        once there is enough of it. Raises :class:`~mesh.errors.AnswerNotFound` when no
+        entry holds that answer (too old), :class:`InvalidInput` for bad labels."""
+        import http.client
+        from urllib.parse import urlsplit
+
+        body = _feedback_body(request_id, label)
+        last: MeshError | None = None
+        for url in _http_entries(self._urls):
+            parts = urlsplit(url)
+            conn: http.client.HTTPConnection = (
+                http.client.HTTPSConnection(parts.hostname or "", parts.port or 443,
+                                            timeout=self.timeouts.attempt_s, context=self._ssl)
+                if parts.scheme == "https" or self._ssl is not None else
+                http.client.HTTPConnection(parts.hostname or "", parts.port or 80,
+                                           timeout=self.timeouts.attempt_s))
+            try:
+                conn.request("POST", parts.path.rstrip("/") + "/v1/feedback", body=body,
+                             headers={"Content-Type": "application/json"})
+                resp = conn.getresponse()
+                status, data = resp.status, resp.read()
+            except OSError as exc:
+                last = MeshConnectionError(f"cannot reach entry node {url}: {exc}")
+                continue
+            finally:
+                conn.close()
+            try:
+                return _feedback_answer(status, data)
+            except AnswerNotFound as exc:  # another entry may have answered it
+                last = exc
+        assert last is not None
+        raise last
 
     def _transport(self, index: int) -> BlockingTransport:
         transport = self._transports[index]
@@ -312,6 +380,32 @@ class AsyncClient:
                 continue
             return _result(status, data, slo, (time.perf_counter() - started) * 1000)
         raise failover.error()
+
+    async def feedback(self, request_id: str, label: Any) -> dict[str, Any]:
+        """As :meth:`Client.feedback`."""
+        import aiohttp
+
+        body = _feedback_body(request_id, label)
+        last: MeshError | None = None
+        async with aiohttp.ClientSession(
+                timeout=aiohttp.ClientTimeout(total=self.timeouts.attempt_s)) as session:
+            for url in _http_entries(self._urls):
+                target = url.replace("http://", "https://", 1) if self._ssl is not None else url
+                try:
+                    async with session.post(target + "/v1/feedback", data=body,
+                                            headers={"Content-Type": "application/json"},
+                                            ssl=self._ssl if self._ssl is not None else True
+                                            ) as resp:
+                        status, data = resp.status, await resp.read()
+                except (aiohttp.ClientError, TimeoutError) as exc:
+                    last = MeshConnectionError(f"cannot reach entry node {url}: {exc}")
+                    continue
+                try:
+                    return _feedback_answer(status, data)
+                except AnswerNotFound as exc:
+                    last = exc
+        assert last is not None
+        raise last
 
     async def _send(self, attempt: Attempt, body: bytes) -> tuple[int, bytes]:
         """One attempt at one entry; raises MeshConnectionError or MeshTimeout naming it."""

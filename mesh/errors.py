@@ -13,6 +13,7 @@ the only place that turns responses back into errors::
     ├── Forbidden                   403  a field only mesh nodes may set (a route), or a peer's bad token
     ├── TopologyError               ---  a topology file failed validation (CLI only)
     ├── ArtifactNotFound            404  no artifact with that sha256 here or upstream
+    ├── AnswerNotFound              404  feedback for an answer this node does not hold
     ├── Overloaded                  429  queue full here; retry after a pause
     ├── Unavailable                 503  node or variant not ready; retry elsewhere
     │   ├── NoRoute                 503  nothing reachable can serve the query
@@ -40,6 +41,7 @@ __all__ = [
     "Forbidden",
     "TopologyError",
     "ArtifactNotFound",
+    "AnswerNotFound",
     "Overloaded",
     "Unavailable",
     "NoRoute",
@@ -114,6 +116,12 @@ class ArtifactNotFound(MeshError):
     status = 404
 
 
+class AnswerNotFound(MeshError):
+    """Feedback for an answer this node does not hold (too old, or another entry's)."""
+
+    status = 404
+
+
 class Overloaded(MeshError):
     status = 429
     retryable = True
@@ -163,6 +171,7 @@ _BY_NAME: dict[str, type[MeshError]] = {
         InputRejected,
         Forbidden,
         ArtifactNotFound,
+        AnswerNotFound,
         Overloaded,
         Unavailable,
         NoRoute,

@@ -46,8 +46,10 @@ from typing import Any
 import aiohttp
 import numpy as np
 
+from mesh.accuracy import LiveAccuracy
 from mesh.certs import TlsFiles
 from mesh.errors import (
+    AnswerNotFound,
     CannotMeetDeadline,
     Forbidden,
     InvalidInput,
@@ -251,6 +253,11 @@ class NodeAgent:
             self, parent_url=self.artifacts.parent_url,  # https:// with TLS
             session=lambda: self._http)
         self._adopting: asyncio.Task[None] | None = None
+        #: ground truth from applications, per variant (client.feedback)
+        self.live = LiveAccuracy()
+        self._planned_accuracy: dict[str, float] = {}
+        self._answered: collections.OrderedDict[str, tuple[str, InferResponse]] = \
+            collections.OrderedDict()
         #: task -> its input specs (the hot path must not scan the registry)
         self._inputs: dict[str, tuple[TensorSpec, ...]] = {}
         #: (node, variant) routes checked once: -> the variant's task
@@ -303,6 +310,8 @@ class NodeAgent:
         before = set(self.models.variants)
         self.registry = registry
         self.planner = Planner(self.config.topology, registry, tls=self.config.tls is not None)
+        self._planned_accuracy.clear()
+        self._apply_live_accuracy()
         self._inputs.clear()
         self._routes.clear()
         self.artifacts.use_policy(PullPolicy(self.config.topology, self.name,
@@ -370,7 +379,65 @@ class NodeAgent:
         response.timing["hop_total_ms"] = elapsed_ms
         response.loads[self.name] = float(self.queue_depth)
         self._observe(req, response, None, started)
+        if from_client:  # this node answered a client: it can take that client's feedback
+            self._answered[req.request_id] = (response.served_by.variant, response)
+            if len(self._answered) > self.answers_kept:
+                self._answered.popitem(last=False)
         return response
+
+    #: How many recent answers to clients are kept for their feedback (oldest dropped).
+    answers_kept: int = 10_000
+
+    def feedback(self, request_id: str, labels: Any) -> dict[str, Any]:
+        """Ground truth for an answer this node gave: record per row whether the class it
+        returned was right. Raises :class:`AnswerNotFound` (404) for an answer it does not
+        hold (too old, or given by another entry node) and :class:`InvalidInput` for labels
+        that do not match the answer's rows."""
+        kept = self._answered.get(request_id)
+        if kept is None:
+            raise AnswerNotFound(f"no recent answer {request_id[:64]!r} on this node; send "
+                                   "feedback to the entry node that answered, soon after")
+        variant, response = kept
+        scores = response.outputs[0] if response.outputs else None
+        if scores is None or scores.ndim != 2:
+            raise InvalidInput(f"the answer to {request_id[:64]!r} is not a class score matrix; "
+                               "feedback takes class labels")
+        truth = np.atleast_1d(np.asarray(labels))
+        if truth.dtype.kind not in "iu" or truth.shape != (scores.shape[0],):
+            raise InvalidInput(f"label: {scores.shape[0]} integer class label(s) expected, one "
+                               "per row of the query")
+        correct = scores.argmax(axis=1) == truth
+        for ok in correct:
+            self.live.record(variant, bool(ok))
+        self._apply_live_accuracy()
+        return {"variant": variant, "correct": int(correct.sum()), "rows": int(correct.size),
+                "live_accuracy": self.live.live(variant)}
+
+    def _apply_live_accuracy(self) -> None:
+        """Plan with the live accuracy of every variant that has enough feedback."""
+        live = self.live.overrides()
+        changed = {v: a for v, a in live.items()
+                   if abs(a - self._planned_accuracy.get(v, -1.0)) >= 0.005}
+        if not changed:
+            return
+        self._planned_accuracy.update(changed)
+        effective = Registry()
+        effective.variants = {
+            n: replace(v, accuracy=self._planned_accuracy.get(n, v.accuracy))
+            for n, v in self.registry.variants.items()}
+        effective.version = self.registry.version
+        self.planner = Planner(self.config.topology, effective,
+                               tls=self.config.tls is not None)
+        log.info("%s: planning with live accuracy %s", self.name,
+                 {v: round(a, 4) for v, a in changed.items()})
+
+    def accuracy_of(self, variant: str) -> float | None:
+        """What ``variant`` delivers: its live accuracy once known, else its validation one."""
+        live = self._planned_accuracy.get(variant)
+        if live is not None:
+            return live
+        found = self.registry.variants.get(variant)
+        return found.accuracy if found is not None else None
 
     def _observe(self, req: InferRequest, response: InferResponse | None,
                  error: BaseException | None, started: float) -> None:
@@ -476,8 +543,7 @@ class NodeAgent:
             else:  # the prediction was for another (node, variant): drop it
                 plan = plan.amended(node=sb.node, tier=sb.tier, variant=sb.variant,
                                     predicted={}, replanned_from=before)
-        variant = self.registry.variants.get(sb.variant)
-        accuracy = variant.accuracy if variant is not None else None
+        accuracy = self.accuracy_of(sb.variant)  # the live figure once feedback says it
         min_accuracy = req.slo.min_accuracy
         feasible = plan.feasible and not (
             min_accuracy is not None and (accuracy is None or accuracy < min_accuracy))
@@ -728,6 +794,9 @@ class NodeAgent:
             "errors": totals["errors"],
             #: queries that paid for a variant's load, by variant
             "cold_starts": totals["cold_starts"],
+            #: live accuracy from applications' feedback beside what each variant promised
+            "live_accuracy": {v: f.to_json() for v, f in self.live.report(
+                {n: x.accuracy for n, x in self.registry.variants.items()}).items()},
             "latency_ms": {"p50": _percentile(lat, 0.50), "p99": _percentile(lat, 0.99)},
             "view": self.view.snapshot(self.clock()),
         }

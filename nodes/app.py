@@ -47,7 +47,7 @@ from typing import Any
 from aiohttp import web
 
 from mesh.errors import InvalidInput, MeshError, PayloadTooLarge
-from mesh.wire import decode_request, encode_response, pack
+from mesh.wire import decode_request, encode_response, pack, unpack
 from nodes.agent import AgentConfig, NodeAgent
 from nodes.answers import as_mesh_error, error_to_wire, retry_after
 from nodes.artifacts import check_sha256
@@ -148,6 +148,20 @@ async def infer(request: web.Request) -> web.Response:
     return web.Response(body=encode_response(response), content_type=MSGPACK)
 
 
+async def feedback(request: web.Request) -> web.Response:
+    """Ground truth for an answer this node gave: ``{"request_id": ..., "label": int | [int]}``
+    (JSON or msgpack)."""
+    raw = await request.read()
+    try:
+        body = unpack(raw) if request.content_type in _MSGPACK_TYPES else json.loads(raw)
+    except ValueError:
+        raise InvalidInput("body: a JSON (or msgpack) object with request_id and label") from None
+    if not isinstance(body, dict) or not isinstance(body.get("request_id"), str) \
+            or "label" not in body:
+        raise InvalidInput("body: request_id (a string) and label (a class, or one per row)")
+    return web.json_response(request.app[AGENT].feedback(body["request_id"], body["label"]))
+
+
 async def status(request: web.Request) -> web.Response:
     body = request.app[AGENT].status(request.app[ADDRESS], request.app[STREAM_ADDRESS] or None)
     return web.Response(text=json.dumps(body), content_type="application/json")
@@ -234,6 +248,7 @@ def make_app(agent: NodeAgent, *, address: str = "", stream_address: str | None 
     app[STREAM_ADDRESS] = stream_address or ""
     app.router.add_post("/v1/infer", infer)
     app.router.add_get("/v1/status", status)
+    app.router.add_post("/v1/feedback", feedback)
     app.router.add_get("/v1/artifacts/{sha256}", artifact)
     app.router.add_get("/metrics", metrics)
     app.router.add_get("/healthz", healthz)
