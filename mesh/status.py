@@ -70,6 +70,10 @@ def status_table(rows: list[dict[str, Any]]) -> Table:
         loaded = [v["name"] for v in row["variants"] if v.get("loaded")]
         broken = [v["name"] for v in row["variants"] if not v.get("loaded")]
         variants = ", ".join(loaded) + (f" [red](failed: {', '.join(broken)})[/red]" if broken else "")
+        short = [f"{v} live {f['live']:.3f} < {f['promised']:.3f}"
+                 for v, f in (row.get("live_accuracy") or {}).items() if f.get("below_promise")]
+        if short:
+            variants += f" [red](below promise: {'; '.join(short)})[/red]"
         lat = row.get("latency_ms", {})
         unreachable = row.get("unreachable") or []
         state = "[green]up[/green]" + (
