@@ -68,7 +68,7 @@ def status_table(rows: list[dict[str, Any]]) -> Table:
                           "[red]down[/red]", "", "", "", "", "", "")
             continue
         loaded = [v["name"] for v in row["variants"] if v.get("loaded")]
-        broken = [v["name"] for v in row["variants"] if not v.get("loaded")]
+        broken = [v["name"] for v in row["variants"] if v.get("state") == "unavailable"]
         variants = ", ".join(loaded) + (f" [red](failed: {', '.join(broken)})[/red]" if broken else "")
         short = [f"{v} live {f['live']:.3f} < {f['promised']:.3f}"
                  for v, f in (row.get("live_accuracy") or {}).items() if f.get("below_promise")]
