@@ -154,7 +154,9 @@ def _bound_fields(profile: Any, batches: dict[float, float], rows: float, comput
             "mean_batch_rows": round(rows / n, 2) if n else None,
             "bound_rps": round(bound, 1) if bound else None,
             "of_bound": round(rps / bound, 3) if bound else None,
-            "measured_compute_bound_rps": round(rows / compute_s, 1) if compute_s > 0 else None}
+            "measured_compute_bound_rps": round(rows / compute_s, 1) if compute_s > 0 else None,
+            "of_measured_compute_bound": round(rps * compute_s / rows, 3)
+            if compute_s > 0 and rows else None}
 
 
 # --------------------------------------------------------------------------- the two levels
@@ -270,6 +272,7 @@ def verdict(points: dict[str, dict[int, dict[str, Any]]], at: int, slo_ms: float
             "p95_ms": round(p95_ms, 2) if p95_ms is not None else None, "slo_ms": slo_ms,
             "p95_met": p95_ms is not None and p95_ms <= slo_ms,
             "refused_share": b["refused_share"],
+            "of_measured_compute_bound": b["of_measured_compute_bound"],
             "speedup_vs_unbatched": round(b["throughput_rps"] / u["throughput_rps"], 2)
             if u["throughput_rps"] else None,
             "unbatched_of_bound": u["of_bound"]}
@@ -291,8 +294,15 @@ def _plot(report: dict[str, Any], path: Path) -> bool:
             for config, style in (("batched", "-"), ("unbatched", "--")):
                 points = sorted((int(c), r) for c, r in v[level][config].items())
                 cs = [c for c, _ in points]
-                axes[row][0].plot(cs, [r["throughput_rps"] for _, r in points], marker + style,
-                                  label=f"{level} {config}")
+                # a point where admission refused (nearly) everything has no throughput to
+                # draw on a log axis: a cross on the axis marks it
+                axes[row][0].plot(cs, [r["throughput_rps"] or None for _, r in points],
+                                  marker + style, label=f"{level} {config}")
+                for c, r in points:
+                    if r["refused_share"] > 0.5:
+                        axes[row][0].annotate(f"{level} {config}: {r['refused_share']:.0%} "
+                                              "refused", (c, 0.02), xycoords=("data", "axes fraction"),
+                                              fontsize=7, color="red", ha="center")
                 axes[row][1].plot(cs, [r["latency"]["p95_us"] / 1000 if r["latency"] else None
                                        for _, r in points], marker + style,
                                   label=f"{level} {config}")

@@ -33,7 +33,7 @@ forwarding hop adds no more than the stream case itself adds. Missed goals are
 reported with the measured figure. Writes ``benchmarks/results/overhead.json``.
 
     python benchmarks/overhead.py [--home DIR] [--requests 3000] [--latency-rounds 10]
-                                  [--rounds 3] [--seconds 2] [--concurrency 8]
+                                  [--rounds 4] [--seconds 2] [--concurrency 8]
 """
 
 from __future__ import annotations
@@ -338,7 +338,7 @@ def main(argv: list[str] | None = None) -> int:
                         help="sequential queries per case, over all latency rounds")
     parser.add_argument("--latency-rounds", type=int, default=10)
     parser.add_argument("--warmup", type=int, default=300, help="queries per case before timing")
-    parser.add_argument("--rounds", type=int, default=3, help="closed-loop rounds")
+    parser.add_argument("--rounds", type=int, default=4, help="closed-loop rounds")
     parser.add_argument("--seconds", type=float, default=2.0,
                         help="closed-loop time per case and round")
     parser.add_argument("--concurrency", type=int, default=8)

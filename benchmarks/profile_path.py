@@ -5,7 +5,8 @@ client on one keep-alive connection). The agent runs in its own process with
 timers wrapped around the functions of its query path (:data:`TARGETS`:
 handlers, decode and encode, validation, planning, metrics, the batcher's
 submit, the model run); a function missing from the code is skipped and
-listed. For each protocol (stream, ``POST /v1/infer``, OIP JSON, OIP binary)
+listed. The minimal servers' CPU time per query is measured first, for
+reference. For each protocol (stream, ``POST /v1/infer``, OIP JSON, OIP binary)
 this script
 
 1. measures the agent process's CPU time per query (``/proc/PID/stat``, all
@@ -56,7 +57,14 @@ import numpy as np
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from benchmarks._loadgen import RawHttp, agent_process, code_version, free_port, machine  # noqa: E402
-from benchmarks.overhead import SERVER, VARIANT, bench_topology, requests_for  # noqa: E402
+from benchmarks.overhead import (  # noqa: E402
+    SERVER,
+    VARIANT,
+    bench_topology,
+    floor_servers,
+    model_path,
+    requests_for,
+)
 
 RESULTS = Path(__file__).resolve().parent / "results"
 PROTOCOLS = {"stream": "stream", "http": "v1", "oip_json": "oip_json",
@@ -265,6 +273,28 @@ def _stretch(pid: int, control: Path, dump: Path, mode: str, send: Callable[[], 
     return n, cpu, wall
 
 
+def floor_cpu(path: str, requests: dict[str, tuple[str, bytes]], seconds: float
+              ) -> dict[str, dict[str, float]]:
+    """The minimal servers' CPU time per query (the reference the agent is held to)."""
+    out = {}
+    with floor_servers(path) as (http_port, stream_port, pid):
+        for case, port, key in (("floor_http", http_port, "v1"),
+                                ("floor_stream", stream_port, "stream")):
+            client = RawHttp(port)
+            try:
+                for _ in range(500):
+                    client.roundtrip(requests[key][1])
+                cpu0, t0, n = cpu_seconds(pid), time.perf_counter(), 0
+                while time.perf_counter() - t0 < seconds:
+                    client.roundtrip(requests[key][1])
+                    n += 1
+                out[case] = {"cpu_us_per_query": round((cpu_seconds(pid) - cpu0) / n * 1e6, 1),
+                             "wall_us_per_query": round((time.perf_counter() - t0) / n * 1e6, 1)}
+            finally:
+                client.close()
+    return out
+
+
 def stage_table(timed: dict[str, Any], n: int, cpu_s: float) -> dict[str, Any]:
     """Microseconds per query by stage; the rest of the CPU time is outside the handler."""
     us = {label: timed["seconds"][label] / n * 1e6 for label in timed["seconds"]}
@@ -300,7 +330,9 @@ def stage_table(timed: dict[str, Any], n: int, cpu_s: float) -> dict[str, Any]:
 def cprofile_table(path: Path, n: int, top: int) -> dict[str, Any]:
     """Python calls per query and the own-code functions with the most time (inflated)."""
     stats = pstats.Stats(str(path)).stats  # type: ignore[attr-defined]
-    calls = sum(nc for (_, nc, _, _, _) in stats.values())
+    # not counted: this script's timers and the clock they read (2 calls per timed call)
+    calls = sum(nc for (file, _, func), (_, nc, _, _, _) in stats.items()
+                if not file.endswith("profile_path.py") and "thread_time" not in func)
     own = []
     for (file, line, func), (_, nc, tt, ct, _) in stats.items():
         if any(d in file for d in OWN_DIRS):
@@ -338,6 +370,10 @@ def main(argv: list[str] | None = None) -> int:
                                "time, one query at a time) + agent CPU time from /proc; "
                                "cProfile for call counts and ranking"},
         "protocols": {}}
+    report["minimal_servers"] = floor_cpu(model_path(args.home), requests, args.seconds)
+    for case, row in report["minimal_servers"].items():
+        print(f"{case}: CPU {row['cpu_us_per_query']} us/query, client wall "
+              f"{row['wall_us_per_query']} us")
     with tempfile.TemporaryDirectory() as tmp:
         control, dump = Path(tmp) / "control", Path(tmp) / "dump"
         control.write_text("timers")
