@@ -58,6 +58,7 @@ from mesh.errors import (
     error_from_payload,
 )
 from mesh.failover import Attempt, Failover, Timeouts, rotate_past
+from mesh.jobs import AsyncJob, Job
 from mesh.plan import Plan
 from mesh.transport import (
     BlockingTransport,
@@ -256,6 +257,19 @@ class Client:
             return _result(status, data, slo, (time.perf_counter() - started) * 1000)
         raise failover.error()
 
+    def submit(self, task: str, *inputs: Any, deadline_s: float | None = None,
+               chunk_rows: int = 256, min_accuracy: float | None = None,
+               max_cost_per_1k: float | None = None) -> Job:
+        """Run a large batch as an offline job (:mod:`mesh.jobs`) on idle capacity, at the
+        lowest cost: returns at once; ``job.progress``, ``job.result()``. The job uses its own
+        connection (a Client is not thread-safe), to the same entry nodes."""
+        worker = Client(self._urls, timeout_s=self.timeouts.total_s,
+                        connect_timeout_s=self.timeouts.connect_s,
+                        attempt_timeout_s=self.timeouts.attempt_s, ssl=self._ssl)
+        return Job(worker, task, inputs, deadline_s=deadline_s, chunk_rows=chunk_rows,
+                   slo={"min_accuracy": min_accuracy, "max_cost_per_1k": max_cost_per_1k,
+                        "policy": "cheapest"})
+
     def feedback(self, request_id: str, label: Any) -> dict[str, Any]:
         """Report the true class of an answered query (one per row): the entry node that
         answered counts it toward the serving variant's live accuracy, which planning uses
@@ -380,6 +394,17 @@ class AsyncClient:
                 continue
             return _result(status, data, slo, (time.perf_counter() - started) * 1000)
         raise failover.error()
+
+    def submit(self, task: str, *inputs: Any, deadline_s: float | None = None,
+               chunk_rows: int = 256, concurrency: int = 2, min_accuracy: float | None = None,
+               max_cost_per_1k: float | None = None) -> AsyncJob:
+        """As :meth:`Client.submit`; ``concurrency`` chunks in flight at once."""
+        if self._state != "opened":
+            raise ClientError(f"AsyncClient is {self._state}; use 'async with AsyncClient(...)'")
+        return AsyncJob(self, task, inputs, deadline_s=deadline_s, chunk_rows=chunk_rows,
+                        concurrency=concurrency,
+                        slo={"min_accuracy": min_accuracy, "max_cost_per_1k": max_cost_per_1k,
+                             "policy": "cheapest"})
 
     async def feedback(self, request_id: str, label: Any) -> dict[str, Any]:
         """As :meth:`Client.feedback`."""

@@ -587,7 +587,7 @@ class NodeAgent:
         if req.route.node == self.name:
             left_ms = self._left_ms(req, arrived, time.perf_counter())
             return await self._serve_local(req.request_id, req.route.variant, req.tensors,
-                                           left_ms)
+                                           left_ms, offline=req.slo.offline)
         return await self._forward(req, arrived, deadline)
 
     def _hand_back(self, req: InferRequest, refused: MeshError, plan: Plan) -> Plan:
@@ -671,7 +671,8 @@ class NodeAgent:
         return tensors
 
     async def _serve_local(self, request_id: str, variant: str, inputs: list[np.ndarray],
-                           budget_ms: float | None = None) -> InferResponse:
+                           budget_ms: float | None = None, *, offline: bool = False
+                           ) -> InferResponse:
         entry = self.models.get(variant)
         cold_ms = 0.0
         if entry is None or not entry.batcher.running:
@@ -681,7 +682,7 @@ class NodeAgent:
                 entry = await self.models.acquire(variant)
             cold_ms = (time.perf_counter() - waited) * 1000
             self.metrics.cold_start(variant)  # this query paid for a load
-        result = await entry.batcher.submit(inputs, budget_ms=budget_ms)
+        result = await entry.batcher.submit(inputs, budget_ms=budget_ms, offline=offline)
         self.metrics.served()
         timing = {"queue_ms": result.queue_ms, "compute_ms": result.compute_ms,
                   "batch_rows": float(result.batch_rows), "network_ms": 0.0}

@@ -223,6 +223,9 @@ class Batcher:
 
     #: Weight of the newest arrival gap in the running mean.
     gap_alpha: float = 0.2
+    #: An offline batch is sized to take at most this long: how long an online request
+    #: that arrives while it runs may have to wait for it.
+    offline_batch_ms: float = 20.0
     #: Weight of the newest batch in the running slowdown estimate (measured / profiled).
     slowdown_alpha: float = 0.2
     #: Bounds of the slowdown estimate, and the shortest profiled batch that updates it
@@ -252,6 +255,8 @@ class Batcher:
         self._observer = observer
         self._clock = clock
         self._queue: collections.deque[_Pending] = collections.deque()
+        #: offline (throughput) requests: run only when ``_queue`` is empty
+        self._offline: collections.deque[_Pending] = collections.deque()
         self._queued_rows = 0
         self._wakeup = asyncio.Event()
         self._task: asyncio.Task[None] | None = None
@@ -274,11 +279,11 @@ class Batcher:
     @property
     def depth(self) -> int:
         """Requests waiting or running."""
-        return len(self._queue) + self.in_flight
+        return len(self._queue) + len(self._offline) + self.in_flight
 
     @property
     def idle(self) -> bool:
-        return not self._queue and not self.in_flight
+        return not self._queue and not self._offline and not self.in_flight
 
     @property
     def running(self) -> bool:
@@ -303,6 +308,8 @@ class Batcher:
         self._running = []
         while self._queue:
             self._fail([self._queue.popleft()], stopping)
+        while self._offline:
+            self._fail([self._offline.popleft()], stopping)
         self._queued_rows = 0
 
     # ------------------------------------------------------------------ admission
@@ -311,18 +318,23 @@ class Batcher:
         ahead = max(self._running_until - now, 0.0) if self.in_flight else 0.0
         return ahead + self.policy.drain_s(self._queued_rows + rows) + self._lag_s
 
-    async def submit(self, inputs: list[np.ndarray], *, budget_ms: float | None = None
-                     ) -> BatchResult:
+    async def submit(self, inputs: list[np.ndarray], *, budget_ms: float | None = None,
+                     offline: bool = False) -> BatchResult:
         """Queue one request and wait for its share of a batch.
 
         ``budget_ms``: how long it may take here at most (None: no latency
         SLO). Raises :class:`Overloaded` when the queue is full and
         :class:`CannotMeetDeadline` when the prediction says it would be late.
+        ``offline``: throughput work; it runs only when no online request waits,
+        in batches no longer than ``offline_batch_ms``, so online queries keep
+        their deadlines.
         """
         if self._task is None:
             raise Unavailable(f"variant {self.name} is not running", retry_after_s=1.0)
         now = self._clock()
         rows = int(inputs[0].shape[0])
+        if offline:
+            return await self._submit_offline(inputs, rows, now)
         deadline = None if budget_ms is None else now + budget_ms / 1000.0
         if len(self._queue) >= self.max_queue:
             raise Overloaded(
@@ -361,20 +373,52 @@ class Batcher:
         return result
 
     # ------------------------------------------------------------------ worker
+    async def _submit_offline(self, inputs: list[np.ndarray], rows: int, now: float
+                              ) -> BatchResult:
+        if len(self._offline) >= self.max_queue:
+            raise Overloaded(f"offline queue for {self.name} is full ({self.max_queue} waiting); "
+                             "retry later", retry_after_s=max(self.predicted_wait_s(now), 0.5))
+        future: asyncio.Future[BatchResult] = asyncio.get_running_loop().create_future()
+        self._offline.append(_Pending(inputs, rows, now, None, future))
+        self._wakeup.set()
+        return await future
+
+    def _offline_batch(self) -> list[_Pending]:
+        """The offline requests to run now: as many rows as fit ``offline_batch_ms``."""
+        limit_s = self.offline_batch_ms / 1000.0
+        batch: list[_Pending] = []
+        rows = 0
+        while self._offline:
+            head = self._offline[0]
+            if batch and (rows + head.rows > self.max_batch
+                          or self.policy.compute_s(rows + head.rows) > limit_s):
+                break
+            batch.append(self._offline.popleft())
+            rows += head.rows
+        return [p for p in batch if not p.future.cancelled()]
+
     async def _worker(self) -> None:
         loop = asyncio.get_running_loop()
         while True:
-            if not self._queue:
+            if not self._queue and not self._offline:
                 self._wakeup.clear()
                 await self._wakeup.wait()
                 continue
             try:
+                if not self._queue:  # idle capacity: offline work, in large batches
+                    batch = self._offline_batch()
+                    if batch:
+                        await self._run_batch(loop, batch)
+                    await asyncio.sleep(0)  # let online requests that came meanwhile in
+                    continue
                 await self._next_batch(loop)
             except Exception:  # a bug here must fail the queue loudly, not hang it
                 log.exception("batcher %s failed; failing its queue", self.name)
                 failed = Unavailable(f"variant {self.name} failed to batch; retry", retry_after_s=1.0)
                 while self._queue:
                     self._fail([self._queue.popleft()], failed)
+                while self._offline:
+                    self._fail([self._offline.popleft()], failed)
                 self._queued_rows = 0
 
     async def _next_batch(self, loop: asyncio.AbstractEventLoop) -> None:

@@ -259,3 +259,25 @@ async def test_a_variant_running_slower_than_profiled_is_admitted_by_what_it_mea
             batcher.slowdown_half_life_s = 0.01
             await asyncio.sleep(0.2)
             assert batcher.slowdown < 1.1
+
+
+async def test_offline_work_runs_on_idle_capacity_and_yields_to_online_requests() -> None:
+    model = _GatedModel()
+    profile = Profile(batch_ms={1: 1.0, 8: 1.0}, cold_start_ms=1.0)
+    with ThreadPoolExecutor(1) as pool:
+        async with Batcher("m", model, pool, max_batch=8, max_queue=64,
+                           policy=BatchPolicy(8, profile)) as batcher:
+            model.gate.clear()
+            first = asyncio.create_task(batcher.submit([np.ones((1, 1), np.float32)]))
+            await asyncio.sleep(0.05)  # runs alone, holding the compute thread
+            offline = [asyncio.create_task(batcher.submit([np.full((1, 1), i, np.float32)],
+                                                          offline=True)) for i in range(20)]
+            await asyncio.sleep(0.01)
+            online = asyncio.create_task(batcher.submit([np.full((1, 1), 99, np.float32)]))
+            await asyncio.sleep(0.01)
+            model.gate.set()
+            await asyncio.gather(first, online, *offline)
+    # after the first batch: the online request alone, then the offline work in full batches
+    assert model.batches[:2] == [1, 1]
+    assert model.batches[2:] == [8, 8, 4]
+    assert [float(t.result().outputs[0][0, 0]) for t in offline] == [2.0 * i for i in range(20)]
