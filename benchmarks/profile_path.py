@@ -10,13 +10,12 @@ reference. For each protocol (stream, ``POST /v1/infer``, OIP JSON, OIP binary)
 this script
 
 1. measures the agent process's CPU time per query (``/proc/PID/stat``, all
-   threads) and the timers' inclusive wall time per query over the same queries
-   (one query at a time, so wall time inside the agent is its CPU time, bar
-   preemption by other processes);
-2. derives the table of stages: nested timers are subtracted from their
-   parents, and what the handler's timer does not cover (reading and parsing
-   the protocol, uvloop's own C code, system calls, task creation; for HTTP
-   also aiohttp writing the response) is the CPU time left over;
+   threads) and the timers' inclusive time per query over the same queries;
+2. derives the table of stages: a stage is its function's time less the
+   timed functions inside it and what their timers cost, and what the
+   handler's timer does not cover (reading and parsing the protocol, uvloop's
+   own C code, system calls, creating the query's task; for HTTP also aiohttp
+   writing the response) is the CPU time left over;
 3. runs cProfile over a shorter stretch for the Python function calls per
    query and the own-code functions (``mesh/``, ``nodes/``) with the most
    time; cProfile's own cost inflates those times, roughly in proportion to
@@ -27,9 +26,10 @@ shared cores the client often runs on the agent's core, and wall time would
 count the client's turn inside the agent's ``send``. An async function's timer
 also counts what the loop ran while it waited (at one query at a time, work
 for that query: the batcher's worker task, the model when it runs inline; a
-model run on the compute thread is not counted, the MLP runs inline). The
-timers cost ~1 us per timed call (``thread_time`` is a system call; measured
-in the agent at start, subtracted from the rest and reported). Writes ``benchmarks/results/profile.json``.
+model run on the compute thread is not counted, the MLP runs inline). A timed
+call costs ~1 us (``thread_time`` is a system call), measured in the agent at
+start, taken out of the stages and reported as ``timer_cost_us_per_query``.
+Writes ``benchmarks/results/profile.json``.
 
     python benchmarks/profile_path.py [--home DIR] [--seconds 4] [--profile-seconds 2]
 """
@@ -91,25 +91,32 @@ TARGETS: dict[str, str] = {
     "batcher submit (incl. model)": "nodes.batching:Batcher.submit",
     "model run": "mesh.runtimes.onnx:OnnxRuntime.run",
 }
-#: stage -> (label it starts from, labels nested in it to subtract)
+#: stage -> (the timed label it is, the timed labels that run inside it). A stage is its
+#: label's time less its children's, less what their timers cost (reported apart).
 STAGES: dict[str, tuple[str, tuple[str, ...]]] = {
     "model run (onnxruntime)": ("model run", ()),
     "batching hand-off (queue, worker task, future)": ("batcher submit (incl. model)",
                                                        ("model run",)),
-    "planning (planner, Plan, view)": ("plan (NodeAgent._plan)", ()),
-    "plan object (Plan.from_decision, served plan)": ("Plan.from_decision", ()),
+    "planning (NodeAgent._plan: Planner.plan, own load report)": (
+        "plan (NodeAgent._plan)", ()),
+    "plan object (Plan.from_decision)": ("Plan.from_decision", ()),
+    "plan object (served plan)": ("served plan", ()),
     "validation (inputs)": ("validation", ()),
     "metrics": ("metrics (NodeAgent._observe)", ()),
     "agent.infer, other lines": ("agent.infer", (
         "batcher submit (incl. model)", "plan (NodeAgent._plan)", "Plan.from_decision",
         "served plan", "validation", "metrics (NodeAgent._observe)")),
-    "decode query": ("decode msgpack query", ()),
-    "encode answer": ("encode msgpack answer", ()),
+    "decode query (msgpack)": ("decode msgpack query", ()),
+    "encode answer (msgpack)": ("encode msgpack answer", ()),
     "OIP parse": ("oip parse", ()),
     "OIP encode": ("oip encode", ()),
     "socket write (stream)": ("stream socket write", ()),
 }
+#: timed inside ``plan (NodeAgent._plan)``: their timers' cost is taken out of planning
+PLAN_TIMERS = ("Planner.plan", "MeshView.report")
 HANDLERS = ("stream handler", "http handler", "oip handler")
+HANDLED = ("agent.infer", "decode msgpack query", "encode msgpack answer", "oip parse",
+           "oip encode", "stream socket write")
 OWN_DIRS = ("/mesh/", "/nodes/")
 
 
@@ -299,31 +306,30 @@ def stage_table(timed: dict[str, Any], n: int, cpu_s: float) -> dict[str, Any]:
     """Microseconds per query by stage; the rest of the CPU time is outside the handler."""
     us = {label: timed["seconds"][label] / n * 1e6 for label in timed["seconds"]}
     calls = {label: timed["calls"][label] / n for label in timed["calls"]}
+    cost_us = timed["wrapper_cost_s"] * 1e6
+
+    def net(label: str, children: tuple[str, ...]) -> float:
+        inside = [c for c in children if calls.get(c)]
+        return us[label] - sum(us[c] + calls[c] * cost_us for c in inside)
+
     stages: dict[str, float] = {}
-    for stage, (label, nested) in STAGES.items():
+    for stage, (label, children) in STAGES.items():
         if calls.get(label):
-            stages[stage] = us[label] - sum(us.get(x, 0.0) for x in nested)
-    if calls.get("served plan"):
-        stages["plan object (Plan.from_decision, served plan)"] = (
-            stages.get("plan object (Plan.from_decision, served plan)", 0.0)
-            + us["served plan"])
+            stages[stage] = net(label, children)
+    planning = "planning (NodeAgent._plan: Planner.plan, own load report)"
+    if planning in stages:
+        stages[planning] -= sum(calls.get(c, 0.0) for c in PLAN_TIMERS) * cost_us
     handler = next((h for h in HANDLERS if calls.get(h)), None)
-    inside = ("agent.infer", "decode msgpack query", "encode msgpack answer", "oip parse",
-              "oip encode", "stream socket write")
-    if handler is not None:
-        stages["handler, other lines (body, headers, framing)"] = us[handler] - sum(
-            us.get(x, 0.0) for x in inside if calls.get(x))
-    timer_calls = sum(calls.values())
-    timer_us = timer_calls * timed["wrapper_cost_s"] * 1e6
     cpu_us = cpu_s / n * 1e6
-    covered = us[handler] if handler else 0.0
-    stages["outside the handler: protocol parsing, uvloop C code, syscalls, task switches"] = (
-        cpu_us - covered - timer_us)
+    if handler is not None:
+        stages["handler, other lines (body, headers, framing)"] = net(handler, HANDLED)
+        stages["outside the handler: protocol parsing, uvloop C code, syscalls, task steps"] = (
+            cpu_us - us[handler] - calls[handler] * cost_us)
     return {"cpu_us_per_query": round(cpu_us, 1),
             "stages_us": {k: round(v, 1) for k, v in sorted(stages.items(), key=lambda kv: -kv[1])},
+            "timer_cost_us_per_query": round(sum(calls.values()) * cost_us, 1),
             "timers_us": {k: round(v, 2) for k, v in us.items() if calls.get(k)},
             "calls_per_query": {k: round(v, 2) for k, v in calls.items() if v},
-            "timer_cost_us_per_query": round(timer_us, 1),
             "untimed_targets": timed["missing"]}
 
 
