@@ -269,6 +269,7 @@ class Batcher:
         #: running estimate of the time between work done and its answer on its way: the
         #: compute thread's result waiting for the loop, then the caller waiting for it
         self._lag_s = 0.0
+        self._lag_at = 0.0
         self._resume_lag_s = 0.0
         self._delivered_at = 0.0
         self._last_arrival = 0.0
@@ -316,7 +317,7 @@ class Batcher:
     def predicted_wait_s(self, now: float, rows: int = 0) -> float:
         """Until a request of ``rows`` rows admitted now would be answered."""
         ahead = max(self._running_until - now, 0.0) if self.in_flight else 0.0
-        return ahead + self.policy.drain_s(self._queued_rows + rows) + self._lag_s
+        return ahead + self.policy.drain_s(self._queued_rows + rows) + self._lag_now(now)
 
     async def submit(self, inputs: list[np.ndarray], *, budget_ms: float | None = None,
                      offline: bool = False) -> BatchResult:
@@ -544,7 +545,18 @@ class Batcher:
 
     def _learn_lag(self, lag_s: float) -> None:
         """How long finished work waits for the event loop (busy answering others)."""
-        self._lag_s += self.lag_alpha * (max(lag_s, 0.0) - self._lag_s)
+        now = self._clock()
+        self._lag_s = self._lag_now(now) + self.lag_alpha * (max(lag_s, 0.0) - self._lag_now(now))
+        self._lag_at = now
+
+    def _lag_now(self, now: float) -> float:
+        """The lag estimate, relaxing towards 0 while nothing is measured (half-life as the
+        slowdown's): a burst that made admission refuse everything must not do so for good,
+        since nothing admitted means nothing measured."""
+        if not self._lag_s:
+            return 0.0
+        age = now - self._lag_at
+        return self._lag_s * 0.5 ** (age / self.slowdown_half_life_s) if age > 0 else self._lag_s
 
     async def _run_alone(self, loop: asyncio.AbstractEventLoop, batch: list[_Pending]) -> None:
         """After a failed batch: run each request by itself; only those that fail alone fail."""

@@ -281,3 +281,20 @@ async def test_offline_work_runs_on_idle_capacity_and_yields_to_online_requests(
     assert model.batches[:2] == [1, 1]
     assert model.batches[2:] == [8, 8, 4]
     assert [float(t.result().outputs[0][0, 0]) for t in offline] == [2.0 * i for i in range(20)]
+
+
+async def test_a_burst_that_made_admission_strict_does_not_refuse_everything_for_good() -> None:
+    """The loop-lag estimate is learned only from admitted queries; left alone it relaxes."""
+    model = _GatedModel()
+    model.gate.set()
+    profile = Profile(batch_ms={1: 1.0, 8: 1.0}, cold_start_ms=1.0)
+    with ThreadPoolExecutor(1) as pool:
+        async with Batcher("m", model, pool, max_batch=8, max_queue=16,
+                           policy=BatchPolicy(8, profile)) as batcher:
+            batcher._learn_lag(0.5)  # what a saturated loop looks like: 500 ms
+            batcher._learn_lag(0.5)
+            with pytest.raises(CannotMeetDeadline):
+                await batcher.submit([np.ones((1, 1), np.float32)], budget_ms=20)
+            batcher.slowdown_half_life_s = 0.01
+            await asyncio.sleep(0.3)  # nothing admitted, nothing measured: it relaxes
+            await batcher.submit([np.ones((1, 1), np.float32)], budget_ms=20)
