@@ -11,9 +11,9 @@ its hardware can run and has a profile for, and its memory:
    first, and a core node with an accelerator the largest first, plus the
    dominated variants (the torch originals) that nothing else hosts. A node
    whose allow list leaves none of its tier's share of a task takes the
-   allowed variant nearest to that share instead. Tasks take turns, so one large family cannot crowd out the others. This fills
-   at most ``base_memory_frac`` of the node's memory; the rest is left for
-   scaling.
+   allowed variant nearest to that share instead. Tasks take turns, so one
+   large family cannot crowd out the others. This fills at most
+   ``base_memory_frac`` of the node's memory; the rest is left for scaling.
 2. **Coverage.** Every task must have a host on the path from every edge
    node up to its root (the hierarchy of parents), so that a query entering
    anywhere can be served. One pass down finds the entry nodes whose path

@@ -55,12 +55,15 @@ class LoadSnapshot:
     the rounds learn their forecasts from it. ``served`` maps (node,
     variant) to what that host carried; hosts missing from it carried
     nothing. ``failed`` maps a node to the variants it could not load; they
-    are dropped there and not placed there again while reported.
+    are dropped there and not placed there again while reported. Nodes in
+    ``down`` keep what they host (for when they come back) but receive no
+    replica or faster variant meanwhile.
     """
 
     demand: Mapping[tuple[str, str], float] = field(default_factory=dict)
     served: Mapping[tuple[str, str], VariantLoad] = field(default_factory=dict)
     failed: Mapping[str, frozenset[str]] = field(default_factory=dict)
+    down: frozenset[str] = frozenset()
 
     def __post_init__(self) -> None:
         for key, rate in self.demand.items():

@@ -9,10 +9,13 @@ the first step that absorbs the load:
    ``target_util``;
 2. a replica on a nearby node with room: first the children whose subtree
    sends this task the most (closer to the load), then the parent, then
-   the siblings, least busy first;
+   the siblings, least busy first; a copy already on one of them that is
+   not overloaded takes the overflow as it is;
 3. a faster variant of the same task beside it on its node (the most
    accurate one with more throughput, meeting the queries' ``min_accuracy``
-   when they said it), evicting cold variants there if memory is short.
+   when they said it), evicting cold variants of other tasks there if
+   memory is short; when a faster one is there already and not overloaded,
+   nothing is added: the planner's accuracy scaling sends queries to it.
 
 When none can, a ``blocked`` decision says why (once per hold time).
 
@@ -141,7 +144,7 @@ class Ladder:
         """``option_of``'s option on ``node`` when the node may run it there."""
         res = self.s.resources[node]
         o = self.catalogue.option(option_of, res.profile_key)
-        if (o is None or not res.can_run(o.variant)
+        if (o is None or node in self.load.down or not res.can_run(o.variant)
                 or not self.s.constraints.permits(node, option_of)
                 or option_of in self.failed.get(node, ())):
             return None
@@ -157,7 +160,8 @@ class Ladder:
         most = res.slots
         cpu = round(res.slots - other)  # worker slots its other variants leave, to the nearest
         if cpu < most:
-            most, limits = max(w, cpu), [f"CPU left by its other variants ({cpu} slot(s))"]
+            most, limits = max(w, cpu), [f"its other variants busy on {other:.1f} of its "
+                                         f"{res.slots} worker slot(s)"]
         extra = o.memory_bytes * t.worker_memory_frac
         if extra > 0:
             by_memory = w + max(0, math.floor(self.s.free_bytes(node, o, self.catalogue) / extra))
@@ -173,8 +177,7 @@ class Ladder:
         excess = busy - t.target_util * new
         if excess <= 1e-9:
             return
-        excess_qps = excess * 1000.0 / max(o.service_ms, 1e-9)
-        if self._replicate(pair, m, excess_qps, cause, state, need, new):
+        if self._replicate(pair, m, excess, cause, state, need, new):
             return
         if new > w:
             return  # it grew here; the next round looks again
@@ -184,9 +187,14 @@ class Ladder:
                       f"{limits[0]}, no node near it has room for a replica, and no faster "
                       f"variant of {o.variant.task} fits here")
 
-    def _replicate(self, pair: Pair, m: Measured, excess_qps: float, cause: Cause, state: str,
+    def _replicate(self, pair: Pair, m: Measured, excess: float, cause: Cause, state: str,
                    need: int, here: int) -> bool:
+        """A replica near ``pair`` for ``excess`` busy worker-seconds per second (of its node)."""
         node, variant = pair
+        # Queries per busy second as observed, else as the profile says.
+        per_busy = (m.load.rate_qps / m.busy if m.busy > 0 and m.load.rate_qps > 0
+                    else 1000.0 / max(m.option.service_ms, 1e-9))
+        excess_qps = excess * per_busy
         task = m.option.variant.task
         topo, fc, now = self.topology, self.s.forecaster, self.now
         demand = {c: fc.rate((task, c), now) for c in topo.children[node]}
@@ -199,13 +207,19 @@ class Ladder:
             siblings.sort(key=lambda s: (self.node_busy[s] / self.s.resources[s].slots, s))
             candidates += [(s, "a sibling") for s in siblings]
         for target, where in candidates:
-            if self.s.workers(target, variant) or not self._free_to_act((target, variant)):
+            res = self.s.resources[target]
+            if target in self.load.down:
+                continue
+            if self.s.workers(target, variant):
+                if self.node_busy[target] / res.slots <= self.t.scale_up_util:
+                    return True  # a copy nearby with room takes the overflow (and scales itself)
+                continue
+            if not self._free_to_act((target, variant)):
                 continue
             o = self._may_host(target, variant)
-            res = self.s.resources[target]
             if o is None or self.node_busy[target] / res.slots > self.t.scale_up_util:
                 continue
-            busy = excess_qps * o.service_ms / 1000.0
+            busy = excess * o.service_ms / max(m.option.service_ms, 1e-9)  # on its hardware
             workers = min(need_workers(busy, self.t.target_util), res.slots)
             free = self.s.free_bytes(target, o, self.catalogue)
             while workers > 1 and hosted_bytes(o.memory_bytes, workers,
@@ -227,16 +241,23 @@ class Ladder:
         node, variant = pair
         o, res = m.option, self.s.resources[node]
         floor = m.load.min_accuracy
-        options = [u for u in self.catalogue.front(o.variant.task, res.profile_key)
-                   if u.service_ms < o.service_ms and u.name != variant
-                   and (floor is None or u.accuracy >= floor)
-                   and not self.s.workers(node, u.name) and self._may_host(node, u.name)
+        faster = [u for u in self.catalogue.front(o.variant.task, res.profile_key)
+                  if u.service_ms < o.service_ms and u.name != variant
+                  and (floor is None or u.accuracy >= floor)]
+        here = [u.name for u in faster if self.s.workers(node, u.name)]
+        for name in here:
+            mu = self._measured(node, name)
+            if mu is None or mu.util <= self.t.scale_up_util:
+                return True  # a faster variant here has room: accuracy scaling uses it
+        options = [u for u in faster if u.name not in here and self._may_host(node, u.name)
                    and self._free_to_act((node, u.name))]
         for u in sorted(options, key=lambda u: (-u.accuracy, u.service_ms, u.name)):
             workers = min(need_workers(excess * u.service_ms / o.service_ms, self.t.target_util),
                           res.slots)
+            # Never make room by evicting a faster variant of the same task: that is churn.
             if not self._make_room(node, u, hosted_bytes(u.memory_bytes, 1,
-                                                         self.t.worker_memory_frac), {variant}):
+                                                         self.t.worker_memory_frac),
+                                   {variant, *here}):
                 continue
             free = self.s.free_bytes(node, u, self.catalogue)
             while workers > 1 and hosted_bytes(u.memory_bytes, workers,

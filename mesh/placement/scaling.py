@@ -51,7 +51,7 @@ from mesh.placement.ladder import Ladder, Measured
 from mesh.placement.model import Cause, DecisionKind, Placement, PlacementDecision, Round
 from mesh.placement.resources import NodeResources, hosted_bytes
 from mesh.placement.tuning import Tuning
-from mesh.registry import Registry
+from mesh.registry import Registry, Variant
 from mesh.topology import Topology
 
 __all__ = ["Autoscaler", "Pair"]
@@ -101,7 +101,8 @@ class Autoscaler:
         self._order = sorted(topology.nodes)
 
     # ------------------------------------------------------------------ the round
-    def step(self, registry: Registry | Iterable, load: LoadSnapshot | None, now: float) -> Round:
+    def step(self, registry: Registry | Iterable[Variant], load: LoadSnapshot | None,
+             now: float) -> Round:
         """One decision round at ``now``: the new placement and why it changed.
 
         ``registry``: a :class:`~mesh.registry.Registry` or its variants.
@@ -131,7 +132,8 @@ class Autoscaler:
         last = self._changed.get(pair)
         return last is not None and now - last < self.tuning.hold_s
 
-    def set_workers(self, pair: Pair, workers: int, now: float) -> None:
+    def set_workers(self, pair: Pair, workers: int, now: float, *, hold: bool = True) -> None:
+        """Host ``pair`` with ``workers`` workers (0: not at all); ``hold`` starts its hold time."""
         node, variant = pair
         if workers <= 0:
             self._hosts.get(node, {}).pop(variant, None)
@@ -141,7 +143,8 @@ class Autoscaler:
             self._idle_since.pop(pair, None)
         else:
             self._hosts.setdefault(node, {})[variant] = workers
-        self._changed[pair] = now
+        if hold:
+            self._changed[pair] = now
         self._dirty.add(node)
         self._rewatch(pair, workers)
 
@@ -176,7 +179,7 @@ class Autoscaler:
         return pair in self._base_pairs
 
     # ------------------------------------------------------------------ 1. reconcile
-    def _reconcile(self, variants: list, load: LoadSnapshot, now: float,
+    def _reconcile(self, variants: list[Variant], load: LoadSnapshot, now: float,
                    out: list[PlacementDecision]) -> tuple[Catalogue, BasePlan]:
         previous = self.catalogue
         catalogue = Catalogue(variants, self.tuning)
@@ -213,7 +216,7 @@ class Autoscaler:
                     why = (Cause.REGISTRY, f"{variant} has no latency profile for "
                            f"{res.profile_key} any more")
                 if why is not None:
-                    self.set_workers((node, variant), 0, now)
+                    self.set_workers((node, variant), 0, now, hold=False)
                     self._evicted_base.pop((node, variant), None)
                     out.append(PlacementDecision(DecisionKind.DROP, node, variant, 0, why[0],
                                                  why[1], now))
@@ -225,7 +228,8 @@ class Autoscaler:
                         continue
                     if previous is not None and variant not in previous.variants:
                         cause, reason = Cause.REGISTRY, f"new variant {variant}: {reason}"
-                    self.set_workers(pair, 1, now)
+                    # No hold: what the base places may scale as soon as load arrives.
+                    self.set_workers(pair, 1, now, hold=False)
                     out.append(PlacementDecision(DecisionKind.PLACE, node, variant, 1, cause,
                                                  reason, now))
             for entry, task, reason in base.uncovered:
