@@ -66,7 +66,9 @@ class Constraints:
         self.rules: dict[str, HostRule] = {}
         for name, spec in topology.nodes.items():
             # deny_variants: the schema field proposed for the topology file; read when present.
-            denied = tuple(getattr(spec, "deny_variants", None) or ()) + extra.get(name, ())
+            has_field = "deny_variants" in type(spec).model_fields
+            own = getattr(spec, "deny_variants", None) if has_field else None
+            denied = tuple(own or ()) + extra.get(name, ())
             key = (tuple(spec.variants or ()), denied)
             rule = interned.get(key)
             if rule is None:

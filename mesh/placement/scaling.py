@@ -112,7 +112,8 @@ class Autoscaler:
         out: list[PlacementDecision] = []
         catalogue, base = self._reconcile(list(variants), load, now, out)
         for (task, node), rate in sorted(load.demand.items()):
-            self.forecaster.observe((task, node), rate, now)
+            if node in self.topology.nodes:  # a stale name must not grow the forecaster
+                self.forecaster.observe((task, node), rate, now)
         measured = self._measure(catalogue, load, now)
         Ladder(self, catalogue, base, measured, load, now, out).run()
         for node in self._dirty:
@@ -201,7 +202,8 @@ class Autoscaler:
         self.catalogue = catalogue
         base = self.base
         assert base is not None
-        for node in list(self._hosts):
+        # What may run where changes only with the registry or the failed set.
+        for node in list(self._hosts) if fresh else ():
             res = self.resources[node]
             for variant in sorted(self._hosts[node]):
                 why = None
