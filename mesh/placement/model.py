@@ -62,7 +62,10 @@ class Cause(enum.StrEnum):
 
 @dataclass(frozen=True, slots=True)
 class PlacementDecision:
-    """One decision about one (node, variant); ``workers`` is its worker count afterwards."""
+    """One decision about one (node, variant); ``workers`` is its worker count afterwards.
+
+    For ``uncovered``, ``node`` is an entry node and ``variant`` the task it cannot reach.
+    """
 
     kind: DecisionKind
     node: str
