@@ -78,11 +78,14 @@ class Plan:
     def from_decision(cls, decision: Any) -> Plan:
         """From a :class:`~mesh.planner.Decision` (duck-typed: this module stays below it)."""
         escalation = decision.escalation.to_dict() if decision.escalation is not None else None
+        p = decision.prediction
+        predicted = {"network_ms": p.network_ms, "queue_ms": p.queue_ms,
+                     "compute_ms": p.compute_ms, "load_ms": p.load_ms,
+                     "total_ms": p.network_ms + p.queue_ms + p.compute_ms + p.load_ms}
         return cls(decision.node, decision.tier, decision.variant, decision.accuracy,
-                   decision.feasible, decision.policy, decision.reason,
-                   decision.prediction.to_dict(), decision.cost_per_1k,
-                   round(decision.margin_ms, 3), decision.equivalents, decision.runner_up,
-                   escalation)
+                   decision.feasible, decision.policy, decision.reason, predicted,
+                   decision.cost_per_1k, decision.margin_ms, decision.equivalents,
+                   decision.runner_up, escalation)
 
     def amended(self, **changes: Any) -> Plan:
         return replace(self, **changes)

@@ -84,9 +84,10 @@ class Profile:
 
     def latency_ms(self, batch: int) -> float:
         """Latency for ``batch`` items: measured points, linear in between and beyond."""
+        exact = self.batch_ms.get(batch)
+        if exact is not None:  # the usual case, and the hot path: no sorting
+            return exact
         sizes = sorted(self.batch_ms)
-        if batch in self.batch_ms:
-            return self.batch_ms[batch]
         if len(sizes) == 1:
             return self.batch_ms[sizes[0]] * max(batch, 1) / sizes[0]
         i = bisect.bisect_left(sizes, batch)

@@ -81,12 +81,22 @@ def unpack(body: bytes) -> Any:
 # --------------------------------------------------------------------------- tensors
 
 
+#: dtype object -> its wire name, and wire name -> the little-endian dtype (looked up, not
+#: derived: ``dtype.name`` and ``newbyteorder`` cost microseconds a call)
+_NAME_OF: dict[np.dtype[Any], str] = {np.dtype(n): n for n in ALLOWED_DTYPES}
+_LITTLE: dict[str, np.dtype[Any]] = {n: np.dtype(n).newbyteorder("<") for n in ALLOWED_DTYPES}
+
+
 def encode_tensor(array: np.ndarray) -> dict[str, Any]:
     array = np.asarray(array)
-    name = array.dtype.name
-    if name not in ALLOWED_DTYPES:
-        raise InvalidInput(f"dtype {name!r} is not supported; use one of {sorted(ALLOWED_DTYPES)}")
-    array = np.ascontiguousarray(array, dtype=array.dtype.newbyteorder("<"))
+    name = _NAME_OF.get(array.dtype)
+    if name is None:
+        name = array.dtype.name  # a big-endian or unsupported dtype: the slow path
+        if name not in ALLOWED_DTYPES:
+            raise InvalidInput(f"dtype {name!r} is not supported; use one of "
+                               f"{sorted(ALLOWED_DTYPES)}")
+    if not array.flags.c_contiguous or array.dtype.byteorder == ">":
+        array = np.ascontiguousarray(array, dtype=_LITTLE[name])
     return {"dtype": name, "shape": list(array.shape), "data": array.tobytes()}
 
 
@@ -113,7 +123,7 @@ def decode_tensor(
     count = math.prod(shape)
     if count > max_elements:
         raise PayloadTooLarge(f"{where}: {count} elements exceeds this node's cap of {max_elements}")
-    np_dtype = np.dtype(dtype).newbyteorder("<")
+    np_dtype = _LITTLE[dtype]
     expected = count * np_dtype.itemsize
     if len(data) != expected:
         raise InvalidInput(
@@ -168,6 +178,25 @@ class SLO:
     def from_wire(cls, obj: Any) -> SLO:
         if obj is None:
             return cls()
+        if isinstance(obj, dict):
+            try:
+                # types too: True == 1 == 1.0, but only True is a valid ``offline``
+                key = tuple((k, type(v), v) for k, v in obj.items())
+                cached = _SLO_CACHE.get(key)
+            except TypeError:  # an unhashable value: validated (and refused) below
+                key, cached = None, None
+            if cached is not None and cached.policy in POLICIES:  # policies may be unregistered
+                return cached
+            slo = cls._parse(obj)
+            if key is not None:
+                if len(_SLO_CACHE) >= _SLO_CACHE_SIZE:  # clients choose these: bounded
+                    _SLO_CACHE.clear()
+                _SLO_CACHE[key] = slo
+            return slo
+        return cls._parse(obj)
+
+    @classmethod
+    def _parse(cls, obj: Any) -> SLO:
         if not isinstance(obj, dict):
             raise InvalidInput("slo: must be a map")
         unknown = set(obj) - {"latency_ms", "min_accuracy", "max_cost_per_1k", "offline", "policy",
@@ -214,6 +243,11 @@ def brief(value: Any) -> str:
     if isinstance(value, int) and value.bit_length() > 64:
         return f"an integer of {value.bit_length()} bits"
     return _BRIEF.repr(value)
+
+
+#: SLOs seen recently, by their wire form: most clients send a handful of SLOs many times
+_SLO_CACHE: dict[tuple[Any, ...], SLO] = {}
+_SLO_CACHE_SIZE = 256
 
 
 @dataclass(frozen=True, slots=True)

@@ -253,6 +253,10 @@ class NodeAgent:
             self, parent_url=self.artifacts.parent_url,  # https:// with TLS
             session=lambda: self._http)
         self._adopting: asyncio.Task[None] | None = None
+        #: queries in progress on this node (one alone needs no batching)
+        self._active = 0
+        self._reported_depth = -1  # the own queue depth last put in the view, and when
+        self._reported_at = 0.0
         #: ground truth from applications, per variant (client.feedback)
         self.live = LiveAccuracy()
         self._planned_accuracy: dict[str, float] = {}
@@ -369,11 +373,14 @@ class NodeAgent:
         proven neighbour (:mod:`nodes.peers`); code inside the node may route.
         """
         started = time.perf_counter()
+        self._active += 1
         try:
             response = await self._infer(req, started, from_client)
         except Exception as exc:
             self._observe(req, None, exc, started)
             raise
+        finally:
+            self._active -= 1
         elapsed_ms = (time.perf_counter() - started) * 1000
         self._latencies.append(elapsed_ms)
         response.timing["hop_total_ms"] = elapsed_ms
@@ -509,7 +516,10 @@ class NodeAgent:
         """
         now = self.clock()
         if req.hops == 0:  # the planner must see this node's own queue as it is now
-            self.view.report(self.name, self.queue_depth, now)
+            depth = self.queue_depth
+            if depth != self._reported_depth or now - self._reported_at > 1.0:
+                self.view.report(self.name, depth, now)
+                self._reported_depth, self._reported_at = depth, now
         decision = self.planner.plan(req.task, req.slo, self.name, self.view, now=now,
                                      rows=req.rows, payload_bytes=req.payload_bytes)
         target = None if req.slo.offline else req.slo.latency_ms
@@ -682,7 +692,8 @@ class NodeAgent:
                 entry = await self.models.acquire(variant)
             cold_ms = (time.perf_counter() - waited) * 1000
             self.metrics.cold_start(variant)  # this query paid for a load
-        result = await entry.batcher.submit(inputs, budget_ms=budget_ms, offline=offline)
+        result = await entry.batcher.submit(inputs, budget_ms=budget_ms, offline=offline,
+                                            alone=self._active <= 1)
         self.metrics.served()
         timing = {"queue_ms": result.queue_ms, "compute_ms": result.compute_ms,
                   "batch_rows": float(result.batch_rows), "network_ms": 0.0}

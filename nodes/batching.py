@@ -320,7 +320,7 @@ class Batcher:
         return ahead + self.policy.drain_s(self._queued_rows + rows) + self._lag_now(now)
 
     async def submit(self, inputs: list[np.ndarray], *, budget_ms: float | None = None,
-                     offline: bool = False) -> BatchResult:
+                     offline: bool = False, alone: bool = False) -> BatchResult:
         """Queue one request and wait for its share of a batch.
 
         ``budget_ms``: how long it may take here at most (None: no latency
@@ -328,7 +328,8 @@ class Batcher:
         :class:`CannotMeetDeadline` when the prediction says it would be late.
         ``offline``: throughput work; it runs only when no online request waits,
         in batches no longer than ``offline_batch_ms``, so online queries keep
-        their deadlines.
+        their deadlines. ``alone``: the caller knows no other query is in
+        progress, so nothing could share this one's batch.
         """
         if self._task is None:
             raise Unavailable(f"variant {self.name} is not running", retry_after_s=1.0)
@@ -363,6 +364,11 @@ class Batcher:
             self._gap_s = gap if self._gap_s is None else self._gap_s + self.gap_alpha * (
                 gap - self._gap_s)
         self._last_arrival = now
+        if (alone and not self._queue and not self.in_flight and not self._offline
+                and self.policy.runs_inline(rows)):
+            # The only query in progress, on an idle batcher: nothing could share its batch,
+            # so run it now rather than hand it to the worker (saves ~15 us a query).
+            return self._run_now(inputs, rows, now)
         if self.in_flight:
             self._arrived_during_run = True
         future: asyncio.Future[BatchResult] = asyncio.get_running_loop().create_future()
@@ -498,6 +504,23 @@ class Batcher:
             if not p.future.done():
                 p.future.set_result(
                     BatchResult(part, (started - p.enqueued) * 1000, compute_ms, rows))
+
+    def _run_now(self, inputs: list[np.ndarray], rows: int, started: float) -> BatchResult:
+        try:
+            outputs = self._run(inputs)
+        except MeshError:
+            raise
+        except Exception:
+            log.warning("variant %s failed on a request", self.name, exc_info=True)
+            raise InputRejected(f"variant {self.name} could not run this input (the node "
+                                "logged why); check its values against the task's inputs"
+                                ) from None
+        compute_ms = (self._clock() - started) * 1000
+        self.batches += 1
+        self.served += 1
+        if self._observer is not None:
+            self._observer(rows, compute_ms)
+        return BatchResult(outputs, 0.0, compute_ms, rows)
 
     def _learn_slowdown(self, rows: int, compute_ms: float) -> None:
         """Track how much slower (or faster) than its profile the variant runs here now."""

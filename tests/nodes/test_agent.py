@@ -21,7 +21,8 @@ from nodes.app import make_app
 SOLO = {
     "name": "solo",
     "hardware": {"box": {"kind": "cpu", "threads": 1}},
-    "nodes": [{"name": "solo-1", "tier": "edge", "hardware": "box", "variants": ["digits-*"]}],
+    "nodes": [{"name": "solo-1", "tier": "edge", "hardware": "box",
+               "variants": ["digits-linear", "digits-mlp", "digits-cnn"]}],
 }
 
 
