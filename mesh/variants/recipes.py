@@ -219,12 +219,12 @@ def build_artifact(plan: Plan, ctx: Job, on_student: Callable[..., None]) -> byt
         from mesh.variants import distill
 
         assert ctx.train is not None
-        if len(ctx.train.inputs) != 1:
-            raise NotApplicable("a student takes one float input; this model has "
-                                 f"{len(ctx.train.inputs)}")
+        _, why_not = distill.student_for(ctx.train.inputs)
+        if why_not:
+            raise NotApplicable(why_not)
         teacher = reference_outputs(ctx.source, ctx.train, ctx.max_batch)[0]
         student = distill.train_student(
-            ctx.train.inputs[0], teacher, ctx.train.labels, ctx.kind,
+            ctx.train.inputs, teacher, ctx.train.labels, ctx.kind,
             teacher_params=_teacher_params(src), on_epoch=on_student)
         return convert.onnx_from_torch(student, [a[:2] for a in val.inputs],
                                        [s.name for s in ctx.inputs],

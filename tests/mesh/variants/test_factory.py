@@ -294,3 +294,93 @@ def test_weights_that_do_not_fit_the_factory_are_refused(tmp_path: Path, digits_
     with pytest.raises(ValueError, match="do not fit tiny_models:mlp"):
         register(tmp_path, "w", task="t", model="tiny_models:mlp", weights=wrong,
                   validation=digits_data.val_npz)
+
+
+# ------------------------------------------------------------------ folding a model into a family
+
+
+def test_a_model_joins_a_larger_family_under_the_names_given(
+        tmp_path: Path, digits_data, trained_mlp, register) -> None:
+    """What ``mesh build`` does with the digits CNN: family, one renamed suffix, an arch."""
+    model, _ = trained_mlp
+    home = tmp_path / "home"
+    register(home, "other", task="t", model=model, validation=digits_data.val_npz,
+             family="fam", formats=["onnx-fp32"])
+    with pytest.raises(ValueError, match="family 'fam' is already registered"):
+        register(home, "big", task="t", model=model, validation=digits_data.val_npz,
+                 family="fam", formats=["onnx-fp32"])
+    report = register(home, "big", task="t", model=model, validation=digits_data.val_npz,
+                      family="fam", names={"onnx-fp32": "fam-main"}, arch="mlp",
+                      formats=["torch-fp32", "onnx-fp32", "onnx-int8"], replace=True)
+    assert [v.name for v in report.accepted] == ["big-torch-fp32", "fam-main", "big-onnx-int8"]
+    assert {(v.family, v.arch) for v in report.accepted} == {("fam", "mlp")}
+    assert [v.parent for v in report.accepted] == ["", "big-torch-fp32", "big-torch-fp32"]
+    # replace=True replaced the whole family: the earlier member is gone.
+    assert sorted(Registry.load(home).variants) == ["big-onnx-int8", "big-torch-fp32", "fam-main"]
+
+
+@pytest.mark.parametrize(("kwargs", "message"), [
+    ({"names": {"onnx-fp16": "x"}}, "names: unknown variant 'onnx-fp16'"),
+    ({"names": {"onnx-fp32": "Bad_Name"}}, "names\\['onnx-fp32'\\] 'Bad_Name'"),
+    ({"names": {"onnx-fp32": "same", "onnx-int8": "same"}}, "share a name"),
+    ({"family": "-bad"}, "family '-bad'"),
+])
+def test_bad_family_or_names_are_refused(tmp_path: Path, digits_data, trained_mlp, register,
+                                         kwargs: dict, message: str) -> None:
+    model, _ = trained_mlp
+    with pytest.raises(ValueError, match=message):
+        register(tmp_path, "ok", task="t", model=model, validation=digits_data.val_npz, **kwargs)
+    assert not (tmp_path / "registry.json").exists()
+
+
+# ------------------------------------------------------------------ students of token models
+
+
+class _BagOfWords(nn.Module):
+    """(input_ids, attention_mask) -> 4 logits: mean of the real tokens' vectors, then a layer."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.table = nn.Embedding(60, 16)
+        self.head = nn.Linear(16, 4)
+
+    def forward(self, ids: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        weight = mask.unsqueeze(-1).to(torch.float32)
+        return self.head((self.table(ids) * weight).sum(1) / weight.sum(1).clamp(min=1.0))
+
+
+def _tokens(rows: int, seed: int) -> Dataset:
+    rng = np.random.default_rng(seed)
+    ids = rng.integers(1, 60, size=(rows, 12), dtype=np.int64)
+    lengths = rng.integers(3, 13, size=rows)
+    mask = (np.arange(12)[None, :] < lengths[:, None]).astype(np.int64)
+    return Dataset((ids * mask, mask))
+
+
+def test_a_token_model_gets_a_bag_of_tokens_student(tmp_path: Path, register) -> None:
+    torch.manual_seed(0)
+    report = register(tmp_path / "home", "bow", task="t", model=_BagOfWords().eval(),
+                      validation=_tokens(200, 1), train=_tokens(1500, 2),
+                      input_names=["input_ids", "attention_mask"], output_names=["logits"],
+                      formats=["onnx-fp32", "student-onnx-fp32"])
+    assert report.rejected == []
+    student = {v.name: v for v in report.accepted}["bow-student-onnx-fp32"]
+    assert student.arch == "student" and student.agreement["top1_agreement"] >= 0.9
+    assert [s.name for s in student.inputs] == ["input_ids", "attention_mask"]
+    # Any id a client sends is valid: ids beyond the teacher's vocabulary are hashed, not refused.
+    ids = np.full((2, 12), 10**6, dtype=np.int64)
+    out = _run_stored(tmp_path / "home", student.name, [ids, np.ones_like(ids)])
+    assert out.shape == (2, 4) and np.isfinite(out).all()
+
+
+def test_inputs_no_student_takes_are_skipped_with_the_reason(tmp_path: Path, register) -> None:
+    class TwoFloats(nn.Module):
+        def forward(self, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+            return a + b
+
+    x = np.random.default_rng(0).standard_normal((20, 4)).astype(np.float32)
+    report = register(tmp_path / "home", "two", task="t", model=TwoFloats().eval(),
+                      validation=Dataset((x, x)), train=Dataset((x, x)),
+                      formats=["onnx-fp32", "student-onnx-fp32"])
+    assert "integer token ids" in report.skipped["student-onnx-fp32"]
+    assert [v.name for v in report.accepted] == ["two-onnx-fp32"]

@@ -1,4 +1,4 @@
-"""The bundled sentence-embedding family: all-MiniLM-L6-v2 as torch, ONNX fp32 and ONNX int8."""
+"""The bundled sentence-embedding family: all-MiniLM-L6-v2 as torch, ONNX fp32/int8 and TFLite."""
 
 from __future__ import annotations
 
@@ -15,6 +15,8 @@ from mesh.variants.build import MINILM_NAMES
 from mesh.variants.sentences import TOKENIZER_ASSET, SentenceTokenizer, load_sentences
 
 TASK = "sentence-embedding"
+ACCEPTED = (*MINILM_NAMES, "minilm-tflite-fp32")
+REJECTED = ("minilm-onnx-int8", "minilm-tflite-int8", "minilm-student-onnx-fp32")
 
 
 @pytest.fixture(scope="module")
@@ -36,9 +38,10 @@ def _embed(home: Path, variant: Variant, inputs: list[np.ndarray]) -> np.ndarray
 
 def test_the_family_has_a_variant_per_tier_and_the_failed_one_is_recorded(
         built_home: Path, family: dict[str, Variant]) -> None:
-    assert sorted(family) == sorted(MINILM_NAMES)
+    assert sorted(family) == sorted(ACCEPTED)
     assert {(v.format, v.precision, v.quantization) for v in family.values()} == {
-        ("torch", "fp32", ""), ("onnx", "fp32", ""), ("onnx", "int8", "dynamic")}
+        ("torch", "fp32", ""), ("onnx", "fp32", ""), ("onnx", "int8", "dynamic"),
+        ("tflite", "fp32", "")}
     for v in family.values():
         assert [(s.name, s.dtype, s.shape) for s in v.inputs] == [
             ("input_ids", "int64", (-1, 64)), ("attention_mask", "int64", (-1, 64))]
@@ -51,9 +54,15 @@ def test_the_family_has_a_variant_per_tier_and_the_failed_one_is_recorded(
     assert int8.size_bytes < family["minilm-onnx-fp32"].size_bytes / 3
     assert 0.98 <= int8.accuracy < 1.0
     assert int8.agreement["nn_agreement"] >= 0.85
-    # Static int8 is tried too; its agreement check fails and it is kept apart, with the reason.
-    rejected = Registry.load(built_home).rejected["minilm-onnx-int8"]
-    assert rejected.stage == "agreement" and "mean_cosine" in rejected.reason
+    assert family["minilm-tflite-fp32"].agreement["mean_cosine"] >= 0.9999
+    # Static int8 (ONNX and TFLite) and the student are tried too; their agreement checks
+    # fail and they are kept apart, each with the measured reason.
+    rejected = Registry.load(built_home).rejected
+    assert sorted(r for r in rejected if r.startswith("minilm-")) == sorted(REJECTED)
+    for name in REJECTED:
+        assert rejected[name].stage == "agreement" and "mean_cosine" in rejected[name].reason
+        assert rejected[name].agreement["mean_cosine"] < (
+            0.9 if "student" in name else 0.98), name
 
 
 def test_registered_accuracy_is_what_each_artifact_scores_on_the_shipped_sentences(
