@@ -232,7 +232,8 @@ class NodeAgent:
                                      hello=self.callers.hello(self.name), transports=transports,
                                      ssl=self.tls_client)
         parent = parent_of(config.topology, config.node)
-        policy = PullPolicy(config.topology, config.node, self.registry.variants.values())
+        policy = PullPolicy(config.topology, config.node, self.registry.variants.values(),
+                            hosts=self.planner.hosting.allows)
         self.artifacts = ArtifactSource(
             self.store, known=policy.hosted,  # pulls for itself only what it hosts
             parent=parent, parent_url=config.neighbours.get(parent) if parent else None,
@@ -245,7 +246,8 @@ class NodeAgent:
                         max_queue=self.spec.max_queue, size_factor=config.memory_size_factor,
                         batching=config.batching,
                         profile_cache=config.home / "profiles"),
-            {v.name: v for v in self.registry.variants.values() if self.spec.allows(v.name)},
+            {v.name: v for v in self.registry.variants.values()
+             if self.planner.hosting.allows(self.name, v.name)},
             self.artifacts, self._executor, metrics=self.metrics, on_change=self._report_self,
             clock=clock, runtimes=runtimes)
         self.metrics.watch(self.models.gauges, lambda: self.models.config.budget_bytes)
@@ -319,8 +321,10 @@ class NodeAgent:
         self._inputs.clear()
         self._routes.clear()
         self.artifacts.use_policy(PullPolicy(self.config.topology, self.name,
-                                             registry.variants.values()))
-        hosted = {v.name: v for v in registry.variants.values() if self.spec.allows(v.name)}
+                                             registry.variants.values(),
+                                             hosts=self.planner.hosting.allows))
+        hosted = {v.name: v for v in registry.variants.values()
+                  if self.planner.hosting.allows(self.name, v.name)}
         self.models.variants.update(hosted)
         self._report_self()
         new = sorted(set(hosted) - before)
@@ -434,7 +438,8 @@ class NodeAgent:
             for n, v in self.registry.variants.items()}
         effective.version = self.registry.version
         self.planner = Planner(self.config.topology, effective,
-                               tls=self.config.tls is not None)
+                               tls=self.config.tls is not None,
+                               hosting=self.planner.hosting)  # what is hosted stays put
         log.info("%s: planning with live accuracy %s", self.name,
                  {v: round(a, 4) for v, a in changed.items()})
 
@@ -572,7 +577,7 @@ class NodeAgent:
             if spec is None:
                 raise InvalidInput(f"route.node: {route.node!r} is not a node of this mesh")
             variant = self.registry.variants.get(route.variant)
-            if variant is None or not spec.allows(variant.name):
+            if variant is None or not self.planner.hosting.allows(route.node, variant.name):
                 raise InvalidInput(f"route.variant: {route.node} hosts no variant "
                                    f"{route.variant!r}")
             task = self._routes[(route.node, route.variant)] = variant.task

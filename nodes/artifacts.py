@@ -78,9 +78,13 @@ class PullPolicy:
     look-ups.
     """
 
-    def __init__(self, topology: Topology, node: str, variants: Iterable[Variant]) -> None:
+    def __init__(self, topology: Topology, node: str, variants: Iterable[Variant],
+                 hosts: Callable[[str, str], bool] | None = None) -> None:
+        """``hosts(node, variant)``: what each node hosts (the mesh's placement); default:
+        the nodes' ``variants:`` globs."""
         self.topology = topology
         self.node = node
+        self._hosts = hosts or (lambda n, v: topology.nodes[n].allows(v))
         self._names: dict[str, list[str]] = {}
         for variant in variants:
             self._names.setdefault(variant.sha256, []).append(variant.name)
@@ -89,9 +93,8 @@ class PullPolicy:
 
     def hosted(self) -> frozenset[str]:
         """The artifacts of the variants this node may host: all it pulls for itself."""
-        spec = self.topology.nodes[self.node]
         return frozenset(sha for sha, names in self._names.items()
-                         if any(spec.allows(n) for n in names))
+                         if any(self._hosts(self.node, n) for n in names))
 
     def parent(self, node: str) -> str | None:
         if node not in self._parents:
@@ -133,7 +136,7 @@ class PullPolicy:
         if not names:
             raise ArtifactNotFound(f"no registered variant has artifact {sha256[:12]}")
         below = self.pullers(requester)
-        if not any(self.topology.nodes[n].allows(name) for n in below for name in names):
+        if not any(self._hosts(n, name) for n in below for name in names):
             raise Forbidden(f"{requester} hosts no variant with artifact {sha256[:12]}, and no "
                             "node that pulls through it does")
 

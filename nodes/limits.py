@@ -92,7 +92,9 @@ def body_caps(registry: Registry, topology: Topology, *, max_rows: int, ceiling_
     msgpack_bytes = json_bytes = ENVELOPE_BYTES
     seen: set[str] = set()
     for variant in registry.variants.values():
-        if variant.task in seen or not any(n.allows(variant.name) for n in topology.nodes.values()):
+        # a managed node (no globs) may be placed anything: its tasks count too
+        if variant.task in seen or not any(n.variants is None or n.allows(variant.name)
+                                           for n in topology.nodes.values()):
             continue
         seen.add(variant.task)
         largest = _task_elements(variant.inputs, max_rows)

@@ -52,7 +52,9 @@ def cluster_addresses(topology: Topology) -> dict[str, NodeAddress]:
 def _node(topology: Topology, name: str, address: NodeAddress) -> dict[str, Any]:
     node = topology.nodes[name]
     out: dict[str, Any] = {"name": name, "tier": node.tier, "hardware": node.hardware,
-                           "variants": list(node.variants or ()), "max_queue": node.max_queue}
+                           "max_queue": node.max_queue}
+    if node.variants is not None:  # none: a managed node, placed by the mesh
+        out["variants"] = list(node.variants)
     parent = topology.parent[name]
     if parent is not None:
         out["parent"] = parent

@@ -17,6 +17,7 @@ Parts::
                     scale-down, eviction, restore, all with hysteresis
     accuracy.py     scale_accuracy(): a cheaper variant that still meets min_accuracy
     model.py        Placement, PlacementDecision, Round (to_json for ``mesh status``)
+    hosting.py      Hosting: what a node hosts, its globs or (managed nodes) the placement
 
 Use::
 
@@ -32,6 +33,7 @@ from mesh.placement.base import BasePlan, base_placement, entry_nodes
 from mesh.placement.catalogue import Catalogue, Option
 from mesh.placement.constraints import Constraints, HostRule
 from mesh.placement.forecast import ArrivalForecast, Forecaster
+from mesh.placement.hosting import Hosting
 from mesh.placement.inputs import LoadSnapshot, VariantLoad
 from mesh.placement.model import Cause, DecisionKind, Placement, PlacementDecision, Round
 from mesh.placement.resources import NodeResources, variant_memory_bytes
@@ -49,6 +51,7 @@ __all__ = [
     "DecisionKind",
     "Forecaster",
     "HostRule",
+    "Hosting",
     "LoadSnapshot",
     "NodeResources",
     "Option",

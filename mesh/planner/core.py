@@ -12,6 +12,7 @@ from dataclasses import replace
 from typing import TYPE_CHECKING
 
 from mesh.errors import InvalidInput, NoRoute
+from mesh.placement.hosting import Hosting
 from mesh.planner.margins import CALIBRATED_MARGIN_MS
 from mesh.planner.model import Candidate, Decision, Prediction, Rank, Scored
 from mesh.planner.policy import POLICIES, policy_named
@@ -71,10 +72,14 @@ class Planner:
     def __init__(self, topology: Topology, registry: Registry, *,
                  margin_frac: float | None = None, margin_ms: float | None = None,
                  margin_ms_by_tier: Mapping[str, float] | None = None,
-                 per_group: int | None = None, seed: int = 0, tls: bool = False) -> None:
-        """``tls``: hops run over mutual TLS, which costs ``tls_hop_ms`` more each."""
+                 per_group: int | None = None, seed: int = 0, tls: bool = False,
+                 hosting: Hosting | None = None) -> None:
+        """``tls``: hops run over mutual TLS, which costs ``tls_hop_ms`` more each.
+        ``hosting``: what each node hosts (default: from the topology's globs, and the
+        computed placement for nodes without any)."""
         self.topology = topology
         self.registry = registry
+        self.hosting = hosting if hosting is not None else Hosting(topology, registry)
         if tls:
             self.per_hop_ms = self.per_hop_ms + self.tls_hop_ms
         if margin_frac is not None:
@@ -102,10 +107,9 @@ class Planner:
     # ------------------------------------------------------------------ tables
     def hosted(self, node: str) -> list[Variant]:
         """Registered variants this node may host and has a profile for."""
-        spec = self.topology.nodes[node]
         key = self.topology.hardware_of(node).profile_key
         return [v for v in self.registry.variants.values()
-                if spec.allows(v.name) and v.profile_for(key) is not None]
+                if self.hosting.allows(node, v.name) and v.profile_for(key) is not None]
 
     def margin_for(self, tier: str) -> float:
         return self.margin_ms_by_tier.get(tier, self.margin_ms)
@@ -123,7 +127,8 @@ class Planner:
                 if not spec.may_run(task):
                     raise NoRoute(f"tenant {tenant!r} may not run task {task!r}")
                 allowed = [n for n in self.topology.nodes if spec.may_use(n)]
-            hosts = hosts_by_node(self.topology, variants, allowed_nodes=allowed)
+            hosts = hosts_by_node(self.topology, variants, allowed_nodes=allowed,
+                                  hosting=self.hosting)
             index = HostIndex(self.topology, hosts, per_group=self.per_group,
                               per_hop_ms=self.per_hop_ms)
             self._indexes[(task, tenant)] = index

@@ -25,6 +25,7 @@ from __future__ import annotations
 import math
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
+from typing import Any
 
 from mesh.planner.model import Candidate
 from mesh.registry import Profile, Variant
@@ -303,21 +304,28 @@ def build_table(entry: str, task: str, tenant: str | None, index: HostIndex,
 
 
 def hosts_by_node(topology: Topology, variants: Iterable[Variant], *,
-                  allowed_nodes: Iterable[str] | None = None
+                  allowed_nodes: Iterable[str] | None = None, hosting: Any = None
                   ) -> dict[str, list[tuple[Variant, Profile]]]:
-    """For one task's variants: node -> the variants it may host that have a profile there."""
+    """For one task's variants: node -> the variants it hosts that have a profile there.
+
+    ``hosting``: a :class:`mesh.placement.Hosting` (what each node hosts); default: the
+    nodes' ``variants:`` globs.
+    """
     variants = sorted(variants, key=lambda v: v.name)
-    memo: dict[tuple[tuple[str, ...], str], list[tuple[Variant, Profile]]] = {}
+    memo: dict[tuple[Any, str], list[tuple[Variant, Profile]]] = {}
     out: dict[str, list[tuple[Variant, Profile]]] = {}
     for name in allowed_nodes if allowed_nodes is not None else topology.nodes:
         spec = topology.nodes[name]
-        key = (spec.variants or (), topology.hardware[spec.hardware].profile_key)
+        rule = hosting.key(name) if hosting is not None else (spec.variants or ())
+        key = (rule, topology.hardware[spec.hardware].profile_key)
         hosted = memo.get(key)
         if hosted is None:
             hosted = []
             for v in variants:
                 profile = v.profile_for(key[1])
-                if profile is not None and spec.allows(v.name):
+                allowed = hosting.allows(name, v.name) if hosting is not None \
+                    else spec.allows(v.name)
+                if profile is not None and allowed:
                     hosted.append((v, profile))
             memo[key] = hosted
         if hosted:

@@ -46,6 +46,7 @@ from typing import Any
 from mesh.certs import CA_CERT, ca_context, init_ca, issue
 from mesh.durable import write_atomic
 from mesh.errors import MeshError
+from mesh.placement import Hosting
 from mesh.registry import Registry
 from mesh.testbed.processes import (
     LINKS_FILE,
@@ -180,8 +181,9 @@ class LocalMesh:
                 f"a mesh is already running from {self.run_dir} ({what}{len(running)} processes: "
                 f"{', '.join(p.label() for p in running)}); stop it with 'mesh down' first")
         registry = Registry.load(self.home)
-        hosted = [n for n, spec in self.topology.nodes.items()
-                  if any(spec.allows(v) for v in registry.variants)]
+        hosting = Hosting(self.topology, registry)
+        hosted = [n for n in self.topology.nodes
+                  if any(hosting.allows(n, v) for v in registry.variants)]
         if not registry.variants:
             raise TestbedError(f"no variants registered in {self.home}; run 'mesh build' first")
         if not hosted:

@@ -269,14 +269,17 @@ def parse_topology(data: Any, *, source: str = "topology") -> Topology:
     for node in nodes:
         defaults = spec.tiers.get(node.tier)
         variants = node.variants
-        if variants is None:
-            variants = defaults.variants if defaults is not None and defaults.variants else ()
+        if variants is None and defaults is not None and defaults.variants:
+            variants = defaults.variants
+        # None (no globs anywhere): the node is managed; its placement is computed
         max_queue = node.max_queue
         if max_queue is None:
             max_queue = (defaults.max_queue if defaults is not None and defaults.max_queue
                          else DEFAULT_MAX_QUEUE)
         resolved.append(Node.model_construct(name=node.name, tier=node.tier,
-                                             hardware=node.hardware, variants=tuple(variants),
+                                             hardware=node.hardware,
+                                             variants=tuple(variants) if variants is not None
+                                             else None,
                                              max_queue=max_queue, parent=parent[node.name],
                                              address=node.address))
     return Topology(spec.name, dict(spec.hardware), resolved, links, tenants=list(spec.tenants),

@@ -1,0 +1,43 @@
+"""Which variants a node hosts: its own ``variants:`` globs where the topology gives them,
+else the computed placement (a managed node). Pure and deterministic: every node computes
+the same answer from the same topology and registry, so no placement has to travel.
+
+The planner (whom to route to), the agent (what to load), the artifact pull policy (what
+to pull and serve) and the body caps (which tasks a node serves) all ask one
+:class:`Hosting`, built per (topology, registry): a newly registered model is placed, and
+served, as soon as the registry reaches a node.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Hashable
+
+from mesh.placement.inputs import LoadSnapshot
+from mesh.placement.model import Placement
+from mesh.placement.scaling import Autoscaler
+from mesh.registry import Registry
+from mesh.topology import Topology
+
+__all__ = ["Hosting"]
+
+
+class Hosting:
+    """``allows(node, variant)`` for every node of ``topology`` given ``registry``."""
+
+    def __init__(self, topology: Topology, registry: Registry) -> None:
+        self.topology = topology
+        self.managed = frozenset(n for n, spec in topology.nodes.items() if spec.variants is None)
+        self.placement: Placement | None = None
+        if self.managed and registry.variants:
+            self.placement = Autoscaler(topology).step(registry, LoadSnapshot(), 0.0).placement
+
+    def allows(self, node: str, variant: str) -> bool:
+        spec = self.topology.nodes[node]
+        if spec.variants is not None:
+            return spec.allows(variant)
+        return self.placement is not None and self.placement.allows(node, variant)
+
+    def key(self, node: str) -> Hashable:
+        """Nodes with equal keys host the same variants (tables share their work)."""
+        spec = self.topology.nodes[node]
+        return tuple(spec.variants) if spec.variants is not None else ("placed", node)

@@ -1,0 +1,64 @@
+"""A mesh whose topology says nothing about variants: the mesh places them itself."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import pytest
+import yaml
+
+from mesh import Client
+from mesh.placement import Hosting
+from mesh.registry import Registry
+from mesh.testbed.local import LocalMesh
+from mesh.topology import parse_topology
+
+ROOT = Path(__file__).resolve().parents[2]
+pytestmark = pytest.mark.integration
+
+
+def _without_globs(name: str) -> dict[str, Any]:
+    doc = yaml.safe_load((ROOT / "topologies" / name).read_text())
+    for node in doc.get("nodes", []):
+        node.pop("variants", None)
+    for group in doc.get("groups", []):
+        group.pop("variants", None)
+    for tier in (doc.get("tiers") or {}).values():
+        tier.pop("variants", None)
+    return doc
+
+
+@pytest.mark.parametrize("name", ["local.yaml", "campus.yaml", "metro.yaml"])
+def test_every_shipped_topology_without_globs_places_every_task_on_every_path(
+        built_home: Path, name: str) -> None:
+    topology = parse_topology(_without_globs(name))
+    registry = Registry.load(built_home)
+    hosting = Hosting(topology, registry)
+    for entry in (n for n, spec in topology.nodes.items() if spec.tier == "edge"):
+        path = [entry]
+        while topology.parent[path[-1]] is not None:
+            path.append(topology.parent[path[-1]])
+        for task in registry.tasks():
+            hosts = [n for n in path for v in registry.for_task(task)
+                     if hosting.allows(n, v.name)]
+            assert hosts, f"{task} has no host between {entry} and the core in {name}"
+    edge = next(n for n, spec in topology.nodes.items() if spec.tier == "edge")
+    core = next(n for n, spec in topology.nodes.items() if spec.tier == "core")
+    def size(node: str) -> int:
+        return max((v.size_bytes for v in registry.variants.values()
+                    if hosting.allows(node, v.name)), default=0)
+    assert size(edge) < size(core)  # small variants at the edge, the largest inward
+
+
+def test_a_mesh_without_globs_serves_by_its_own_placement(
+        built_home: Path, tmp_path: Path, heldout: Any) -> None:
+    images, _ = heldout
+    topology = tmp_path / "managed.yaml"
+    topology.write_text(yaml.safe_dump(_without_globs("local.yaml")))
+    with LocalMesh(topology, home=built_home, run_dir=tmp_path / "run",
+                   use_addresses=False) as mesh, Client(mesh.url("edge-1")) as client:
+        fast = client.infer("digits", images[:1], latency_ms=10)
+        accurate = client.infer("digits", images[:1], min_accuracy=0.99, latency_ms=500)
+    assert fast.served_by.tier == "edge" and fast.slo_met
+    assert accurate.slo_met and accurate.plan is not None and accurate.plan.accuracy >= 0.99
