@@ -44,7 +44,7 @@ import ssl as _ssl
 import time
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Generic, TypeVar
 
 import numpy as np
 
@@ -72,6 +72,7 @@ from mesh.wire import SLO, InferRequest, ServedBy, decode_answer, encode_request
 __all__ = ["Result", "Client", "AsyncClient", "Timeouts", "slo_met", "served_accuracy"]
 
 MSGPACK = "application/msgpack"
+T = TypeVar("T")
 
 
 @dataclass(frozen=True)
@@ -196,7 +197,27 @@ def _http_entries(urls: Sequence[str]) -> list[str]:
     return found
 
 
-class Client:
+class _Entries(Generic[T]):
+    """What both clients hold: the entry URLs, their transports, the timeouts, TLS."""
+
+    def __init__(self, url: str | Sequence[str], timeout_s: float, connect_timeout_s: float,
+                 attempt_timeout_s: float, transports: Mapping[str, T] | None,
+                 ssl: _ssl.SSLContext | None) -> None:
+        self._urls = _entry_urls(url, type(self).__name__)
+        self._ssl = ssl
+        self.timeouts = Timeouts(timeout_s, connect_timeout_s, attempt_timeout_s)
+        given = dict(transports or {})
+        #: per entry, its transport (given, or made from the URL on first use)
+        self._transports: list[T | None] = [
+            given.get(u) for u in (url if not isinstance(url, str) else [url])]
+        self._current = 0  # the entry the next query tries first
+
+    @property
+    def timeout_s(self) -> float:
+        return self.timeouts.total_s
+
+
+class Client(_Entries[BlockingTransport]):
     """Blocking client over a kept-alive HTTP connection, or a stream. Not thread-safe.
 
     Raises :class:`ClientError` at once for a bad URL or timeout; see the module
@@ -210,18 +231,8 @@ class Client:
                  connect_timeout_s: float = 1.0, attempt_timeout_s: float = 5.0,
                  transports: Mapping[str, BlockingTransport] | None = None,
                  ssl: _ssl.SSLContext | None = None) -> None:
-        self._urls = _entry_urls(url, "Client")
-        self._ssl = ssl
-        self.timeouts = Timeouts(timeout_s, connect_timeout_s, attempt_timeout_s)
-        given = dict(transports or {})
-        self._transports: list[BlockingTransport | None] = [
-            given.get(u) for u in (url if not isinstance(url, str) else [url])]
+        super().__init__(url, timeout_s, connect_timeout_s, attempt_timeout_s, transports, ssl)
         self._open = -1  # the entry whose transport holds an open connection
-        self._current = 0  # the entry the next query tries first
-
-    @property
-    def timeout_s(self) -> float:
-        return self.timeouts.total_s
 
     def __enter__(self) -> Client:
         return self
@@ -330,7 +341,7 @@ class Client:
             raise MeshTimeout(f"no answer from {url} within {wait:.3g} s") from None
 
 
-class AsyncClient:
+class AsyncClient(_Entries[Transport]):
     """asyncio client; use as ``async with AsyncClient(url) as mesh``.
 
     Same timeouts and failover as :class:`Client` (the module docstring); queries
@@ -344,18 +355,9 @@ class AsyncClient:
                  connect_timeout_s: float = 1.0, attempt_timeout_s: float = 5.0,
                  transports: Mapping[str, Transport] | None = None,
                  ssl: _ssl.SSLContext | None = None) -> None:
-        self._urls = _entry_urls(url, "AsyncClient")
-        self._ssl = ssl
-        self.timeouts = Timeouts(timeout_s, connect_timeout_s, attempt_timeout_s)
-        given = dict(transports or {})
-        self._transports: list[Transport | None] = [
-            given.get(u) for u in (url if not isinstance(url, str) else [url])]
+        super().__init__(url, timeout_s, connect_timeout_s, attempt_timeout_s, transports, ssl)
         self._state = "unopened"
         self._current = 0
-
-    @property
-    def timeout_s(self) -> float:
-        return self.timeouts.total_s
 
     async def __aenter__(self) -> AsyncClient:
         if self._state != "unopened":

@@ -11,14 +11,10 @@ whatever happens.
 
 from __future__ import annotations
 
-import contextlib
 import shutil
-import signal
 import ssl
 import subprocess
 import sys
-import time
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -29,7 +25,8 @@ from mesh import Client
 from mesh.registry import Registry
 from mesh.remote import mesh_variants, push_variants
 from mesh.store import ArtifactStore
-from tests.integration.netns import Host, NetnsUnavailable, hosts
+from tests.integration.netns import NetnsUnavailable, hosts
+from tests.integration.processes import running, until
 
 ROOT = Path(__file__).resolve().parents[2]
 pytestmark = pytest.mark.integration
@@ -41,43 +38,6 @@ def _mesh(*args: str) -> subprocess.CompletedProcess[str]:
                           text=True, timeout=120)
     assert done.returncode == 0, done.stderr
     return done
-
-
-@contextlib.contextmanager
-def _running(where: dict[str, Host], topology: Path, homes: dict[str, Path], tls: Path,
-             logs: Path) -> Iterator[None]:
-    procs: list[subprocess.Popen[bytes]] = []
-    try:
-        for name, host in where.items():
-            with open(logs / f"{name}.log", "wb") as log:
-                procs.append(subprocess.Popen(host.command(
-                    [sys.executable, "-m", "mesh.cli", "--home", str(homes[name]), "node", "run",
-                     str(topology), name, "--tls-dir", str(tls / name)]),
-                    stdout=log, stderr=subprocess.STDOUT, start_new_session=True))
-        yield
-    finally:
-        for proc in procs:
-            with contextlib.suppress(ProcessLookupError):
-                proc.send_signal(signal.SIGTERM)
-        for proc in procs:
-            try:
-                proc.wait(timeout=15)
-            except subprocess.TimeoutExpired:
-                proc.kill()
-                proc.wait()
-
-
-def _until(condition: Any, what: str, timeout_s: float = 90.0) -> None:
-    deadline = time.monotonic() + timeout_s
-    last: Exception | None = None
-    while time.monotonic() < deadline:
-        try:
-            if condition():
-                return
-        except Exception as exc:  # noqa: BLE001 - not up yet; say what it was at the end
-            last = exc
-        time.sleep(0.3)
-    raise AssertionError(f"not within {timeout_s} s: {what} (last error: {last})")
 
 
 def test_a_mesh_of_namespaces_serves_over_tls_from_empty_homes(
@@ -112,12 +72,15 @@ def test_a_mesh_of_namespaces_serves_over_tls_from_empty_homes(
         client_tls = ssl.create_default_context(cafile=str(tls / "ca.pem"))
         url = {n: f"https://{where[n].address}:{HTTP}" for n in names}
 
-        with _running(where, topology, homes, tls, logs):
+        commands = {name: host.command(
+            [sys.executable, "-m", "mesh.cli", "--home", str(homes[name]), "node", "run",
+             str(topology), name, "--tls-dir", str(tls / name)]) for name, host in where.items()}
+        with running(commands, logs):
             def answers(entry: str) -> bool:
                 with Client(url[entry], ssl=client_tls, timeout_s=5) as client:
                     return client.infer("digits", images[:1]).served_by.node == entry
             for entry in ("edge-1", "edge-2"):
-                _until(lambda e=entry: answers(e), f"{entry} answering over TLS")
+                until(lambda e=entry: answers(e), f"{entry} answering over TLS")
 
             registry = Registry.load(homes["core-1"])
             for entry in ("edge-1", "edge-2"):
@@ -143,7 +106,7 @@ def test_a_mesh_of_namespaces_serves_over_tls_from_empty_homes(
             core_tls.load_cert_chain(tls / "core-1" / "node.pem", tls / "core-1" / "node-key.pem")
             push_variants(url["core-1"], [new], ArtifactStore(homes["core-1"] / "store"),
                           key=None, ssl=core_tls)
-            _until(lambda: "digits-linear-v2" in mesh_variants(
+            until(lambda: "digits-linear-v2" in mesh_variants(
                 url["edge-1"], ssl=client_tls)["loaded"]["edge-1"],
                 "the new variant loaded at edge-1", timeout_s=60)
     finally:

@@ -9,16 +9,11 @@ registered at the core while the mesh runs reaches the edge without a restart.
 
 from __future__ import annotations
 
-import contextlib
 import json
 import shutil
-import signal
 import socket
-import subprocess
 import sys
-import time
 import urllib.request
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -31,6 +26,7 @@ from mesh.peers import PeerKey
 from mesh.registry import Registry
 from mesh.remote import mesh_variants, push_variants
 from mesh.store import ArtifactStore
+from tests.integration.processes import running, until
 
 ROOT = Path(__file__).resolve().parents[2]
 pytestmark = pytest.mark.integration
@@ -56,39 +52,6 @@ def _get(url: str) -> tuple[int, Any]:
         return err.code, None
     except (OSError, ValueError):
         return 0, None
-
-
-def _until(condition: Any, what: str, timeout_s: float = 90.0) -> None:
-    deadline = time.monotonic() + timeout_s
-    while time.monotonic() < deadline:
-        if condition():
-            return
-        time.sleep(0.2)
-    raise AssertionError(f"not within {timeout_s} s: {what}")
-
-
-@contextlib.contextmanager
-def _nodes(topology: Path, homes: dict[str, Path], logs: Path) -> Iterator[None]:
-    procs: list[subprocess.Popen[bytes]] = []
-    try:
-        for name, home in homes.items():
-            log = open(logs / f"{name}.log", "wb")  # noqa: SIM115 - the child holds it
-            procs.append(subprocess.Popen(
-                [sys.executable, "-m", "mesh.cli", "--home", str(home), "node", "run",
-                 str(topology), name], stdout=log, stderr=subprocess.STDOUT,
-                start_new_session=True))
-            log.close()
-        yield
-    finally:
-        for proc in procs:
-            with contextlib.suppress(ProcessLookupError):
-                proc.send_signal(signal.SIGTERM)
-        for proc in procs:
-            try:
-                proc.wait(timeout=15)
-            except subprocess.TimeoutExpired:
-                proc.kill()
-                proc.wait()
 
 
 def test_every_node_runs_from_the_topology_and_an_empty_home(
@@ -118,8 +81,10 @@ def test_every_node_runs_from_the_topology_and_an_empty_home(
     logs = tmp_path / "logs"
     logs.mkdir()
 
-    with _nodes(topology, homes, logs):
-        _until(lambda: all(_get(u + "/v1/status")[0] == 200 for u in url.values()),
+    commands = {name: [sys.executable, "-m", "mesh.cli", "--home", str(home), "node", "run",
+                        str(topology), name] for name, home in homes.items()}
+    with running(commands, logs):
+        until(lambda: all(_get(u + "/v1/status")[0] == 200 for u in url.values()),
                "every node serving")
         registry = Registry.load(core)
         for name in ("edge-1", "edge-2", "mid-1"):  # the registry came down the tree
@@ -145,9 +110,9 @@ def test_every_node_runs_from_the_topology_and_an_empty_home(
                                           "family": "digits-v2"})
         sent = push_variants(url["core-1"], [new], ArtifactStore(core / "store"), key)
         assert sent["registered"] == ["digits-linear-v2"]
-        _until(lambda: "digits-linear-v2" in mesh_variants(url["edge-1"])["loaded"]["edge-1"],
+        until(lambda: "digits-linear-v2" in mesh_variants(url["edge-1"])["loaded"]["edge-1"],
                "the new variant loaded at edge-1", timeout_s=60)
-        _until(lambda: _get(url["edge-2"] + "/v1/status")[1]["registry_version"]
+        until(lambda: _get(url["edge-2"] + "/v1/status")[1]["registry_version"]
                == sent["version"], "edge-2 on the new registry", timeout_s=30)
         # and a client's route is still refused while a stranger's registration is too
         req = urllib.request.Request(url["core-1"] + "/v1/registry/variants", method="POST",
