@@ -133,7 +133,10 @@ def test_shipped_campus_and_metro_load_and_are_connected() -> None:
         assert all(topo.nodes[topo.parent[n]].tier == "intermediate"
                    for n in topo.nodes_in_tier("edge"))
     # tier defaults reach nodes that do not list variants
-    assert metro.nodes["cab-17"].variants == ("digits-linear", "digits-mlp")
+    # the edge tier's default: the small and int8/TFLite members of the digits family
+    assert metro.nodes["cab-17"].variants == ("digits-linear", "digits-mlp",
+                                             "digits-cnn-tflite-int8", "digits-cnn-onnx-int8",
+                                             "digits-cnn-student-onnx-fp32")
     assert campus.nodes["sports"].variants == ("digits-mlp",)  # its own list wins
     assert campus.tenants["hospital"].may_use("med-ward-3")
     assert not campus.tenants["hospital"].may_use("science")
