@@ -13,7 +13,7 @@ from __future__ import annotations
 from collections.abc import Hashable
 
 from mesh.placement.inputs import LoadSnapshot
-from mesh.placement.model import Placement
+from mesh.placement.model import Placement, PlacementDecision
 from mesh.placement.scaling import Autoscaler
 from mesh.registry import Registry
 from mesh.topology import Topology
@@ -28,14 +28,25 @@ class Hosting:
         self.topology = topology
         self.managed = frozenset(n for n, spec in topology.nodes.items() if spec.variants is None)
         self.placement: Placement | None = None
+        self.decisions: tuple[PlacementDecision, ...] = ()
         if self.managed and registry.variants:
-            self.placement = Autoscaler(topology).step(registry, LoadSnapshot(), 0.0).placement
+            round_ = Autoscaler(topology).step(registry, LoadSnapshot(), 0.0)
+            self.placement, self.decisions = round_.placement, round_.decisions
 
     def allows(self, node: str, variant: str) -> bool:
         spec = self.topology.nodes[node]
         if spec.variants is not None:
             return spec.allows(variant)
         return self.placement is not None and self.placement.allows(node, variant)
+
+    def explain(self, node: str) -> dict[str, object]:
+        """What ``node`` hosts and why, for its status: ``managed`` (placed by the mesh) or
+        its globs, and the placement's decisions about it."""
+        if node not in self.managed:
+            return {"managed": False, "globs": list(self.topology.nodes[node].variants or ())}
+        return {"managed": True,
+                "hosts": dict(self.placement.variants(node)) if self.placement else {},
+                "decisions": [d.to_json() for d in self.decisions if d.node == node]}
 
     def key(self, node: str) -> Hashable:
         """Nodes with equal keys host the same variants (tables share their work)."""

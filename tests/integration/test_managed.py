@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+import urllib.request
 from pathlib import Path
 from typing import Any
 
@@ -60,5 +62,10 @@ def test_a_mesh_without_globs_serves_by_its_own_placement(
                    use_addresses=False) as mesh, Client(mesh.url("edge-1")) as client:
         fast = client.infer("digits", images[:1], latency_ms=10)
         accurate = client.infer("digits", images[:1], min_accuracy=0.99, latency_ms=500)
+        with urllib.request.urlopen(mesh.url("edge-1") + "/v1/status", timeout=5) as resp:
+            placement = json.loads(resp.read())["placement"]
+    # the node says what the mesh placed on it, and why
+    assert placement["managed"] and fast.served_by.variant in placement["hosts"]
+    assert all(d["reason"] for d in placement["decisions"])
     assert fast.served_by.tier == "edge" and fast.slo_met
     assert accurate.slo_met and accurate.plan is not None and accurate.plan.accuracy >= 0.99
