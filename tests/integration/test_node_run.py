@@ -11,7 +11,9 @@ from __future__ import annotations
 
 import json
 import shutil
+import signal
 import socket
+import subprocess
 import sys
 import urllib.request
 from pathlib import Path
@@ -122,3 +124,56 @@ def test_every_node_runs_from_the_topology_and_an_empty_home(
         refused.value.close()
         assert refused.value.code == 403
     assert np.isfinite(fast.output).all()
+
+
+def test_a_node_killed_during_a_pull_restarts_and_serves_with_its_store_intact(
+        built_home: Path, tmp_path: Path, heldout: Any) -> None:
+    """The edge is SIGKILLed while it copies the MiniLM artifact from its parent."""
+    images, _ = heldout
+    ports = iter(_free_ports(4))
+    box = {"kind": "cpu", "threads": 1, "memory_mb": 2048}
+    doc = {"name": "pair", "hardware": {"box": box},
+           "nodes": [{"name": "core-1", "tier": "core", "hardware": "box",
+                      "variants": ["digits-*", "minilm-*"]},
+                     {"name": "edge-1", "tier": "edge", "hardware": "box",
+                      "variants": ["digits-linear", "minilm-onnx-fp32"]}],
+           "links": [{"between": ["edge-1", "core-1"], "latency_ms": 1, "bandwidth_mbps": 1000}]}
+    for node in doc["nodes"]:
+        node["address"] = {"host": "127.0.0.1", "http_port": next(ports),
+                           "stream_port": next(ports)}
+    topology = tmp_path / "pair.yaml"
+    topology.write_text(yaml.safe_dump(doc))
+    core, edge = tmp_path / "core", tmp_path / "edge"
+    core.mkdir()
+    shutil.copy(built_home / "registry.json", core / "registry.json")
+    (core / "store").symlink_to(built_home / "store")
+    PeerKey.for_home(core)
+    edge.mkdir()
+    shutil.copy(core / "mesh.key", edge / "mesh.key")
+    big = Registry.load(core).variants["minilm-onnx-fp32"].sha256
+    url = f"http://127.0.0.1:{doc['nodes'][1]['address']['http_port']}"
+    logs = tmp_path / "logs"
+    logs.mkdir()
+
+    def node(name: str, home: Path) -> list[str]:
+        return [sys.executable, "-m", "mesh.cli", "--home", str(home), "node", "run",
+                str(topology), name]
+
+    def partial() -> bool:
+        return any(p.name.startswith(".tmp-") for p in (edge / "store").rglob("*"))
+
+    with running({"core-1": node("core-1", core)}, logs):
+        proc = subprocess.Popen(node("edge-1", edge), stdout=subprocess.DEVNULL,
+                                stderr=subprocess.DEVNULL, start_new_session=True)
+        try:
+            until(lambda: (edge / "store").exists() and partial(), "the edge pulling", 60)
+        finally:
+            proc.send_signal(signal.SIGKILL)  # in the middle of the pull
+            proc.wait()
+        assert not ArtifactStore(edge / "store").verify(big)  # it did not finish
+        with running({"edge-1": node("edge-1", edge)}, logs):
+            until(lambda: _get(url + "/v1/status")[0] == 200, "edge-1 back", 90)
+            with Client(url) as client:
+                assert client.infer("digits", images[:1]).served_by.node == "edge-1"
+            until(lambda: ArtifactStore(edge / "store").verify(big), "the pull done again", 90)
+    assert not partial()  # the dead writer's partial file was removed
