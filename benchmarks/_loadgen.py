@@ -116,9 +116,10 @@ def _parse(buf: bytes) -> tuple[int, int] | None:
 class RawHttp:
     """Blocking keep-alive client. ``roundtrip`` returns (status, body)."""
 
-    def __init__(self, port: int) -> None:
-        self.sock = socket.create_connection((HOST, port))
-        self.sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+    def __init__(self, port: int, ssl_context: Any = None) -> None:
+        sock = socket.create_connection((HOST, port))
+        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        self.sock = ssl_context.wrap_socket(sock) if ssl_context is not None else sock
 
     def roundtrip(self, request: bytes) -> tuple[int, bytes]:
         self.sock.sendall(request)
@@ -306,9 +307,17 @@ def agent_process(home: Path, topology: dict[str, Any], *, options: dict[str, An
             while True:
                 if proc.poll() is not None:
                     raise RuntimeError("agent exited: " + (Path(tmp) / "agent.log").read_text()[-2000:])
+                tls_dir = (options or {}).get("tls_dir")
+                scheme, context = "http", None
+                if tls_dir:  # a TLS node: ask over TLS, trusting its mesh CA
+                    import ssl
+
+                    scheme = "https"
+                    context = ssl.create_default_context(cafile=str(Path(tls_dir) / "ca.pem"))
+                    context.check_hostname = False
                 try:
-                    with urllib.request.urlopen(f"http://{HOST}:{port}/v2/health/ready",
-                                                timeout=1) as r:
+                    with urllib.request.urlopen(f"{scheme}://{HOST}:{port}/v2/health/ready",
+                                                timeout=1, context=context) as r:
                         if r.status == 200:
                             break
                 except OSError:
@@ -334,6 +343,10 @@ def agent_options(options: dict[str, Any]) -> dict[str, Any]:
     out = dict(options)
     if isinstance(out.get("batching"), dict):
         out["batching"] = BatchSettings(**out["batching"])
+    if "tls_dir" in out:  # a node's certificate directory (mesh certs issue)
+        from mesh.certs import TlsFiles
+
+        out["tls"] = TlsFiles.in_dir(out.pop("tls_dir"))
     return out
 
 

@@ -43,6 +43,7 @@ import json
 import multiprocessing as mp
 import os
 import sys
+import tempfile
 import time
 from collections.abc import Callable, Iterator
 from contextlib import ExitStack, contextmanager
@@ -182,10 +183,11 @@ def ort_timer(path: str, x: np.ndarray) -> Callable[[int], list[float]]:
     return timer
 
 
-def socket_timer(port: int, request: bytes, warmup: int) -> tuple[Callable[[int], list[float]],
-                                                                   RawHttp]:
-    """``timer(n)`` over one keep-alive connection, checked and warmed up first."""
-    client = RawHttp(port)
+def socket_timer(port: int, request: bytes, warmup: int, ssl_context: Any = None
+                 ) -> tuple[Callable[[int], list[float]], RawHttp]:
+    """``timer(n)`` over one keep-alive connection (TLS with ``ssl_context``), checked and
+    warmed up first."""
+    client = RawHttp(port, ssl_context)
     for _ in range(warmup):
         status, body = client.roundtrip(request)
         if status != 200:
@@ -270,6 +272,14 @@ def verdicts(latency: dict[str, Any], throughput: dict[str, Any]) -> dict[str, A
         goals[f"{case}_added_p50"] = {
             "measured": ratio, "goal": f"<= {most}x what the minimal server adds",
             "added_p50_us": added[case]["added_p50_us"], "met": ratio <= most}
+    if "agent_forward_tls" in latency:
+        # what mutual TLS adds to one node-to-node hop: the TLS forward less the plain one,
+        # less what TLS adds to the client's own leg (the TLS stream less the plain stream)
+        tls_hop = ((latency["agent_forward_tls"]["p50_us"] - latency["agent_forward"]["p50_us"])
+                   - (latency["agent_stream_tls"]["p50_us"] - latency["agent_stream"]["p50_us"]))
+        added["tls_hop"] = {"added_p50_us": round(tls_hop, 1),
+                            "note": "mutual TLS on a kept stream between two nodes; the "
+                                    "planner's tls_hop_ms is this figure"}
     hop = latency["agent_forward"]["p50_us"] - latency["agent_stream"]["p50_us"]
     stream_added = added["agent_stream"]["added_p50_us"]
     goals["forward_hop_added_p50"] = {
@@ -293,6 +303,23 @@ def verdicts(latency: dict[str, Any], throughput: dict[str, Any]) -> dict[str, A
 
 
 # --------------------------------------------------------------------------- main
+
+
+def _certs(directory: Path, topology: dict[str, Any]) -> Any:
+    """A mesh CA and both nodes' certificates in ``directory``; the client's TLS context
+    (trusts the CA, checks no host name: the bench nodes have no addresses)."""
+    import ssl
+
+    from mesh.certs import init_ca, issue
+    from mesh.topology import parse_topology
+
+    init_ca(directory)
+    parsed = parse_topology(topology)
+    for node in (SERVER, ENTRY):
+        issue(node, parsed, directory)
+    context = ssl.create_default_context(cafile=str(directory / "ca.pem"))
+    context.check_hostname = False
+    return context
 
 
 def model_path(home: Path) -> str:
@@ -351,8 +378,11 @@ def main(argv: list[str] | None = None) -> int:
     topology = bench_topology()
     entry_port = free_port()
     server_stream, entry_stream = free_port(), free_port()
+    tls_entry_port, tls_server_stream, tls_entry_stream = free_port(), free_port(), free_port()
 
     with ExitStack() as stack:  # closed in reverse: clients, then agents, then the floor
+        certs = Path(stack.enter_context(tempfile.TemporaryDirectory(prefix="overhead-tls-")))
+        client_tls = _certs(certs, topology)
         floor_port, floor_stream, _ = stack.enter_context(floor_servers(path))
         server = stack.enter_context(start_agent(
             args.home, topology, node=SERVER,
@@ -363,6 +393,17 @@ def main(argv: list[str] | None = None) -> int:
             options={"stream_port": entry_stream,
                      "neighbours": {SERVER: f"http://{HOST}:{server}"},
                      "stream_neighbours": {SERVER: f"tcp://{HOST}:{server_stream}"}}))
+        tls_server = stack.enter_context(start_agent(
+            args.home, topology, node=SERVER,
+            options={"stream_port": tls_server_stream, "tls_dir": str(certs / SERVER),
+                     "neighbours": {ENTRY: f"http://{HOST}:{tls_entry_port}"}}))
+        stack.enter_context(start_agent(
+            args.home, topology, node=ENTRY, port=tls_entry_port,
+            options={"stream_port": tls_entry_stream, "tls_dir": str(certs / ENTRY),
+                     "neighbours": {SERVER: f"http://{HOST}:{tls_server}"},
+                     "stream_neighbours": {SERVER: f"tcp://{HOST}:{tls_server_stream}"}}))
+        tls_targets = {"agent_stream_tls": (tls_server_stream, req["stream"][1]),
+                       "agent_forward_tls": (tls_entry_stream, req["stream"][1])}
         targets = {"floor": (floor_port, req["v1"][1]),
                    "floor_stream": (floor_stream, req["stream"][1]),
                    "agent_http": (server, req["v1"][1]),
@@ -373,6 +414,9 @@ def main(argv: list[str] | None = None) -> int:
         timers: dict[str, Callable[[int], list[float]]] = {"ort": ort_timer(path, x)}
         for case, (port, request) in targets.items():
             timers[case], client = socket_timer(port, request, args.warmup)
+            stack.callback(client.close)
+        for case, (port, request) in tls_targets.items():
+            timers[case], client = socket_timer(port, request, args.warmup, client_tls)
             stack.callback(client.close)
         print(f"latency: {len(timers)} cases x {args.latency_rounds} rounds", flush=True)
         latency = measure_latency(timers, rounds=args.latency_rounds,
