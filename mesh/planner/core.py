@@ -49,10 +49,12 @@ class Planner:
     #: Fitted on the local mesh by benchmarks/prediction.py (suggested_per_hop_ms: 1.56 and
     #: 1.59 over the stream; 1.95 with nodes forwarding over HTTP, the same session).
     per_hop_ms: float = 1.6
-    #: What mutual TLS adds to a hop on a kept connection (a stream round trip: 11 us
-    #: measured on this machine, 22 us over HTTP); added to per_hop_ms when the mesh
-    #: runs on TLS. Handshakes are not per query: nodes keep their connections open.
-    tls_hop_ms: float = 0.011
+    #: What mutual TLS adds to a node-to-node hop on a kept connection: benchmarks/overhead.py
+    #: (a TLS forward against a plain one, less the client leg's TLS) measured 110-151 us in
+    #: two runs on this machine; an isolated stream round trip measured 11 us (22 over HTTP).
+    #: The larger figure is used. Added to per_hop_ms when the mesh runs on TLS; handshakes
+    #: are not per query, since nodes keep their connections open.
+    tls_hop_ms: float = 0.11
     #: Cost of handing a query to the local runtime (queueing, thread hand-off).
     dispatch_ms: float = 0.3
     #: Hosts kept per (variant, hardware class, tier) in a table: the nearest ones.
