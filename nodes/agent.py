@@ -255,6 +255,8 @@ class NodeAgent:
             self, parent_url=self.artifacts.parent_url,  # https:// with TLS
             session=lambda: self._http)
         self._adopting: asyncio.Task[None] | None = None
+        #: a variant loading in the background because queries would prefer it warm
+        self._warming: asyncio.Task[None] | None = None
         #: queries in progress on this node (one alone needs no batching)
         self._active = 0
         self._reported_depth = -1  # the own queue depth last put in the view, and when
@@ -297,11 +299,12 @@ class NodeAgent:
     async def __aexit__(self, *exc: object) -> None:
         self.ready = False
         await self.registry_sync.__aexit__(None, None, None)
-        if self._adopting is not None:
-            self._adopting.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._adopting
-            self._adopting = None
+        for task in (self._adopting, self._warming):
+            if task is not None:
+                task.cancel()
+                with contextlib.suppress(asyncio.CancelledError):
+                    await task
+        self._adopting = self._warming = None
         await self.neighbours.aclose()
         await self.models.__aexit__(None, None, None)
         await self.artifacts.aclose()
@@ -527,6 +530,8 @@ class NodeAgent:
                 self._reported_depth, self._reported_at = depth, now
         decision = self.planner.plan(req.task, req.slo, self.name, self.view, now=now,
                                      rows=req.rows, payload_bytes=req.payload_bytes)
+        if req.hops == 0 and len(self.models.loaded) < len(self.models.variants):
+            self._warm_behind(req, decision, now)
         target = None if req.slo.offline else req.slo.latency_ms
         if target is None:
             return decision
@@ -544,6 +549,40 @@ class NodeAgent:
             req.budget_ms = target
         # a node further along keeps what is left of the budget it was sent
         return decision
+
+    def _warm_behind(self, req: InferRequest, decision: Decision, now: float) -> None:
+        """Hide a cold start: when, were everything here loaded, the planner would have
+        served this query with a variant of this node that is not loaded, the query goes
+        where it was planned (a warm variant that meets its SLO, or the closest) and that
+        variant loads in the background, for the queries after it."""
+        if self._warming is not None and not self._warming.done():
+            return  # one load at a time; the next query asks again
+        cold = {v.name for v in self.planner.hosted(self.name)
+                if v.task == req.task and v.name not in self.models.loaded
+                and v.name not in self.models.unavailable}
+        if not cold:
+            return
+        warm = MeshView(stale_after_s=self.view.stale_after_s)
+        warm.loads, warm.down = dict(self.view.loads), self.view.down
+        own = warm.loads.get(self.name)
+        if own is not None:
+            warm.loads[self.name] = replace(own, loaded=None)  # "everything loaded"
+        ideal = self.planner.plan(req.task, req.slo, self.name, warm, now=now, rows=req.rows,
+                                  payload_bytes=req.payload_bytes)
+        if ideal.node != self.name or ideal.variant not in cold or \
+                (ideal.node, ideal.variant) == (decision.node, decision.variant):
+            return
+        log.info("%s: %s would serve %s better once loaded; loading it behind %s", self.name,
+                 ideal.variant, req.request_id, decision.variant)
+        self._warming = asyncio.create_task(self._warm(ideal.variant), name=f"warm:{self.name}")
+
+    async def _warm(self, variant: str) -> None:
+        try:
+            await self.models.acquire(variant)
+        except MeshError as exc:  # the node keeps serving with what it has
+            log.warning("%s: loading %s ahead failed: %s", self.name, variant, exc.message)
+            return
+        self.metrics.warmed(variant)
 
     def _served_plan(self, response: InferResponse, plan: Plan, req: InferRequest
                      ) -> InferResponse:
@@ -813,6 +852,8 @@ class NodeAgent:
             "errors": totals["errors"],
             #: queries that paid for a variant's load, by variant
             "cold_starts": totals["cold_starts"],
+            #: loads made in the background while queries went to warm variants, by variant
+            "cold_starts_hidden": totals["cold_starts_hidden"],
             #: live accuracy from applications' feedback beside what each variant promised
             "live_accuracy": {v: f.to_json() for v, f in self.live.report(
                 {n: x.accuracy for n, x in self.registry.variants.items()}).items()},

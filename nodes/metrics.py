@@ -108,6 +108,8 @@ class NodeMetrics:
         self.served_here = 0
         #: variant -> queries that waited for it to load (a cold start they paid for)
         self.cold_starts: dict[str, int] = {}
+        #: variant -> loads made ahead of queries (a cold start no query paid for)
+        self.warmed_ahead: dict[str, int] = {}
         self.loads: dict[tuple[str, str], int] = {}
         self.evictions: dict[str, int] = {}
         self.artifact_fetches: dict[str, int] = {}
@@ -149,6 +151,10 @@ class NodeMetrics:
         """One query ran on this node's own runtimes."""
         self.served_here += 1
 
+    def warmed(self, variant: str) -> None:
+        """``variant`` was loaded in the background, ahead of the queries that want it."""
+        self.warmed_ahead[variant] = self.warmed_ahead.get(variant, 0) + 1
+
     def cold_start(self, variant: str) -> None:
         """One query waited for ``variant`` to load."""
         self.cold_starts[variant] = self.cold_starts.get(variant, 0) + 1
@@ -171,7 +177,8 @@ class NodeMetrics:
             via[transport] = via.get(transport, 0) + n
         return {"requests": requests, "served_local": self.served_here, "forwarded": forwarded,
                 "forwarded_via": via, "errors": by_outcome,
-                "cold_starts": dict(sorted(self.cold_starts.items()))}
+                "cold_starts": dict(sorted(self.cold_starts.items())),
+                "cold_starts_hidden": dict(sorted(self.warmed_ahead.items()))}
 
     def loaded(self, variant: str, outcome: str) -> None:
         self.loads[(variant, outcome)] = self.loads.get((variant, outcome), 0) + 1
@@ -220,6 +227,9 @@ class _Collector(Collector):
                                   "Queries run on this node's own runtimes.", value=m.served_here)
         yield _counter("tiermesh_cold_starts", "Queries that waited for their variant to load.",
                        ["variant"], {(k,): v for k, v in m.cold_starts.items()})
+        yield _counter("tiermesh_cold_starts_hidden",
+                       "Variants loaded in the background while queries went to warm ones.",
+                       ["variant"], {(k,): v for k, v in m.warmed_ahead.items()})
         yield _counter("tiermesh_variant_loads", "Variant loads, by outcome (loaded / failed).",
                        ["variant", "outcome"], m.loads)
         yield _counter("tiermesh_variant_evictions", "Variants unloaded to make room for others.",

@@ -112,3 +112,35 @@ async def test_a_query_that_waits_for_its_variant_to_load_is_counted_as_a_cold_s
         assert cold.timing["cold_start_ms"] > 0
         assert agent.status()["cold_starts"] == {"digits-mlp": 1}
         assert b'tiermesh_cold_starts_total{variant="digits-mlp"} 1.0' in agent.metrics.render()
+
+
+async def test_a_cold_start_is_hidden_behind_a_warm_variant_that_meets_the_slo(
+        solo_config: Any, digits_home: Path, heldout: Any) -> None:
+    """The CNN would serve best but takes 500 ms to load: the MLP answers meanwhile."""
+    import asyncio
+    import dataclasses
+
+    from mesh.wire import SLO, InferRequest
+
+    registry = Registry.load(digits_home)
+    cnn = registry.get("digits-cnn")
+    profile = dataclasses.replace(cnn.profiles["cpu-1t"], cold_start_ms=500.0)
+    registry.add(dataclasses.replace(cnn, profiles={**cnn.profiles, "cpu-1t": profile}))
+    registry.save(digits_home)
+    images, _ = heldout
+    slo = SLO(latency_ms=50, min_accuracy=0.97, policy="most-accurate")
+    async with NodeAgent(solo_config(["digits-linear", "digits-mlp", "digits-cnn"])) as agent:
+        assert await agent.models.unload("digits-cnn")
+        first = await agent.infer(InferRequest("digits", [images[:1]], slo=slo),
+                                  from_client=True)
+        assert first.served_by.variant == "digits-mlp"  # warm, and it meets the SLO
+        for _ in range(200):  # the CNN loads behind it
+            if "digits-cnn" in agent.loaded:
+                break
+            await asyncio.sleep(0.02)
+        later = await agent.infer(InferRequest("digits", [images[:1]], slo=slo),
+                                  from_client=True)
+        assert later.served_by.variant == "digits-cnn"
+        status = agent.status()
+        assert status["cold_starts"] == {}  # no query waited for a load
+        assert status["cold_starts_hidden"] == {"digits-cnn": 1}
