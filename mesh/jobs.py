@@ -17,14 +17,25 @@ import asyncio
 import threading
 import time
 from collections.abc import Iterator, Sequence
-from typing import TYPE_CHECKING, Any
+from typing import Any, Protocol
 
 import numpy as np
 
 from mesh.errors import ClientError, MeshError, MeshTimeout, Overloaded, Unavailable
 
-if TYPE_CHECKING:
-    from mesh.client import AsyncClient, Client
+
+class _Querying(Protocol):
+    """What a job needs of a blocking client (mesh.client.Client)."""
+
+    def infer(self, task: str, *inputs: Any, **slo: Any) -> Any: ...
+
+    def close(self) -> None: ...
+
+
+class _AsyncQuerying(Protocol):
+    """What a job needs of an asyncio client (mesh.client.AsyncClient)."""
+
+    async def infer(self, task: str, *inputs: Any, **slo: Any) -> Any: ...
 
 __all__ = ["AsyncJob", "Job", "chunks"]
 
@@ -86,7 +97,7 @@ class _Progress:
 class AsyncJob(_Progress):
     """An offline job on an :class:`~mesh.client.AsyncClient`; started by ``submit``."""
 
-    def __init__(self, client: AsyncClient, task: str, inputs: Sequence[Any], *,
+    def __init__(self, client: _AsyncQuerying, task: str, inputs: Sequence[Any], *,
                  deadline_s: float | None, chunk_rows: int, concurrency: int,
                  slo: dict[str, Any]) -> None:
         super().__init__(inputs, chunk_rows, deadline_s)
@@ -128,7 +139,7 @@ class Job(_Progress):
     """An offline job on a blocking :class:`~mesh.client.Client`, run on its own thread
     with its own client (closed when the job ends)."""
 
-    def __init__(self, client: Client, task: str, inputs: Sequence[Any], *,
+    def __init__(self, client: _Querying, task: str, inputs: Sequence[Any], *,
                  deadline_s: float | None, chunk_rows: int, slo: dict[str, Any]) -> None:
         super().__init__(inputs, chunk_rows, deadline_s)
         self._client, self._task_name, self._slo = client, task, slo

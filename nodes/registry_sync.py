@@ -24,7 +24,7 @@ import contextlib
 import json
 import logging
 from collections.abc import Callable
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import aiohttp
 from aiohttp import web
@@ -32,8 +32,9 @@ from aiohttp import web
 from mesh.errors import Forbidden, InvalidInput, Unavailable
 from mesh.registry import Registry, Variant
 
-if TYPE_CHECKING:  # the agent owns a RegistrySync: only the type is needed here
-    from nodes.agent import NodeAgent
+#: the node agent (nodes.agent.NodeAgent), which owns a RegistrySync: typed loosely so
+#: that this module does not import the one that imports it
+NodeAgent = Any
 
 __all__ = ["RegistrySync", "routes", "REGISTRY_PATH"]
 

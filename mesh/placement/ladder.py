@@ -35,16 +35,13 @@ from __future__ import annotations
 import math
 from collections import Counter, defaultdict
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
+from typing import Any
 
 from mesh.placement.base import BasePlan
 from mesh.placement.catalogue import Catalogue, Option
 from mesh.placement.inputs import LoadSnapshot, VariantLoad
-from mesh.placement.model import Cause, DecisionKind, PlacementDecision
+from mesh.placement.model import Cause, DecisionKind, Pair, PlacementDecision
 from mesh.placement.resources import MIB, hosted_bytes
-
-if TYPE_CHECKING:
-    from mesh.placement.scaling import Autoscaler, Pair
 
 __all__ = ["Measured", "Ladder", "need_workers"]
 
@@ -77,9 +74,14 @@ def need_workers(busy: float, target_util: float) -> int:
 
 
 class Ladder:
-    """One round's scaling actions; appends its decisions to ``out``."""
+    """One round's scaling actions; appends its decisions to ``out``.
 
-    def __init__(self, scaler: Autoscaler, catalogue: Catalogue, base: BasePlan,
+    ``scaler`` is the :class:`~mesh.placement.scaling.Autoscaler` whose round this is
+    (its tuning, topology and hysteresis clocks); typed loosely so that this module does
+    not import the one that imports it.
+    """
+
+    def __init__(self, scaler: Any, catalogue: Catalogue, base: BasePlan,
                  measured: dict[Pair, Measured], load: LoadSnapshot, now: float,
                  out: list[PlacementDecision]) -> None:
         self.s = scaler

@@ -18,7 +18,11 @@ from dataclasses import dataclass, field
 from types import MappingProxyType
 from typing import Any
 
-__all__ = ["DecisionKind", "Cause", "Placement", "PlacementDecision", "Round"]
+#: (node, variant)
+Pair = tuple[str, str]
+
+__all__ = [
+    "Pair","DecisionKind", "Cause", "Placement", "PlacementDecision", "Round"]
 
 
 class DecisionKind(enum.StrEnum):

@@ -48,7 +48,7 @@ from mesh.placement.constraints import Constraints
 from mesh.placement.forecast import Forecaster
 from mesh.placement.inputs import LoadSnapshot, VariantLoad
 from mesh.placement.ladder import Ladder, Measured
-from mesh.placement.model import Cause, DecisionKind, Placement, PlacementDecision, Round
+from mesh.placement.model import Cause, DecisionKind, Pair, Placement, PlacementDecision, Round
 from mesh.placement.resources import NodeResources, hosted_bytes
 from mesh.placement.tuning import Tuning
 from mesh.registry import Registry, Variant
@@ -56,7 +56,6 @@ from mesh.topology import Topology
 
 __all__ = ["Autoscaler", "Pair"]
 
-Pair = tuple[str, str]  # (node, variant)
 _IDLE = VariantLoad()
 
 
