@@ -216,6 +216,15 @@ class _Entries(Generic[T]):
     def timeout_s(self) -> float:
         return self.timeouts.total_s
 
+    def _begin(self, req: InferRequest, slo: SLO) -> tuple[Failover, float]:
+        """A query's failover plan and its start time (latency is measured from here)."""
+        return (Failover(len(self._urls), self._current, slo, self.timeouts, time.monotonic()),
+                time.perf_counter())
+
+    def _failed(self, failover: Failover, attempt: Attempt, exc: ClientError) -> None:
+        failover.failed(exc)
+        self._current = rotate_past(self._current, attempt.index, len(self._urls))
+
 
 class Client(_Entries[BlockingTransport]):
     """Blocking client over a kept-alive HTTP connection, or a stream. Not thread-safe.
@@ -254,16 +263,13 @@ class Client(_Entries[BlockingTransport]):
         slo = _slo(latency_ms, min_accuracy, max_cost_per_1k, offline, policy, min_confidence,
                    allow_degraded)
         req = _request(task, inputs, slo, request_id)
-        started = time.perf_counter()
-        failover = Failover(len(self._urls), self._current, slo, self.timeouts,
-                            time.monotonic())
+        failover, started = self._begin(req, slo)
         while (attempt := failover.next(time.monotonic())) is not None:
             req.timeout_ms = attempt.timeout_ms
             try:
                 status, data = self._send(attempt, encode_request(req))
             except ClientError as exc:
-                failover.failed(exc)
-                self._current = rotate_past(self._current, attempt.index, len(self._urls))
+                self._failed(failover, attempt, exc)
                 continue
             return _result(status, data, slo, (time.perf_counter() - started) * 1000)
         raise failover.error()
@@ -383,16 +389,13 @@ class AsyncClient(_Entries[Transport]):
         slo = _slo(latency_ms, min_accuracy, max_cost_per_1k, offline, policy, min_confidence,
                    allow_degraded)
         req = _request(task, inputs, slo, request_id)
-        started = time.perf_counter()
-        failover = Failover(len(self._urls), self._current, slo, self.timeouts,
-                            time.monotonic())
+        failover, started = self._begin(req, slo)
         while (attempt := failover.next(time.monotonic())) is not None:
             req.timeout_ms = attempt.timeout_ms
             try:
                 status, data = await self._send(attempt, encode_request(req))
             except ClientError as exc:
-                failover.failed(exc)
-                self._current = rotate_past(self._current, attempt.index, len(self._urls))
+                self._failed(failover, attempt, exc)
                 continue
             return _result(status, data, slo, (time.perf_counter() - started) * 1000)
         raise failover.error()
