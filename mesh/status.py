@@ -70,6 +70,8 @@ def status_table(rows: list[dict[str, Any]]) -> Table:
         loaded = [v["name"] for v in row["variants"] if v.get("loaded")]
         broken = [v["name"] for v in row["variants"] if v.get("state") == "unavailable"]
         variants = ", ".join(loaded) + (f" [red](failed: {', '.join(broken)})[/red]" if broken else "")
+        if (row.get("placement") or {}).get("managed"):
+            variants = "[cyan](placed by the mesh)[/cyan] " + variants
         short = [f"{v} live {f['live']:.3f} < {f['promised']:.3f}"
                  for v, f in (row.get("live_accuracy") or {}).items() if f.get("below_promise")]
         if short:
