@@ -257,6 +257,7 @@ class NodeAgent:
         self._adopting: asyncio.Task[None] | None = None
         #: a variant loading in the background because queries would prefer it warm
         self._warming: asyncio.Task[None] | None = None
+        self._warm_checked: dict[str, float] = {}  # task -> when it was last looked at
         #: queries in progress on this node (one alone needs no batching)
         self._active = 0
         self._reported_depth = -1  # the own queue depth last put in the view, and when
@@ -550,6 +551,9 @@ class NodeAgent:
         # a node further along keeps what is left of the budget it was sent
         return decision
 
+    #: How often, per task, queries look for a variant worth loading behind them.
+    warm_check_s: float = 1.0
+
     def _warm_behind(self, req: InferRequest, decision: Decision, now: float) -> None:
         """Hide a cold start: when, were everything here loaded, the planner would have
         served this query with a variant of this node that is not loaded, the query goes
@@ -557,6 +561,9 @@ class NodeAgent:
         variant loads in the background, for the queries after it."""
         if self._warming is not None and not self._warming.done():
             return  # one load at a time; the next query asks again
+        if now - self._warm_checked.get(req.task, -1e9) < self.warm_check_s:
+            return  # a node that cannot fit all it hosts would otherwise pay this per query
+        self._warm_checked[req.task] = now
         cold = {v.name for v in self.planner.hosted(self.name)
                 if v.task == req.task and v.name not in self.models.loaded
                 and v.name not in self.models.unavailable}
