@@ -318,6 +318,14 @@ class NodeAgent:
         """Serve from ``registry`` from now on (a newer one from the parent, or a model
         registered here): plan with it, host what it adds, load that in the background."""
         before = set(self.models.variants)
+        key = self.hardware.profile_key
+        for name, variant in list(registry.variants.items()):
+            # profiles this node measured for its own hardware class stay (same artifact)
+            mine = self.registry.variants.get(name)
+            if variant.profile_for(key) is None and mine is not None \
+                    and mine.sha256 == variant.sha256 and mine.profile_for(key) is not None:
+                registry.variants[name] = replace(variant, profiles={**variant.profiles,
+                                                                     key: mine.profiles[key]})
         self.registry = registry
         self.planner = Planner(self.config.topology, registry, tls=self.config.tls is not None)
         self._planned_accuracy.clear()
