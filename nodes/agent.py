@@ -815,6 +815,31 @@ class NodeAgent:
         return response
 
     # ------------------------------------------------------------------ status
+    def waiting_for(self) -> list[str] | None:
+        """What keeps the node from being ready: the hosted variants still on their way.
+
+        None when it is ready: the agent has started and every variant it hosts
+        is loaded, or unavailable here for good, or can load at once from the
+        local store when asked (evicted for memory, or not preloaded because it
+        does not fit beside the others; waiting for those would make readiness
+        flap with normal eviction). A variant still being pulled or loaded, or
+        whose artifact the parent has not delivered yet, holds readiness back.
+        """
+        if not self.ready:
+            return ["the agent to start"]
+        models = self.models
+        pending = []
+        for variant in self.planner.hosted(self.name):
+            name = variant.name
+            if name in models.loaded or name in models.unavailable:
+                continue
+            if name in models.variants and models.state_of(name) != "loading" and (
+                    self.artifacts.store.has(variant.sha256)
+                    or models.memory_used + models.need_bytes(name) > models.config.budget_bytes):
+                continue
+            pending.append(name)
+        return pending or None
+
     def local_load(self) -> LocalLoad:
         """What membership reports about this node on every heartbeat (cheap: no sorting)."""
         return LocalLoad(self.queue_depth, frozenset(self.models.loaded),

@@ -182,29 +182,8 @@ async def metrics(request: web.Request) -> web.Response:
 
 
 def waiting_for(agent: NodeAgent) -> list[str] | None:
-    """What keeps the node from being ready: the hosted variants still on their way.
-
-    None when it is ready: the agent has started and every variant it hosts
-    is loaded, or unavailable here for good, or can load at once from the
-    local store when asked (evicted for memory, or not preloaded because it
-    does not fit beside the others; waiting for those would make readiness
-    flap with normal eviction). A variant still being pulled or loaded, or
-    whose artifact the parent has not delivered yet, holds readiness back.
-    """
-    if not agent.ready:
-        return ["the agent to start"]
-    models = agent.models
-    pending = []
-    for variant in agent.planner.hosted(agent.name):
-        name = variant.name
-        if name in models.loaded or name in models.unavailable:
-            continue
-        if name in models.variants and models.state_of(name) != "loading" and (
-                agent.artifacts.store.has(variant.sha256)
-                or models.memory_used + models.need_bytes(name) > models.config.budget_bytes):
-            continue
-        pending.append(name)
-    return pending or None
+    """What keeps the node from being ready (:meth:`NodeAgent.waiting_for`); None: ready."""
+    return agent.waiting_for()
 
 
 async def healthz(request: web.Request) -> web.Response:

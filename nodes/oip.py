@@ -303,8 +303,11 @@ class OipAdapter:
         return web.json_response({"live": True})
 
     async def ready(self, request: web.Request) -> web.Response:
-        if not self.agent.ready:
-            raise Unavailable("this node is starting or stopping", retry_after_s=1.0)
+        """Ready as ``/healthz`` is: started, and what it hosts loaded (or loadable at once)."""
+        waiting = self.agent.waiting_for()
+        if waiting:
+            raise Unavailable(f"this node is not ready yet: waiting for {', '.join(waiting)}",
+                              retry_after_s=1.0)
         return web.json_response({"ready": True})
 
     async def server_metadata(self, request: web.Request) -> web.Response:

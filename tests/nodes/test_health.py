@@ -56,9 +56,12 @@ async def test_a_node_is_ready_only_once_the_variants_it_hosts_are_loaded(
         await agent.models.acquire("digits-linear")
         status, body = await _get(server, "/healthz")
         assert (status, json.loads(body)["waiting_for"]) == (503, ["digits-mlp"])
+        status, body = await _get(server, "/v2/health/ready")  # OIP says the same
+        assert status == 503 and "waiting for digits-mlp" in body
         store.put_bytes(source.read(registry.get("digits-mlp").sha256))
         await agent.models.acquire("digits-mlp")
         assert await _get(server, "/healthz") == (200, "ok")
+        assert (await _get(server, "/v2/health/ready"))[0] == 200
 
 
 async def test_a_variant_unavailable_for_good_does_not_hold_readiness_back(
