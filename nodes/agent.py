@@ -58,6 +58,7 @@ from mesh.errors import (
     Unavailable,
     UpstreamError,
 )
+from mesh.placement.resources import NodeResources
 from mesh.plan import Detour, Plan
 from mesh.planner import Decision, Planner
 from mesh.registry import Registry, TensorSpec
@@ -218,7 +219,12 @@ class NodeAgent:
         self.planner = Planner(config.topology, self.registry, tls=config.tls is not None)
         self.view = MeshView()
         self.metrics = NodeMetrics()
-        self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix=f"compute-{self.name}")
+        # One compute worker per `threads` of the class's cores (at least one): batches of
+        # different variants run side by side where the hardware allows; each variant still
+        # runs one batch at a time (its Batcher).
+        self.compute_workers = NodeResources.of(self.hardware).slots
+        self._executor = ThreadPoolExecutor(max_workers=self.compute_workers,
+                                            thread_name_prefix=f"compute-{self.name}")
         self._http: aiohttp.ClientSession | None = None
         self.peers = PeerKey(config.mesh_key) if config.mesh_key is not None else \
             PeerKey.for_home(config.home)
@@ -864,6 +870,7 @@ class NodeAgent:
             "node": self.name,
             "tier": self.spec.tier,
             "hardware": self.spec.hardware,
+            "compute_workers": self.compute_workers,
             "address": address,
             "stream_address": stream_address,
             "topology": self.config.topology.name,

@@ -200,10 +200,11 @@ def test_cli_up_status_down_leaves_nothing_behind(built_home: Path, tmp_path: Pa
     def run(*args: str) -> subprocess.CompletedProcess[str]:
         return subprocess.run([*mesh_cmd, *args], capture_output=True, text=True, timeout=120)
 
-    up = run("up", str(LOCAL))
+    # free ports: a developer's own `mesh up` may hold the ones local.yaml pins
+    up = run("up", "--free-ports", str(LOCAL))
     assert up.returncode == 0, up.stderr
     try:
-        again = run("up", str(LOCAL))
+        again = run("up", "--free-ports", str(LOCAL))
         assert again.returncode != 0 and "already running" in again.stderr
         status = run("status", "--json")
         assert status.returncode == 0, status.stderr

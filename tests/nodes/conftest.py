@@ -34,13 +34,19 @@ class ProbeOnnx(OnnxRuntime):
         self.loads: list[str] = []
         self.gate = threading.Event()
         self.gate.set()
+        #: when set, only runs of these artifact paths wait at the gate
+        self.only: set[str] | None = None
+        self._paths: dict[int, str] = {}
 
     def load(self, path: str, *, threads: int) -> Any:
         self.loads.append(path)
-        return super().load(path, threads=threads)
+        session = super().load(path, threads=threads)
+        self._paths[id(session)] = path
+        return session
 
     def run(self, session: Any, inputs: list[np.ndarray]) -> list[np.ndarray]:
-        self.gate.wait(10)
+        if self.only is None or self._paths.get(id(session)) in self.only:
+            self.gate.wait(10)
         return super().run(session, inputs)
 
 

@@ -144,3 +144,30 @@ async def test_a_cold_start_is_hidden_behind_a_warm_variant_that_meets_the_slo(
         status = agent.status()
         assert status["cold_starts"] == {}  # no query waited for a load
         assert status["cold_starts_hidden"] == {"digits-cnn": 1}
+
+
+async def test_a_node_whose_hardware_allows_runs_batches_of_two_variants_side_by_side(
+        solo_config: Any, digits_home: Path, heldout: Any, onnx_probe: Any) -> None:
+    """Four cores at one thread each: the MLP answers while a CNN batch holds a worker."""
+    import asyncio
+
+    from mesh.store import ArtifactStore
+    from mesh.wire import InferRequest, Route
+    from nodes.batching import BatchSettings
+
+    images, _ = heldout
+    cnn = Registry.load(digits_home).get("digits-cnn")
+    config = solo_config(["digits-mlp", "digits-cnn"], hardware={"cores": 4},
+                         options={"batching": BatchSettings(inline_max_ms=0.0)})
+    async with NodeAgent(config, runtimes=onnx_probe.lookup) as agent:
+        assert agent.compute_workers == 4
+        onnx_probe.only = {str(ArtifactStore(digits_home / "store").path(cnn.sha256))}
+        onnx_probe.gate.clear()  # every CNN run now waits, holding its worker
+        held = asyncio.create_task(agent.infer(
+            InferRequest("digits", [images[:1]], route=Route("solo-1", "digits-cnn"))))
+        await asyncio.sleep(0.05)
+        answer = await asyncio.wait_for(agent.infer(
+            InferRequest("digits", [images[:1]], route=Route("solo-1", "digits-mlp"))), 5)
+        assert answer.served_by.variant == "digits-mlp"
+        onnx_probe.gate.set()
+        assert (await held).served_by.variant == "digits-cnn"
