@@ -494,3 +494,21 @@ def test_a_mesh_on_tls_pays_the_measured_tls_cost_on_every_hop_it_predicts() -> 
     # one hop each way
     assert tls.prediction.network_ms - plain.prediction.network_ms == pytest.approx(
         2 * Planner.tls_hop_ms)
+
+
+def test_under_load_the_accuracy_slack_is_used_before_the_latency_target_is_missed() -> None:
+    """Accuracy scaling: most-accurate while it fits, a cheaper variant that still meets
+    min_accuracy when the queues would make the most accurate one late."""
+    planner = Planner(_topology(), REGISTRY)
+    slo = SLO(latency_ms=30, min_accuracy=0.96, policy="most-accurate")
+    view = MeshView()
+    idle = planner.plan("digits", slo, "edge-1", view, now=1.0)
+    assert idle.variant == "digits-cnn" and idle.feasible
+    for node in ("mid-1", "core-1"):  # every host of the CNN is busy
+        view.report(node, queue_depth=300, now=1.0)
+    busy = planner.plan("digits", slo, "edge-1", view, now=1.5)
+    assert busy.variant == "digits-mlp" and busy.feasible  # 0.97 >= 0.96, and on time
+    assert busy.accuracy == pytest.approx(0.97)  # the answer reports what it delivers
+    strict = planner.plan("digits", SLO(latency_ms=30, min_accuracy=0.98,
+                                        policy="most-accurate"), "edge-1", view, now=1.5)
+    assert not strict.feasible  # no slack left: said so, never below min_accuracy silently
