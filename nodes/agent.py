@@ -344,6 +344,13 @@ class NodeAgent:
         hosted = {v.name: v for v in registry.variants.values()
                   if self.planner.hosting.allows(self.name, v.name)}
         self.models.variants.update(hosted)
+        gone = sorted(before - set(hosted))
+        for name in gone:  # no longer hosted here (placed elsewhere, or removed)
+            if await self.models.unload(name) or name not in self.models.loaded:
+                self.models.variants.pop(name, None)
+            # one still busy stays until idle; the planner no longer sends it queries
+        if gone:
+            log.info("%s: no longer hosts %s", self.name, ", ".join(gone))
         self._report_self()
         new = sorted(set(hosted) - before)
         if new and self.ready:

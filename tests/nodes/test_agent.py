@@ -171,3 +171,16 @@ async def test_a_node_whose_hardware_allows_runs_batches_of_two_variants_side_by
         assert answer.served_by.variant == "digits-mlp"
         onnx_probe.gate.set()
         assert (await held).served_by.variant == "digits-cnn"
+
+
+async def test_a_variant_a_new_registry_no_longer_places_here_is_unloaded(
+        solo_config: Any, digits_home: Path) -> None:
+    async with NodeAgent(solo_config(["digits-*"])) as agent:
+        assert "digits-mlp" in agent.loaded
+        newer = Registry.load(digits_home)
+        del newer.variants["digits-mlp"]  # removed from the mesh's registry
+        newer.version += 1
+        await agent.adopt_registry(newer)
+        assert "digits-mlp" not in agent.loaded
+        assert "digits-mlp" not in {v["name"] for v in agent.status()["variants"]}
+        assert {"digits-linear", "digits-cnn"} <= set(agent.loaded)
