@@ -41,6 +41,7 @@ import numpy as np
 
 from mesh.durable import write_atomic
 from mesh.errors import ArtifactNotFound, MeshError, Overloaded, RuntimeMissing, Unavailable
+from mesh.placement.resources import variant_memory_bytes
 from mesh.registry import Profile, TensorSpec, Variant
 from mesh.runtimes import ModelRuntime, runtime_for
 from nodes.artifacts import ArtifactSource
@@ -81,11 +82,9 @@ class ModelConfig:
 
 
 def estimate_bytes(variant: Variant, profile_key: str, size_factor: float) -> int:
-    """Memory a loaded ``variant`` takes: profiled peak if known, else size x factor."""
-    profile = variant.profile_for(profile_key)
-    if profile is not None and profile.peak_memory_bytes > 0:
-        return profile.peak_memory_bytes
-    return int(variant.size_bytes * size_factor)
+    """Memory a loaded ``variant`` takes: profiled peak if known, else size x factor (the
+    same rule placement plans with, :func:`mesh.placement.variant_memory_bytes`)."""
+    return variant_memory_bytes(variant, variant.profile_for(profile_key), size_factor)
 
 
 def sample_inputs(specs: Iterable[TensorSpec], batch: int, seed: int = 0) -> list[np.ndarray]:
