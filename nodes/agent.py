@@ -34,7 +34,6 @@ from __future__ import annotations
 
 import asyncio
 import collections
-import contextlib
 import logging
 import time
 from collections.abc import Callable, Mapping
@@ -88,6 +87,7 @@ from nodes.metrics import NodeMetrics, outcome_of
 from nodes.models import ModelConfig, ModelManager, RuntimeLookup
 from nodes.peers import PeerKey
 from nodes.registry_sync import RegistrySync
+from nodes.tasks import cancel_all
 
 __all__ = ["AgentConfig", "NodeAgent"]
 
@@ -306,11 +306,7 @@ class NodeAgent:
     async def __aexit__(self, *exc: object) -> None:
         self.ready = False
         await self.registry_sync.__aexit__(None, None, None)
-        for task in (self._adopting, self._warming):
-            if task is not None:
-                task.cancel()
-                with contextlib.suppress(asyncio.CancelledError):
-                    await task
+        await cancel_all([self._adopting, self._warming])
         self._adopting = self._warming = None
         await self.neighbours.aclose()
         await self.models.__aexit__(None, None, None)

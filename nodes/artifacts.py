@@ -43,6 +43,7 @@ from mesh.errors import ArtifactNotFound, Forbidden, InvalidInput, Unavailable
 from mesh.registry import Variant
 from mesh.store import ArtifactStore
 from mesh.topology import Topology
+from nodes.tasks import cancel_all
 
 __all__ = ["ArtifactSource", "PullPolicy", "parent_of", "check_sha256"]
 
@@ -188,10 +189,7 @@ class ArtifactSource:
 
     async def aclose(self) -> None:
         """Cancel and await pulls still in flight."""
-        tasks = list(self._pulls.values())
-        for task in tasks:
-            task.cancel()
-        await asyncio.gather(*tasks, return_exceptions=True)
+        await cancel_all(list(self._pulls.values()))
         self._pulls.clear()
 
     def forget(self, sha256: str) -> None:

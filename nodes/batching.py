@@ -57,6 +57,7 @@ import numpy as np
 
 from mesh.errors import CannotMeetDeadline, InputRejected, MeshError, Overloaded, Unavailable
 from mesh.registry import Profile
+from nodes.tasks import cancel_all
 
 __all__ = ["BatchSettings", "BatchPolicy", "BatchResult", "Batcher"]
 
@@ -297,13 +298,8 @@ class Batcher:
         return self
 
     async def __aexit__(self, *exc: object) -> None:
-        if self._task is not None:
-            self._task.cancel()
-            try:
-                await self._task
-            except asyncio.CancelledError:
-                pass
-            self._task = None
+        await cancel_all([self._task])
+        self._task = None
         stopping = Unavailable(f"variant {self.name} is shutting down; retry", retry_after_s=1.0)
         self._fail(self._running, stopping)
         self._running = []

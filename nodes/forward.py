@@ -22,12 +22,12 @@ never for an error the neighbour answered with.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import ssl as _ssl
 from collections.abc import Mapping
 
 from mesh.errors import MeshConnectionError, MeshTimeout
 from mesh.transport import HttpTransport, StreamTransport, Transport
+from nodes.tasks import cancel_all
 
 __all__ = ["HopFailed", "Neighbours"]
 
@@ -94,11 +94,8 @@ class Neighbours:
 
     async def aclose(self) -> None:
         """Close every transport; queries still in flight on them fail. Idempotent."""
-        if self._warm is not None:
-            self._warm.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._warm
-            self._warm = None
+        await cancel_all([self._warm])
+        self._warm = None
         await asyncio.gather(*(t.aclose() for t in self.transports.values()))
 
     async def post(self, hop: str, body: bytes, timeout_s: float | None = None

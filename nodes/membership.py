@@ -28,7 +28,6 @@ child's mesh-key token. Anything else is refused 403 and changes nothing.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 import ssl as _ssl
 import time
@@ -47,6 +46,7 @@ from mesh.topology import Topology
 from mesh.wire import pack, unpack
 from nodes.identity import Callers
 from nodes.peers import PeerKey
+from nodes.tasks import cancel_all
 
 __all__ = ["LocalLoad", "Membership", "HEARTBEAT_PATH"]
 
@@ -137,11 +137,8 @@ class Membership:
         return self
 
     async def __aexit__(self, *exc: object) -> None:
-        if self._task is not None:
-            self._task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._task
-            self._task = None
+        await cancel_all([self._task])
+        self._task = None
         if self._http is not None:
             await self._http.close()
             self._http = None

@@ -47,6 +47,7 @@ from mesh.runtimes import ModelRuntime, runtime_for
 from nodes.artifacts import ArtifactSource
 from nodes.batching import Batcher, BatchPolicy, BatchSettings
 from nodes.metrics import NodeMetrics, VariantGauge
+from nodes.tasks import cancel_all
 
 #: format ("onnx", "tflite", ...) -> the runtime for it; raises Unavailable when none
 RuntimeLookup = Callable[[str], ModelRuntime]
@@ -151,10 +152,7 @@ class ModelManager:
         return self
 
     async def __aexit__(self, *exc: object) -> None:
-        tasks = list(self._loading.values())
-        for task in tasks:
-            task.cancel()
-        await asyncio.gather(*tasks, return_exceptions=True)
+        await cancel_all(list(self._loading.values()))
         for name in list(self.loaded):
             await self._unload(name)
         if self._loader is not None:

@@ -20,7 +20,6 @@ holding the mesh key (:mod:`nodes.peers`); clients get 403.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import json
 import logging
 from collections.abc import Callable
@@ -31,6 +30,7 @@ from aiohttp import web
 
 from mesh.errors import Forbidden, InvalidInput, Unavailable
 from mesh.registry import Registry, Variant
+from nodes.tasks import cancel_all
 
 #: the node agent (nodes.agent.NodeAgent), which owns a RegistrySync: typed loosely so
 #: that this module does not import the one that imports it
@@ -66,11 +66,8 @@ class RegistrySync:
         return self
 
     async def __aexit__(self, *exc: object) -> None:
-        if self._task is not None:
-            self._task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._task
-            self._task = None
+        await cancel_all([self._task])
+        self._task = None
 
     def parent_has(self, version: int) -> None:
         """A heartbeat said the parent's registry is at ``version``."""
