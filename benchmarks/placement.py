@@ -32,17 +32,8 @@ sys.path.insert(0, str(ROOT))
 
 from mesh.placement import Autoscaler, LoadSnapshot, VariantLoad  # noqa: E402
 from mesh.registry import Registry  # noqa: E402
-from mesh.topology import Topology, parse_topology  # noqa: E402
+from mesh.topology import Topology, parse_topology, without_variants  # noqa: E402
 from mesh.topology.synthetic import synthetic_topology  # noqa: E402
-
-
-def _stripped(doc: dict[str, Any]) -> dict[str, Any]:
-    for spec in (doc.get("tiers") or {}).values():
-        spec.pop("variants", None)
-    for key in ("nodes", "groups"):
-        for spec in doc.get(key) or ():
-            spec.pop("variants", None)
-    return doc
 
 
 def _time(topology: Topology, registry: Registry, rounds: int) -> dict[str, Any]:
@@ -89,10 +80,10 @@ def main() -> int:
     if not registry.variants:
         print(f"error: no variants in {args.home}; run `mesh build` first", file=sys.stderr)
         return 2
-    meshes = {"metro": parse_topology(_stripped(yaml.safe_load(
+    meshes = {"metro": parse_topology(without_variants(yaml.safe_load(
         (ROOT / "topologies" / "metro.yaml").read_text())))}
     for size in args.sizes:
-        meshes[f"generated-{size}"] = parse_topology(_stripped(synthetic_topology(size)))
+        meshes[f"generated-{size}"] = parse_topology(without_variants(synthetic_topology(size)))
     results = {name: _time(topo, registry, args.rounds) for name, topo in meshes.items()}
     for name, r in results.items():
         print(f"{name:>16}: {r['nodes']:>6} nodes, {r['hosted_pairs']:>6} hosted pairs; first "

@@ -18,7 +18,7 @@ problem by key path (``links[2].latency_ms: must be >= 0``) in one
 :func:`load_topology`, which reads the file.
 """
 
-from mesh.topology.load import load_topology, parse_topology
+from mesh.topology.load import load_topology, parse_topology, without_variants
 from mesh.topology.model import Path_, Topology
 from mesh.topology.schema import (
     TIER_RANK,
@@ -50,4 +50,5 @@ __all__ = [
     "Topology",
     "load_topology",
     "parse_topology",
+    "without_variants",
 ]

@@ -24,7 +24,7 @@ from mesh.topology.schema import (
     TopologyFile,
 )
 
-__all__ = ["parse_topology", "load_topology"]
+__all__ = ["parse_topology", "load_topology", "without_variants"]
 
 DEFAULT_MAX_QUEUE = 256
 
@@ -184,6 +184,18 @@ def _derive_parents(nodes: list[Node], links: list[Link], where_of: dict[str, st
             seen.add(p)
             p = parent[p]
     return parent
+
+
+def without_variants(doc: dict[str, Any]) -> dict[str, Any]:
+    """``doc`` (a parsed topology document, changed in place) with every
+    ``variants`` list removed from tiers, nodes and groups: the same mesh,
+    fully managed (placement decides what each node hosts)."""
+    for spec in (doc.get("tiers") or {}).values():
+        spec.pop("variants", None)
+    for key in ("nodes", "groups"):
+        for spec in doc.get(key) or ():
+            spec.pop("variants", None)
+    return doc
 
 
 def parse_topology(data: Any, *, source: str = "topology") -> Topology:

@@ -14,21 +14,14 @@ from mesh import Client
 from mesh.placement import Hosting
 from mesh.registry import Registry
 from mesh.testbed.local import LocalMesh
-from mesh.topology import parse_topology
+from mesh.topology import parse_topology, without_variants
 
 ROOT = Path(__file__).resolve().parents[2]
 pytestmark = pytest.mark.integration
 
 
 def _without_globs(name: str) -> dict[str, Any]:
-    doc = yaml.safe_load((ROOT / "topologies" / name).read_text())
-    for node in doc.get("nodes", []):
-        node.pop("variants", None)
-    for group in doc.get("groups", []):
-        group.pop("variants", None)
-    for tier in (doc.get("tiers") or {}).values():
-        tier.pop("variants", None)
-    return doc
+    return without_variants(yaml.safe_load((ROOT / "topologies" / name).read_text()))
 
 
 @pytest.mark.parametrize("name", ["local.yaml", "campus.yaml", "metro.yaml"])

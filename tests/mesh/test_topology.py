@@ -8,7 +8,7 @@ import pytest
 import yaml
 
 from mesh.errors import TopologyError
-from mesh.topology import load_topology, parse_topology
+from mesh.topology import load_topology, parse_topology, without_variants
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -296,3 +296,13 @@ def test_node_addresses_give_the_urls_nodes_and_clients_use() -> None:
     edge = topology.nodes["edge-1"].address
     assert edge is not None and edge.http_url == "http://127.0.0.1:7101"
     assert edge.stream_url == "tcp://127.0.0.1:7102" and edge.bind_host == "127.0.0.1"
+
+
+@pytest.mark.parametrize("name", ["local", "campus", "metro"])
+def test_without_variants_makes_every_node_of_a_shipped_file_managed(name: str) -> None:
+    doc = yaml.safe_load((ROOT / "topologies" / f"{name}.yaml").read_text())
+    pinned = parse_topology(doc)
+    assert any(node.variants is not None for node in pinned.nodes.values())
+    managed = parse_topology(without_variants(doc))
+    assert set(managed.nodes) == set(pinned.nodes)
+    assert all(node.variants is None for node in managed.nodes.values())

@@ -18,7 +18,7 @@ import yaml
 from mesh.placement import Placement
 from mesh.placement.resources import MIB, NodeResources, hosted_bytes, variant_memory_bytes
 from mesh.registry import Profile, Registry, TensorSpec, Variant
-from mesh.topology import Topology, parse_topology
+from mesh.topology import Topology, parse_topology, without_variants
 
 ROOT = Path(__file__).resolve().parents[3]
 
@@ -69,22 +69,12 @@ def bundled() -> Registry:
     return registry_of(*DIGITS, *MINILM)
 
 
-def strip_variants(doc: dict[str, Any]) -> dict[str, Any]:
-    """The document without any ``variants`` list (tiers, nodes, groups)."""
-    for spec in (doc.get("tiers") or {}).values():
-        spec.pop("variants", None)
-    for key in ("nodes", "groups"):
-        for spec in doc.get(key) or ():
-            spec.pop("variants", None)
-    return doc
-
-
 def shipped(name: str, *, strip: bool = True,
             edit: Callable[[dict[str, Any]], None] | None = None) -> Topology:
     """A shipped topology file, by default with its variants lists stripped."""
     doc = yaml.safe_load((ROOT / "topologies" / f"{name}.yaml").read_text())
     if strip:
-        strip_variants(doc)
+        without_variants(doc)
     if edit is not None:
         edit(doc)
     return parse_topology(doc, source=f"{name}.yaml")

@@ -18,7 +18,7 @@ from mesh.placement import (
 )
 from mesh.placement.resources import MIB
 from mesh.registry import Profile
-from mesh.topology import parse_topology
+from mesh.topology import parse_topology, without_variants
 from mesh.topology.synthetic import synthetic_topology
 from tests.mesh.placement.helpers import (
     DIGITS,
@@ -26,7 +26,6 @@ from tests.mesh.placement.helpers import (
     assert_within_memory,
     bundled,
     shipped,
-    strip_variants,
 )
 
 LIGHT = {"digits-linear", "digits-mlp", "digits-cnn-student", "digits-cnn-tflite-int8",
@@ -169,7 +168,7 @@ def test_the_base_placement_is_deterministic_and_shared_by_like_nodes() -> None:
 
 def test_a_large_generated_mesh_is_covered_everywhere() -> None:
     doc = synthetic_topology(3000)
-    topology = parse_topology(strip_variants(doc))
+    topology = parse_topology(without_variants(doc))
     registry = bundled()
     catalogue = Catalogue(registry.variants.values())
     plan = base_placement(topology, catalogue, Constraints(topology))
