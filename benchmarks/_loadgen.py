@@ -284,12 +284,13 @@ def start_agent(home: Path, topology: dict[str, Any], *, options: dict[str, Any]
 def agent_process(home: Path, topology: dict[str, Any], *, options: dict[str, Any] | None = None,
                   timeout_s: float = 60.0, root: Path = ROOT, node: str = "edge-1",
                   port: int | None = None, launcher: Path | None = None,
-                  extra: dict[str, Any] | None = None
+                  extra: dict[str, Any] | None = None, log_path: Path | None = None
                   ) -> Iterator[tuple[int, subprocess.Popen[bytes]]]:
     """:func:`start_agent` that also yields the process (to profile it by its pid).
 
     ``launcher``: a script run as ``launcher agent SPEC`` instead of this module (it
-    wraps :func:`_agent_main`); ``extra``: more keys for its SPEC.
+    wraps :func:`_agent_main`); ``extra``: more keys for its SPEC; ``log_path``: where
+    the agent's output goes (default a temporary file, gone afterwards).
     """
     port = free_port() if port is None else port
     with tempfile.TemporaryDirectory(prefix="tiermesh-bench-") as tmp:
@@ -297,7 +298,8 @@ def agent_process(home: Path, topology: dict[str, Any], *, options: dict[str, An
         topo.write_text(yaml.safe_dump(topology))
         spec = {"topology": str(topo), "home": str(home), "node": node, "port": port,
                 "options": options or {}, **(extra or {})}
-        log = open(Path(tmp) / "agent.log", "wb")  # noqa: SIM115 - closed below
+        log_path = log_path or Path(tmp) / "agent.log"
+        log = open(log_path, "wb")  # noqa: SIM115 - closed below
         script = launcher or root / "benchmarks" / "_loadgen.py"
         proc = subprocess.Popen([sys.executable, str(script), "agent", json.dumps(spec)],
                                 stdout=log, stderr=subprocess.STDOUT, cwd=root,
@@ -306,7 +308,7 @@ def agent_process(home: Path, topology: dict[str, Any], *, options: dict[str, An
             deadline = time.monotonic() + timeout_s
             while True:
                 if proc.poll() is not None:
-                    raise RuntimeError("agent exited: " + (Path(tmp) / "agent.log").read_text()[-2000:])
+                    raise RuntimeError("agent exited: " + log_path.read_text()[-2000:])
                 tls_dir = (options or {}).get("tls_dir")
                 scheme, context = "http", None
                 if tls_dir:  # a TLS node: ask over TLS, trusting its mesh CA

@@ -24,16 +24,12 @@ import argparse
 import contextlib
 import json
 import os
-import subprocess
 import sys
 import tempfile
 import time
-import urllib.request
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
-
-import yaml
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
@@ -52,42 +48,15 @@ def node_process(home: Path, options: dict[str, Any] | None = None
     """A digits node process on loopback: (its ports, its pid). ``options``: AgentConfig fields."""
     http_port, stream_port = free_port(), free_port()
     with tempfile.TemporaryDirectory(prefix="tiermesh-fuzz-") as tmp:
-        topology = Path(tmp) / "topology.yaml"
-        topology.write_text(yaml.safe_dump(one_node_topology(["digits-linear", "digits-mlp"])))
-        spec = {"topology": str(topology), "home": str(home), "node": "edge-1", "port": http_port,
-                "options": {"stream_port": stream_port, "read_timeout_s": READ_TIMEOUT_S,
-                            **(options or {})}}
         log_path = Path(tmp) / "node.log"
-        with open(log_path, "wb") as log:
-            proc = subprocess.Popen([sys.executable, _loadgen.__file__, "agent", json.dumps(spec)],
-                                    stdout=log, stderr=subprocess.STDOUT, cwd=ROOT)
-            try:
-                _wait_ready(proc, http_port, log_path)
-                yield Target(http_port, stream_port, HOST), proc.pid
-            finally:
-                proc.terminate()
-                try:
-                    proc.wait(timeout=10)
-                except subprocess.TimeoutExpired:
-                    proc.kill()
-                    proc.wait()
+        with _loadgen.agent_process(
+                home, one_node_topology(["digits-linear", "digits-mlp"]), port=http_port,
+                options={"stream_port": stream_port, "read_timeout_s": READ_TIMEOUT_S,
+                         **(options or {})},
+                log_path=log_path) as (_, proc):
+            yield Target(http_port, stream_port, HOST), proc.pid
         tracebacks = log_path.read_text(errors="replace").count("Traceback")
         print(f"node log: {tracebacks} tracebacks")
-
-
-def _wait_ready(proc: subprocess.Popen[bytes], port: int, log_path: Path) -> None:
-    deadline = time.monotonic() + 60
-    while time.monotonic() < deadline:
-        if proc.poll() is not None:
-            raise RuntimeError("node exited: " + log_path.read_text()[-2000:])
-        try:
-            with urllib.request.urlopen(f"http://{HOST}:{port}/v2/health/ready", timeout=1) as r:
-                if r.status == 200:
-                    return
-        except OSError:
-            pass
-        time.sleep(0.1)
-    raise RuntimeError("node not ready in time")
 
 
 def main(argv: list[str] | None = None) -> int:
