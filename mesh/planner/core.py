@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import random
 from collections.abc import Mapping
-from dataclasses import replace
+from dataclasses import fields, replace
 from typing import TYPE_CHECKING
 
 from mesh.errors import InvalidInput, NoRoute
@@ -26,6 +26,7 @@ if TYPE_CHECKING:
 
 __all__ = ["Planner"]
 
+_DEFAULT = Tuning()  # where the policy tunables' defaults (and their meaning) are written
 _new = tuple.__new__  # builds a named tuple from its fields, as NamedTuple._make does
 
 
@@ -39,9 +40,17 @@ class Planner:
     policies see.
     """
 
-    #: Predictions are inflated by this fraction before checking the latency target...
-    margin_frac: float = 0.10
-    #: ...plus this many milliseconds for a tier without a calibrated margin.
+    # What policies read (:class:`~mesh.planner.query.Tuning` documents each one):
+    margin_frac: float = _DEFAULT.margin_frac
+    dispatch_ms: float = _DEFAULT.dispatch_ms
+    tie_cost_frac: float = _DEFAULT.tie_cost_frac
+    tie_accuracy: float = _DEFAULT.tie_accuracy
+    tie_latency_ms: float = _DEFAULT.tie_latency_ms
+    tie_latency_frac: float = _DEFAULT.tie_latency_frac
+    pool_size: int = _DEFAULT.pool_size
+    cascade_threshold: float = _DEFAULT.cascade_threshold
+    # What only the planner reads (tables and predictions):
+    #: Milliseconds added to every prediction for a tier without a calibrated margin.
     margin_ms: float = 1.0
     #: Per-tier margin (ms), from the measured prediction error (see mesh.planner.margins).
     margin_ms_by_tier: Mapping[str, float] = CALIBRATED_MARGIN_MS
@@ -55,21 +64,8 @@ class Planner:
     #: The larger figure is used. Added to per_hop_ms when the mesh runs on TLS; handshakes
     #: are not per query, since nodes keep their connections open.
     tls_hop_ms: float = 0.11
-    #: Cost of handing a query to the local runtime (queueing, thread hand-off).
-    dispatch_ms: float = 0.3
     #: Hosts kept per (variant, hardware class, tier) in a table: the nearest ones.
     per_group: int = 4
-    #: Costs within this fraction of the cheapest count as equal (power of two choices).
-    tie_cost_frac: float = 0.10
-    #: Accuracies within this much of the best count as equal for ``most-accurate``.
-    tie_accuracy: float = 0.001
-    #: Predicted latencies within max(tie_latency_ms, tie_latency_frac x best) count as equal.
-    tie_latency_ms: float = 0.5
-    tie_latency_frac: float = 0.10
-    #: At most this many feasible candidates are examined per query.
-    pool_size: int = 8
-    #: A cascade escalates rows whose top probability is below this (unless the SLO says).
-    cascade_threshold: float = 0.9
 
     def __init__(self, topology: Topology, registry: Registry, *,
                  margin_frac: float | None = None, margin_ms: float | None = None,
@@ -96,11 +92,7 @@ class Planner:
         #: Used when plan() is not given a random source.
         self.rng = random.Random(seed)
         #: The tunables as every policy reads them (a snapshot of the attributes above).
-        self.tuning = Tuning(
-            margin_frac=self.margin_frac, dispatch_ms=self.dispatch_ms,
-            tie_cost_frac=self.tie_cost_frac, tie_accuracy=self.tie_accuracy,
-            tie_latency_ms=self.tie_latency_ms, tie_latency_frac=self.tie_latency_frac,
-            pool_size=self.pool_size, cascade_threshold=self.cascade_threshold)
+        self.tuning = Tuning(**{f.name: getattr(self, f.name) for f in fields(Tuning)})
         # Bounded although clients name the task and tenant: both are checked against the
         # registry and the topology before anything is stored (entries are this mesh's nodes).
         self._tables: dict[tuple[str, str, str | None], CandidateTable] = {}
