@@ -179,21 +179,10 @@ class AgentConfig:
 
         Raises ``ValueError`` naming the node or neighbour that has no address.
         """
-        if node not in topology.nodes:
-            raise ValueError(f"node {node!r} is not in topology {topology.name!r} "
-                             f"(nodes: {', '.join(sorted(topology.nodes))})")
-        me = topology.nodes[node].address
-        if me is None:
-            raise ValueError(f"node {node!r} has no address in topology {topology.name!r}; "
-                             "give it address: {host: ..., http_port: ..., stream_port: ...}")
-        missing = [n for n in topology.neighbours(node) if topology.nodes[n].address is None]
-        if missing:
-            raise ValueError(f"neighbour(s) {', '.join(missing)} of {node!r} have no address in "
-                             f"topology {topology.name!r}; {node} could not reach them")
-        neighbours = {n: topology.nodes[n].address for n in topology.neighbours(node)}
+        me, neighbours = topology.addresses_for(node)
         return cls(node=node, topology=topology, home=home,
-                   neighbours={n: a.http_url for n, a in neighbours.items() if a},
-                   stream_neighbours={n: a.stream_url for n, a in neighbours.items() if a},
+                   neighbours={n: a.http_url for n, a in neighbours.items()},
+                   stream_neighbours={n: a.stream_url for n, a in neighbours.items()},
                    host=me.bind_host, port=me.http_port, stream_port=me.stream_port, **options)
 
 

@@ -35,17 +35,10 @@ def run(ctx: click.Context, topology_file: str, name: str, tls_dir: str | None,
     neighbours at theirs. It pulls the registry entries and artifacts it needs from its
     parent, so its --home may start empty. Runs until SIGTERM or Ctrl-C."""
     topology = load_topology(topology_file)  # a broken file is reported by key path
-    if name not in topology.nodes:
-        raise MeshError(f"node {name!r} is not in {topology_file} "
-                        f"(nodes: {', '.join(sorted(topology.nodes))})")
-    spec = topology.nodes[name]
-    if spec.address is None:
-        raise MeshError(f"node {name!r} has no address in {topology_file}; give it "
-                        "address: {host: ..., http_port: ..., stream_port: ...}")
-    missing = [n for n in topology.neighbours(name) if topology.nodes[n].address is None]
-    if missing:
-        raise MeshError(f"neighbour(s) {', '.join(missing)} of {name!r} have no address in "
-                        f"{topology_file}")
+    try:
+        topology.addresses_for(name)
+    except ValueError as exc:
+        raise MeshError(f"{topology_file}: {exc}") from None
     if tls_dir is not None:
         absent = [f for f in ("ca.pem", "node.pem", "node-key.pem")
                   if not (Path(tls_dir) / f).is_file()]

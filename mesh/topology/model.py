@@ -17,7 +17,7 @@ from typing import Any
 
 import networkx as nx
 
-from mesh.topology.schema import HardwareClass, Link, MembershipSpec, Node, Tenant
+from mesh.topology.schema import HardwareClass, Link, MembershipSpec, Node, NodeAddress, Tenant
 from mesh.topology.summary import summarise
 
 __all__ = ["Path_", "Topology"]
@@ -97,6 +97,24 @@ class Topology:
 
     def neighbours(self, node: str) -> list[str]:
         return sorted(self.graph.neighbors(node))
+
+    def addresses_for(self, node: str) -> tuple[NodeAddress, dict[str, NodeAddress]]:
+        """Where ``node`` listens and where each of its neighbours does, for running it
+        on its own host. Raises ``ValueError`` naming the node that is not in this
+        topology or the node(s) with no ``address``."""
+        if node not in self.nodes:
+            raise ValueError(f"node {node!r} is not in topology {self.name!r} "
+                             f"(nodes: {', '.join(sorted(self.nodes))})")
+        me = self.nodes[node].address
+        if me is None:
+            raise ValueError(f"node {node!r} has no address in topology {self.name!r}; "
+                             "give it address: {host: ..., http_port: ..., stream_port: ...}")
+        neighbours = {n: self.nodes[n].address for n in self.neighbours(node)}
+        missing = [n for n, address in neighbours.items() if address is None]
+        if missing:
+            raise ValueError(f"neighbour(s) {', '.join(missing)} of {node!r} have no address in "
+                             f"topology {self.name!r}; {node} could not reach them")
+        return me, {n: a for n, a in neighbours.items() if a is not None}
 
     def ancestors(self, node: str) -> Iterator[str]:
         """The parent, its parent, ... up to a root (``node`` itself excluded)."""
