@@ -25,7 +25,7 @@ import sys
 import tempfile
 import time
 import urllib.request
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -139,22 +139,26 @@ class RawHttp:
         self.sock.close()
 
 
-def sequential(port: int, request: bytes, *, n: int, warmup: int = 300) -> list[float]:
-    """Latency of ``n`` requests sent one after another (after ``warmup``)."""
-    client = RawHttp(port)
-    try:
-        for _ in range(warmup):
-            status, body = client.roundtrip(request)
-            if status != 200:
-                raise RuntimeError(f"HTTP {status}: {body[:300]!r}")
-        out = []
+def socket_timer(port: int, request: bytes, warmup: int, ssl_context: Any = None
+                 ) -> tuple[Callable[[int], list[float]], RawHttp]:
+    """``timer(n)``: the latencies of ``n`` requests sent one after another over one
+    keep-alive connection (TLS with ``ssl_context``), checked and warmed up first.
+    Close the returned client when done."""
+    client = RawHttp(port, ssl_context)
+    for _ in range(warmup):
+        status, body = client.roundtrip(request)
+        if status != 200:
+            raise RuntimeError(f"status {status}: {body[:300]!r}")
+
+    def timer(n: int) -> list[float]:
+        samples = []
         for _ in range(n):
             t0 = time.perf_counter()
             client.roundtrip(request)
-            out.append(time.perf_counter() - t0)
-        return out
-    finally:
-        client.close()
+            samples.append(time.perf_counter() - t0)
+        return samples
+
+    return timer, client
 
 
 # --------------------------------------------------------------------------- closed loop

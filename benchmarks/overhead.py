@@ -56,13 +56,13 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from benchmarks._loadgen import (  # noqa: E402
     HOST,
-    RawHttp,
     closed_loop,
     code_version,
     free_port,
     http_request,
     machine,
     percentiles_us,
+    socket_timer,
     start_agent,
     stream_request,
 )
@@ -181,27 +181,6 @@ def ort_timer(path: str, x: np.ndarray) -> Callable[[int], list[float]]:
         return samples
 
     return timer
-
-
-def socket_timer(port: int, request: bytes, warmup: int, ssl_context: Any = None
-                 ) -> tuple[Callable[[int], list[float]], RawHttp]:
-    """``timer(n)`` over one keep-alive connection (TLS with ``ssl_context``), checked and
-    warmed up first."""
-    client = RawHttp(port, ssl_context)
-    for _ in range(warmup):
-        status, body = client.roundtrip(request)
-        if status != 200:
-            raise RuntimeError(f"status {status}: {body[:300]!r}")
-
-    def timer(n: int) -> list[float]:
-        samples = []
-        for _ in range(n):
-            t0 = time.perf_counter()
-            client.roundtrip(request)
-            samples.append(time.perf_counter() - t0)
-        return samples
-
-    return timer, client
 
 
 def _rotated(items: list[str], r: int) -> list[str]:
