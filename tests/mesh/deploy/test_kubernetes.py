@@ -59,7 +59,9 @@ def test_every_manifest_validates_strictly_against_the_pinned_kubernetes(path: P
 
 
 def test_the_gpu_class_manifests_validate_too() -> None:
-    for obj in _objects(_gpu_mesh()):
+    objects = _objects(_gpu_mesh())
+    assert any("nvidia.com/gpu" in str(obj) for obj in objects)  # the GPU nodes are rendered
+    for obj in objects:
         kubernetes_validate.validate(obj, KUBERNETES_VERSION, strict=True)
 
 
