@@ -20,7 +20,8 @@ from __future__ import annotations
 
 import bisect
 import json
-from dataclasses import asdict, dataclass, field
+from collections.abc import Mapping
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -255,6 +256,17 @@ class Registry:
         gone = self._apply("remove_family", family)
         self._changes.append(("remove_family", family))
         return gone
+
+    def with_accuracy(self, accuracy: Mapping[str, float]) -> Registry:
+        """This registry with the accuracies in ``accuracy`` (variant name -> top-1) in
+        place of the measured ones, at the same version: what a node plans with once
+        feedback has measured live accuracy. For planning only; it has no changes to save."""
+        planned = Registry()
+        planned.variants = {n: replace(v, accuracy=accuracy.get(n, v.accuracy))
+                            for n, v in self.variants.items()}
+        planned.rejected = dict(self.rejected)
+        planned.version = self.version
+        return planned
 
     def _apply(self, kind: str, arg: Any) -> list[str]:
         if kind == "add":

@@ -442,12 +442,8 @@ class NodeAgent:
         if not changed:
             return
         self._planned_accuracy.update(changed)
-        effective = Registry()
-        effective.variants = {
-            n: replace(v, accuracy=self._planned_accuracy.get(n, v.accuracy))
-            for n, v in self.registry.variants.items()}
-        effective.version = self.registry.version
-        self.planner = Planner(self.config.topology, effective,
+        self.planner = Planner(self.config.topology,
+                               self.registry.with_accuracy(self._planned_accuracy),
                                tls=self.config.tls is not None,
                                hosting=self.planner.hosting)  # what is hosted stays put
         log.info("%s: planning with live accuracy %s", self.name,

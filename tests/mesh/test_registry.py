@@ -6,6 +6,7 @@ import json
 import os
 import subprocess
 import sys
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
@@ -155,3 +156,14 @@ def test_every_saving_change_raises_the_version_and_a_newer_copy_is_adopted(tmp_
     assert not parent.adopt(edge)  # not newer than what the edge holds
     with pytest.raises(ValueError, match="registry.version"):
         Registry.from_document({"variants": {}, "version": -1})
+
+
+def test_planning_with_live_accuracy_leaves_the_registry_and_its_file_alone(tmp_path: Path) -> None:
+    registry = Registry({"a": _variant("a"), "b": replace(_variant("b"), accuracy=0.8)})
+    registry.save(tmp_path)
+    planned = registry.with_accuracy({"a": 0.7})
+    assert planned.variants["a"].accuracy == 0.7 and planned.variants["b"].accuracy == 0.8
+    assert registry.variants["a"].accuracy == 0.9
+    assert planned.version == registry.version == 1
+    planned.save(tmp_path)  # nothing to write: the measured accuracy stays on disk
+    assert Registry.load(tmp_path).variants["a"].accuracy == 0.9
