@@ -141,6 +141,16 @@ def test_a_node_killed_during_a_pull_restarts_and_serves_with_its_store_intact(
     for node in doc["nodes"]:
         node["address"] = {"host": "127.0.0.1", "http_port": next(ports),
                            "stream_port": next(ports)}
+    # The core listens on 127.0.0.2; its address in the file is a link emulator at 200 Mbit/s
+    # in front of it, so the edge's copy of the 86 MB artifact lasts seconds, long enough to
+    # be caught (and killed) in the middle on any machine.
+    doc["nodes"][0]["address"]["bind"] = "127.0.0.2"
+    core_at = doc["nodes"][0]["address"]
+    links = tmp_path / "links.json"
+    links.write_text(json.dumps([
+        {"name": f"to-core-{kind}", "listen_port": core_at[f"{kind}_port"],
+         "target_host": "127.0.0.2", "target_port": core_at[f"{kind}_port"],
+         "latency_ms": 0, "bandwidth_mbps": 200} for kind in ("http", "stream")]))
     topology = tmp_path / "pair.yaml"
     topology.write_text(yaml.safe_dump(doc))
     core, edge = tmp_path / "core", tmp_path / "edge"
@@ -162,9 +172,11 @@ def test_a_node_killed_during_a_pull_restarts_and_serves_with_its_store_intact(
     def partial() -> bool:
         return any(p.name.startswith(".tmp-") for p in (edge / "store").rglob("*"))
 
-    with running({"core-1": node("core-1", core)}, logs):
-        proc = subprocess.Popen(node("edge-1", edge), stdout=subprocess.DEVNULL,
-                                stderr=subprocess.DEVNULL, start_new_session=True)
+    with running({"links": [sys.executable, "-m", "mesh.testbed.links", str(links)],
+                  "core-1": node("core-1", core)}, logs), \
+            open(logs / "edge-1-killed.log", "wb") as edge_log:
+        proc = subprocess.Popen(node("edge-1", edge), stdout=edge_log,
+                                stderr=subprocess.STDOUT, start_new_session=True)
         try:
             until(lambda: (edge / "store").exists() and partial(), "the edge pulling", 60)
         finally:
