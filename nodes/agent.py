@@ -57,6 +57,7 @@ from mesh.errors import (
     Unavailable,
     UpstreamError,
 )
+from mesh.placement import Hosting, LoadMeter, Placement, PlacementDecision, VariantLoad
 from mesh.placement.resources import NodeResources
 from mesh.plan import Detour, Plan
 from mesh.planner import Decision, Planner
@@ -86,6 +87,7 @@ from nodes.membership import LocalLoad
 from nodes.metrics import NodeMetrics, outcome_of
 from nodes.models import ModelConfig, ModelManager, RuntimeLookup
 from nodes.peers import PeerKey
+from nodes.placement import PlacementControl
 from nodes.registry_sync import RegistrySync
 from nodes.tasks import cancel_all
 
@@ -194,10 +196,12 @@ class NodeAgent:
 
     def __init__(self, config: AgentConfig, *, clock: Callable[[], float] = time.monotonic,
                  transports: Mapping[str, Transport] | None = None,
-                 runtimes: RuntimeLookup = runtime_for) -> None:
+                 runtimes: RuntimeLookup = runtime_for,
+                 placement_clock: Callable[[], float] = time.time) -> None:
         """``transports``: how to reach some neighbours (tests: in-memory ones to other
         agents); the others from their URLs. ``runtimes``: format -> runtime (tests wrap
-        the real ones)."""
+        the real ones). ``placement_clock``: the time placement rounds are decided at (the
+        wall clock: forecasts learn the day; tests: one they move)."""
         self.config = config
         self.name = config.node
         self.spec = config.topology.nodes[config.node]
@@ -235,6 +239,9 @@ class NodeAgent:
             http=lambda: self._http, on_fetch=self.metrics.fetched, policy=policy,
             neighbour_urls=config.neighbours, pull_headers=self.callers.headers(self.name),
             ssl=self.tls_client)
+        #: what placement is told: per variant served here and per task entering here
+        self.meter = LoadMeter(half_life_s=min(max(config.topology.placement.interval_s / 2,
+                                                   0.5), 30.0))
         self.models = ModelManager(
             ModelConfig(budget_bytes=self.hardware.memory_mb * 1024 * 1024,
                         threads=self.hardware.threads, profile_key=self.hardware.profile_key,
@@ -244,7 +251,7 @@ class NodeAgent:
             {v.name: v for v in self.registry.variants.values()
              if self.planner.hosting.allows(self.name, v.name)},
             self.artifacts, self._executor, metrics=self.metrics, on_change=self._report_self,
-            clock=clock, runtimes=runtimes)
+            clock=clock, runtimes=runtimes, on_batch=self.meter.computed)
         self.metrics.watch(self.models.gauges, lambda: self.models.config.budget_bytes)
         self.registry_sync = RegistrySync(
             self, parent_url=self.artifacts.parent_url,  # https:// with TLS
@@ -266,6 +273,8 @@ class NodeAgent:
         self._inputs: dict[str, tuple[TensorSpec, ...]] = {}
         #: (node, variant) routes checked once: -> the variant's task
         self._routes: dict[tuple[str, str], str] = {}
+        #: live placement: the root decides, every node carries it out (nodes.placement)
+        self.placement = PlacementControl(self, clock=placement_clock)
         self.ready = False
         self._started = clock()
         self._latencies: collections.deque[float] = collections.deque(maxlen=self.latency_window)
@@ -285,6 +294,8 @@ class NodeAgent:
             # A hardware class with no profile: measure here before advertising anything.
             await self._profile_missing()
             await self.models.preload(v.name for v in self.planner.hosted(self.name))
+            await self._sync_workers()
+            await self.placement.__aenter__()
         except BaseException:
             await self.__aexit__(None, None, None)
             raise
@@ -294,6 +305,7 @@ class NodeAgent:
 
     async def __aexit__(self, *exc: object) -> None:
         self.ready = False
+        await self.placement.__aexit__(None, None, None)
         await self.registry_sync.__aexit__(None, None, None)
         await cancel_all([self._adopting, self._warming])
         self._adopting = self._warming = None
@@ -318,11 +330,36 @@ class NodeAgent:
                 registry.variants[name] = replace(variant, profiles={**variant.profiles,
                                                                      key: mine.profiles[key]})
         self.registry = registry
-        self.planner = Planner(self.config.topology, registry, tls=self.config.tls is not None)
+        hosting = self.planner.hosting
+        live = hosting.placement if self.placement.version else None
+        self.planner = Planner(self.config.topology, registry, tls=self.config.tls is not None,
+                               hosting=None if live is None else Hosting(
+                                   self.config.topology, registry, live=live,
+                                   decisions=hosting.decisions))
         self._planned_accuracy.clear()
         self._apply_live_accuracy()
         self._inputs.clear()
         self._routes.clear()
+        await self._rehost(before)
+        self.placement.kick()  # the root places what the registry adds, at once
+
+    async def adopt_placement(self, placement: Placement,
+                              decisions: tuple[PlacementDecision, ...]) -> None:
+        """Host what the root's placement says, with its workers (:mod:`nodes.placement`)."""
+        before = set(self.models.variants)
+        self.planner = Planner(self.config.topology,
+                               self.registry.with_accuracy(self._planned_accuracy)
+                               if self._planned_accuracy else self.registry,
+                               tls=self.config.tls is not None,
+                               hosting=Hosting(self.config.topology, self.registry, live=placement,
+                                               decisions=decisions))
+        self._routes.clear()
+        await self._rehost(before)
+
+    async def _rehost(self, before: set[str]) -> None:
+        """Carry out what the planner's hosting says: pull and load what is new (in the
+        background), unload what is no longer hosted here, set each variant's workers."""
+        registry = self.registry
         self.artifacts.use_policy(PullPolicy(self.config.topology, self.name,
                                              registry.variants.values(),
                                              hosts=self.planner.hosting.allows))
@@ -337,20 +374,28 @@ class NodeAgent:
         if gone:
             log.info("%s: no longer hosts %s", self.name, ", ".join(gone))
         self._report_self()
-        new = sorted(set(hosted) - before)
-        if new and self.ready:
+        if self.ready:
             if self._adopting is not None and not self._adopting.done():
                 self._adopting.cancel()
             self._adopting = asyncio.create_task(self._load_new(), name=f"adopt:{self.name}")
 
     async def _load_new(self) -> None:
-        """Profile what this hardware class has no profile for, then load what fits."""
+        """Profile what this hardware class has no profile for, then load what fits, then
+        give each loaded variant the workers the placement says."""
         try:
             await self._profile_missing()
             await self.models.preload(v.name for v in self.planner.hosted(self.name))
+            await self._sync_workers()
         except Exception:  # the node keeps serving what it had
-            log.exception("%s: loading the variants a new registry adds failed", self.name)
+            log.exception("%s: loading the variants the mesh places here failed", self.name)
         self._report_self()
+
+    async def _sync_workers(self) -> None:
+        hosting = self.planner.hosting
+        for name in sorted(self.models.loaded):
+            want = hosting.workers(self.name, name)
+            if self.models.workers(name) != want:
+                await self.models.set_workers(name, want)
 
     async def _profile_missing(self) -> None:
         for name, profile in (await self.models.profile_missing()).items():
@@ -358,7 +403,8 @@ class NodeAgent:
             self.registry.add(replace(variant, profiles={**variant.profiles,
                                                          self.hardware.profile_key: profile}))
         self.planner = Planner(self.config.topology, self.registry,
-                               tls=self.config.tls is not None)
+                               tls=self.config.tls is not None,
+                               hosting=self.planner.hosting if self.placement.version else None)
 
     @property
     def loaded(self) -> Mapping[str, Any]:
@@ -533,6 +579,8 @@ class NodeAgent:
                 self._reported_depth, self._reported_at = depth, now
         decision = self.planner.plan(req.task, req.slo, self.name, self.view, now=now,
                                      rows=req.rows, payload_bytes=req.payload_bytes)
+        if req.hops == 0:
+            self.meter.arrived(req.task)  # demand entering here, answered or refused
         if req.hops == 0 and len(self.models.loaded) < len(self.models.variants):
             self._warm_behind(req, decision, now)
         target = None if req.slo.offline else req.slo.latency_ms
@@ -649,8 +697,13 @@ class NodeAgent:
         assert req.route is not None
         if req.route.node == self.name:
             left_ms = self._left_ms(req, arrived, time.perf_counter())
-            return await self._serve_local(req.request_id, req.route.variant, req.tensors,
-                                           left_ms, offline=req.slo.offline)
+            response = await self._serve_local(req.request_id, req.route.variant, req.tensors,
+                                               left_ms, offline=req.slo.offline)
+            t = response.timing
+            self.meter.served(req.route.variant, req.rows,
+                              budget_ms=left_ms, min_accuracy=req.slo.min_accuracy,
+                              spent_ms=t["queue_ms"] + t["compute_ms"] + t.get("cold_start_ms", 0.0))
+            return response
         return await self._forward(req, arrived, deadline)
 
     def _hand_back(self, req: InferRequest, refused: MeshError, plan: Plan) -> Plan:
@@ -840,6 +893,12 @@ class NodeAgent:
                          frozenset(self.models.unavailable),
                          sum(s.count for s in self.metrics.requests.values()))
 
+    def placement_load(self, now: float) -> tuple[dict[str, VariantLoad], dict[str, float]]:
+        """What membership reports up for placement on each heartbeat: per variant served
+        here (rate, compute busy, misses, targets) and per task entering here."""
+        depth = {name: e.batcher.depth for name, e in self.models.loaded.items()}
+        return self.meter.report(now, depth)
+
     def status(self, address: str = "", stream_address: str | None = None) -> dict[str, Any]:
         lat = sorted(self._latencies)
         variants: list[dict[str, Any]] = []
@@ -849,7 +908,8 @@ class NodeAgent:
             entry = self.models.loaded.get(name)
             if entry is not None:
                 row.update(queue_depth=entry.batcher.depth, served=entry.batcher.served,
-                           batches=entry.batcher.batches, memory_bytes=entry.memory_bytes)
+                           batches=entry.batcher.batches, memory_bytes=entry.memory_bytes,
+                           workers=entry.batcher.workers)
             if state == "unavailable":
                 row["error"] = self.models.unavailable[name]
             variants.append(row)
@@ -863,7 +923,8 @@ class NodeAgent:
             "stream_address": stream_address,
             "topology": self.config.topology.name,
             #: what this node hosts and why: its globs, or the mesh's placement and its reasons
-            "placement": self.planner.hosting.explain(self.name),
+            "placement": {**self.planner.hosting.explain(self.name),
+                          "live": self.placement.status()},
             #: the registry version this node serves (the core's, once copied down the tree)
             "registry_version": self.registry.version,
             #: neighbours this node currently counts as down (missed heartbeats, failed hops)

@@ -41,11 +41,13 @@ from aiohttp import web
 
 from mesh.certs import with_tls
 from mesh.errors import Forbidden, InvalidInput
+from mesh.placement import LoadReport, VariantLoad
 from mesh.state import FailureDetector, LoadEntry, MeshView, RateMeter, Subtree, apply_entries
 from mesh.topology import Topology
 from mesh.wire import pack, unpack
 from nodes.identity import Callers
 from nodes.peers import PeerKey
+from nodes.placement import PlacementControl
 from nodes.tasks import cancel_all
 
 __all__ = ["LocalLoad", "Membership", "HEARTBEAT_PATH"]
@@ -77,12 +79,26 @@ class Membership:
                  peers: PeerKey | None = None,
                  registry_version: Callable[[], int] | None = None,
                  on_registry: Callable[[int], None] | None = None,
-                 callers: Callers | None = None, ssl: _ssl.SSLContext | None = None) -> None:
+                 callers: Callers | None = None, ssl: _ssl.SSLContext | None = None,
+                 own_load: Callable[[float], tuple[Mapping[str, VariantLoad],
+                                                   Mapping[str, float]]] | None = None,
+                 placement: PlacementControl | None = None) -> None:
         """``callers``: who a heartbeat comes from (certificates or tokens); ``peers``, a
         mesh key alone, stands for ``Callers`` without TLS. With either, only a child's own
         proven heartbeat counts. ``ssl``: heartbeats to the parent over TLS (the node's
-        client context)."""
+        client context). ``own_load``: this node's measurements for placement (per variant
+        served, per task entering) at each heartbeat; ``placement``: the node's
+        :class:`~nodes.placement.PlacementControl`, whose placement heartbeat answers carry
+        down (and, at the root, whose rounds read the tree's load from here)."""
         self.node = node
+        self.own_load = own_load
+        self.placement = placement
+        self._own_report: tuple[Mapping[str, VariantLoad], Mapping[str, float]] = ({}, {})
+        #: child -> (when, its subtree's load report)
+        self._child_loads: dict[str, tuple[float, LoadReport]] = {}
+        self._subtree_of = {c: frozenset(topology.subtree(c)) for c in topology.children[node]}
+        if placement is not None:
+            placement.load = self.subtree_load
         #: this node's registry version, told to children in every heartbeat answer
         self.registry_version = registry_version
         #: called with the parent's registry version from every heartbeat answer
@@ -126,7 +142,8 @@ class Membership:
                    local_load=agent.local_load, clock=agent.clock,
                    registry_version=lambda: agent.registry.version,
                    on_registry=agent.registry_sync.parent_has,
-                   callers=agent.callers, ssl=agent.tls_client)
+                   callers=agent.callers, ssl=agent.tls_client,
+                   own_load=agent.placement_load, placement=agent.placement)
 
     # ------------------------------------------------------------------ lifecycle
     async def __aenter__(self) -> Membership:
@@ -169,6 +186,8 @@ class Membership:
         rate = self._rate.update(load.requests, now)
         self._own = LoadEntry(self.node, load.queue_depth, 0.0, True, rate, load.loaded,
                               load.failed)
+        if self.own_load is not None:
+            self._own_report = self.own_load(now)
         self.view.report(self.node, load.queue_depth, now, loaded=load.loaded,
                          failed=load.failed, arrival_rate=rate)
         for child in self.subtree.check(now):
@@ -176,6 +195,19 @@ class Membership:
             log.warning("%s: child %s missed heartbeats for %.1f s; %d node(s) down", self.node,
                         child, self.spec.down_after_s, len(unreachable))
             self.view.set_down(unreachable, now)
+
+    def subtree_load(self) -> LoadReport:
+        """This subtree's load for placement: this node's own and each child's latest
+        report (a child not heard from for ``stale_after_s`` counts for nothing)."""
+        now = self.clock()
+        children = self.topology.children[self.node]
+        reports = []
+        for child in children:
+            got = self._child_loads.get(child)
+            fresh = got is not None and now - got[0] <= self.spec.stale_after_s
+            reports.append(got[1] if fresh and got is not None else LoadReport())
+        served, demand = self._own_report
+        return LoadReport.of_subtree(self.node, served, demand, reports, list(children))
 
     def _beyond(self, child: str) -> list[str]:
         """What becomes unreachable from here when ``child`` is down."""
@@ -187,6 +219,10 @@ class Membership:
         url = self.neighbours.get(self.parent)
         body = {"node": self.node, "epoch": self._known[0], "version": self._known[1],
                 "entries": [e.to_wire() for e in self.subtree.report_up(self._own, now)]}
+        if self.own_load is not None:
+            body["load"] = self.subtree_load().to_wire()
+        if self.placement is not None:
+            body["placement"] = self.placement.version
         reply: Any = None
         if url is not None:
             self.heartbeats_sent += 1
@@ -224,6 +260,12 @@ class Membership:
             self.view.clear_down(self._cut_off)
             self._cut_off = []
             self.subtree.cut_off(())
+        if self.placement is not None:
+            try:
+                await self.placement.receive(reply.get("placement"))
+            except InvalidInput as exc:
+                log.warning("%s: the placement from %s is malformed: %s", self.node,
+                            self.parent, exc.message)
         entries = reply.get("entries")
         if isinstance(entries, list):
             parsed = [LoadEntry.from_wire(e, where=f"entries[{i}]") for i, e in enumerate(entries)]
@@ -257,7 +299,16 @@ class Membership:
         if not isinstance(version, int) or isinstance(version, bool):
             raise InvalidInput("heartbeat.version: must be an integer")
         parsed = [LoadEntry.from_wire(e, where=f"entries[{i}]") for i, e in enumerate(entries)]
+        report = None
+        if body.get("load") is not None:
+            try:
+                report = LoadReport.from_wire(body["load"], nodes=self._subtree_of.get(child, ()),
+                                              where="heartbeat.load")
+            except ValueError as exc:
+                raise InvalidInput(str(exc)) from None
         now = self.clock()
+        if report is not None:
+            self._child_loads[child] = (now, report)
         if self.subtree.heartbeat(child, parsed, now):
             log.info("%s: child %s is back", self.node, child)
             self.view.clear_down(self._beyond(child))
@@ -269,6 +320,10 @@ class Membership:
             reply["registry"] = self.registry_version()
         if summary is not None:
             reply["entries"] = [e.to_wire() for e in summary]
+        if self.placement is not None:
+            placement = self.placement.for_child(body.get("placement"))
+            if placement is not None:
+                reply["placement"] = placement
         return reply
 
     def status(self) -> dict[str, Any]:

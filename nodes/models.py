@@ -48,6 +48,7 @@ from nodes.artifacts import ArtifactSource
 from nodes.batching import Batcher, BatchPolicy, BatchSettings
 from nodes.metrics import NodeMetrics, VariantGauge
 from nodes.tasks import cancel_all
+from nodes.workers import WorkerPool
 
 #: format ("onnx", "tflite", ...) -> the runtime for it; raises Unavailable when none
 RuntimeLookup = Callable[[str], ModelRuntime]
@@ -105,10 +106,13 @@ def sample_inputs(specs: Iterable[TensorSpec], batch: int, seed: int = 0) -> lis
 @dataclass(eq=False)
 class LoadedVariant:
     variant: Variant
-    batcher: Batcher
+    #: its compute workers (one batcher and session each; placement may add more)
+    batcher: WorkerPool
     memory_bytes: int
     heat: float = 0.0
     last_used: float = 0.0
+    #: what opens one more session for another worker: (runtime, artifact path)
+    opener: tuple[ModelRuntime, str] | None = None
 
     def score(self, now: float, half_life_s: float) -> float:
         """Recent load, decayed by the time since the last request."""
@@ -127,8 +131,12 @@ class ModelManager:
                  metrics: NodeMetrics | None = None,
                  on_change: Callable[[], None] = lambda: None,
                  clock: Callable[[], float] = time.monotonic,
-                 runtimes: RuntimeLookup = runtime_for) -> None:
+                 runtimes: RuntimeLookup = runtime_for,
+                 on_batch: Callable[[str, float], None] | None = None) -> None:
+        """``on_batch``: told (variant, compute seconds) after every batch (placement's
+        measure of how busy each variant's workers are)."""
         self.config = config
+        self._on_batch = on_batch
         #: format -> the runtime that loads and runs it (injected: tests wrap the real ones)
         self._runtime_for = runtimes
         self.variants: dict[str, Variant] = dict(variants)
@@ -287,7 +295,8 @@ class ModelManager:
             self._reserved -= need
         batcher = self._batcher(variant, runtime, session)
         await batcher.__aenter__()
-        entry = LoadedVariant(variant, batcher, need)
+        entry = LoadedVariant(variant, WorkerPool(name, batcher), need,
+                              opener=(runtime, str(path)))
         entry.touch(self._clock(), self.config.heat_half_life_s)
         self.loaded[name] = entry
         if self._metrics is not None:
@@ -302,6 +311,8 @@ class ModelManager:
         max_batch = min(variant.max_batch, cfg.batching.max_batch or variant.max_batch)
         policy = BatchPolicy(max_batch, variant.profile_for(cfg.profile_key), cfg.batching)
         observer = self._metrics.batch_observer(variant.name) if self._metrics else None
+        if self._on_batch is not None:
+            observer = _also_tell(observer, self._on_batch, variant.name)
 
         def run(inputs: list[np.ndarray]) -> list[np.ndarray]:
             return runtime.run(session, inputs)
@@ -309,11 +320,11 @@ class ModelManager:
         return Batcher(variant.name, run, self._compute, max_batch=max_batch,
                        max_queue=cfg.max_queue, policy=policy, observer=observer)
 
-    async def _make_room(self, need: int, *, for_variant: str) -> None:
+    async def _make_room(self, need: int, *, for_variant: str, keep: str | None = None) -> None:
         budget = self.config.budget_bytes
         while self.memory_used + need > budget:
             now = self._clock()
-            idle = [e for e in self.loaded.values() if e.batcher.idle]
+            idle = [e for e in self.loaded.values() if e.batcher.idle and e.variant.name != keep]
             if not idle:
                 raise Overloaded(
                     f"no memory free for {for_variant}: the variants loaded here are all in use; "
@@ -336,6 +347,51 @@ class ModelManager:
             self._metrics.evicted(name)
         await self._unload(name)
         return True
+
+    async def set_workers(self, name: str, workers: int) -> int:
+        """Run ``name`` with ``workers`` compute workers (placement's decision), each on a
+        session of its own; returns how many it has now. Workers beyond the first take the
+        memory of another session, made room for by evicting idle variants; when there is
+        none, it stops short (and says so in the log). Not loaded: nothing happens (0)."""
+        workers = max(int(workers), 1)
+        entry = self.loaded.get(name)
+        if entry is None or entry.opener is None:
+            return 0
+        pool = entry.batcher
+        while pool.workers > workers and pool.retire():
+            entry.memory_bytes -= self.need_bytes(name)
+        runtime, path = entry.opener
+        loop = asyncio.get_running_loop()
+        while pool.workers < workers and self.loaded.get(name) is entry:
+            need = self.need_bytes(name)
+            try:
+                await self._make_room(need, for_variant=name, keep=name)
+            except Overloaded:
+                log.info("%s stays at %d worker(s): no memory for another session", name,
+                         pool.workers)
+                break
+            self._reserved += need
+            try:
+                session = await loop.run_in_executor(self._loader, _open, runtime, path,
+                                                     entry.variant, self.config.threads)
+            except Exception as exc:  # noqa: BLE001 - the variant keeps the workers it has
+                log.warning("%s: another worker could not open a session: %s", name, exc)
+                break
+            finally:
+                self._reserved -= need
+            if self.loaded.get(name) is not entry:  # unloaded meanwhile
+                break
+            batcher = self._batcher(entry.variant, runtime, session)
+            await batcher.__aenter__()
+            pool.add(batcher)
+            entry.memory_bytes += need
+            log.info("%s: %d compute worker(s)", name, pool.workers)
+        self._on_change()
+        return pool.workers
+
+    def workers(self, name: str) -> int:
+        entry = self.loaded.get(name)
+        return entry.batcher.workers if entry is not None else 0
 
     async def _unload(self, name: str) -> None:
         entry = self.loaded.pop(name, None)
@@ -395,6 +451,16 @@ class ModelManager:
         if path is None:
             return
         write_atomic(path, json.dumps(profile.to_json()))  # fsynced: survives a crash
+
+
+def _also_tell(observer: Callable[[int, float], None] | None,
+               told: Callable[[str, float], None], name: str) -> Callable[[int, float], None]:
+    """A batch observer that also tells ``told`` (variant, compute seconds)."""
+    def observe(rows: int, compute_ms: float) -> None:
+        if observer is not None:
+            observer(rows, compute_ms)
+        told(name, compute_ms / 1000.0)
+    return observe
 
 
 def _open(runtime: ModelRuntime, path: str, variant: Variant, threads: int) -> Any:

@@ -12,6 +12,8 @@ Parts::
                     on accelerators in the core), coverage of every task from every entry
                     node, tenants
     forecast.py     per (task, subtree) arrival rate: EWMA level x learned daily shape
+    inputs.py       what a round is told: VariantLoad, LoadSnapshot, LoadReport (the wire form)
+    meter.py        LoadMeter: a node's counts per variant and task -> smoothed rates
     scaling.py      Autoscaler.step(registry, load, now) -> Round: reconcile, measure, scale
     ladder.py       one round's actions: workers, replicas, faster variants or hardware,
                     scale-down, eviction, restore, all with hysteresis
@@ -34,7 +36,8 @@ from mesh.placement.catalogue import Catalogue, Option
 from mesh.placement.constraints import Constraints, HostRule
 from mesh.placement.forecast import ArrivalForecast, Forecaster
 from mesh.placement.hosting import Hosting
-from mesh.placement.inputs import LoadSnapshot, VariantLoad
+from mesh.placement.inputs import LoadReport, LoadSnapshot, VariantLoad
+from mesh.placement.meter import LoadMeter
 from mesh.placement.model import Cause, DecisionKind, Placement, PlacementDecision, Round
 from mesh.placement.resources import NodeResources, variant_memory_bytes
 from mesh.placement.scaling import Autoscaler
@@ -52,6 +55,8 @@ __all__ = [
     "Forecaster",
     "HostRule",
     "Hosting",
+    "LoadMeter",
+    "LoadReport",
     "LoadSnapshot",
     "NodeResources",
     "Option",

@@ -24,14 +24,25 @@ __all__ = ["Hosting"]
 class Hosting:
     """``allows(node, variant)`` for every node of ``topology`` given ``registry``."""
 
-    def __init__(self, topology: Topology, registry: Registry) -> None:
+    def __init__(self, topology: Topology, registry: Registry, *,
+                 live: Placement | None = None,
+                 decisions: tuple[PlacementDecision, ...] = ()) -> None:
+        """``live``: the placement the root's latest round decided (with its ``decisions``);
+        without one, the base placement, computed here as the root computes it."""
         self.topology = topology
         self.managed = frozenset(n for n, spec in topology.nodes.items() if spec.variants is None)
-        self.placement: Placement | None = None
-        self.decisions: tuple[PlacementDecision, ...] = ()
-        if self.managed and registry.variants:
+        self.placement: Placement | None = live
+        self.decisions: tuple[PlacementDecision, ...] = decisions
+        if live is None and self.managed and registry.variants:
             round_ = Autoscaler(topology).step(registry, LoadSnapshot(), 0.0)
             self.placement, self.decisions = round_.placement, round_.decisions
+
+    def workers(self, node: str, variant: str) -> int:
+        """Compute workers the placement gives ``variant`` on ``node`` (1 where it does not
+        say: a node with globs, or no placement yet)."""
+        if self.placement is None:
+            return 1
+        return max(self.placement.workers(node, variant), 1)
 
     def allows(self, node: str, variant: str) -> bool:
         spec = self.topology.nodes[node]

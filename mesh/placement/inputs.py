@@ -2,6 +2,7 @@
 
 * :class:`VariantLoad` -- what one hosted (node, variant) served since the last round.
 * :class:`LoadSnapshot` -- those, the arrivals per (task, subtree), and what failed where.
+* :class:`LoadReport` -- a subtree's part of it, as it travels up the tree in heartbeats.
 
 Agents (or the simulator) fill these from heartbeats; nothing here reads a clock.
 """
@@ -9,10 +10,11 @@ Agents (or the simulator) fill these from heartbeats; nothing here reads a clock
 from __future__ import annotations
 
 import math
-from collections.abc import Mapping
+from collections.abc import Collection, Mapping
 from dataclasses import dataclass, field
+from typing import Any
 
-__all__ = ["VariantLoad", "LoadSnapshot"]
+__all__ = ["VariantLoad", "LoadSnapshot", "LoadReport"]
 
 
 @dataclass(frozen=True, slots=True)
@@ -70,3 +72,98 @@ class LoadSnapshot:
             if not math.isfinite(rate) or rate < 0:
                 raise ValueError(f"LoadSnapshot.demand[{key!r}]: must be a finite rate >= 0, "
                                  f"got {rate!r}")
+
+
+@dataclass(frozen=True, slots=True)
+class LoadReport:
+    """What a subtree reports up for placement, in every heartbeat: per node, what each
+    variant it hosts served, and the demand per task entering the mesh in the subtree below
+    (and at) that node. The root turns the whole tree's report into a :class:`LoadSnapshot`.
+    """
+
+    served: Mapping[str, Mapping[str, VariantLoad]] = field(default_factory=dict)
+    #: node -> task -> queries per second entering in that node's subtree
+    demand: Mapping[str, Mapping[str, float]] = field(default_factory=dict)
+
+    @classmethod
+    def of_subtree(cls, node: str, own_served: Mapping[str, VariantLoad],
+                   own_demand: Mapping[str, float], children: list[LoadReport],
+                   child_names: list[str]) -> LoadReport:
+        """``node``'s report: its own measurements plus its children's reports
+        (``children[i]`` is ``child_names[i]``'s; a missing child reports nothing)."""
+        served: dict[str, Mapping[str, VariantLoad]] = {}
+        demand: dict[str, Mapping[str, float]] = {}
+        total = dict(own_demand)
+        for child, report in zip(child_names, children, strict=True):
+            served.update(report.served)
+            demand.update(report.demand)
+            for task, rate in report.demand.get(child, {}).items():
+                total[task] = total.get(task, 0.0) + rate
+        if own_served:
+            served[node] = dict(own_served)
+        if total:
+            demand[node] = total
+        return cls(served, demand)
+
+    def snapshot(self, *, failed: Mapping[str, frozenset[str]] | None = None,
+                 down: frozenset[str] = frozenset()) -> LoadSnapshot:
+        return LoadSnapshot(
+            demand={(task, node): rate for node, tasks in self.demand.items()
+                    for task, rate in tasks.items()},
+            served={(node, variant): vl for node, variants in self.served.items()
+                    for variant, vl in variants.items()},
+            failed=dict(failed or {}), down=down)
+
+    def to_wire(self) -> dict[str, Any]:
+        return {
+            "served": {n: {v: [round(vl.rate_qps, 4), round(vl.busy or 0.0, 5),
+                               round(vl.rows_per_query, 3), vl.queue_depth,
+                               round(vl.slo_miss_frac, 4), vl.latency_target_ms, vl.min_accuracy]
+                           for v, vl in vs.items()} for n, vs in self.served.items()},
+            "demand": {n: {t: round(r, 4) for t, r in ts.items()}
+                       for n, ts in self.demand.items()},
+        }
+
+    @classmethod
+    def from_wire(cls, obj: Any, *, nodes: Collection[str], where: str = "load") -> LoadReport:
+        """Validate a report from the network; only ``nodes`` (the sender's subtree) may
+        appear in it. Raises ``ValueError`` naming the bad field."""
+        if not isinstance(obj, dict):
+            raise ValueError(f"{where}: must be a map with served and demand")
+        served_in, demand_in = obj.get("served", {}), obj.get("demand", {})
+        if not isinstance(served_in, dict) or not isinstance(demand_in, dict):
+            raise ValueError(f"{where}.served and {where}.demand must be maps")
+        served: dict[str, dict[str, VariantLoad]] = {}
+        for node, variants in served_in.items():
+            if node not in nodes or not isinstance(variants, dict):
+                raise ValueError(f"{where}.served: {str(node)[:64]!r} is not a node of the "
+                                 "sender's subtree, or its entry is not a map")
+            row: dict[str, VariantLoad] = {}
+            for variant, v in variants.items():
+                if not isinstance(variant, str) or not isinstance(v, list) or len(v) != 7:
+                    raise ValueError(f"{where}.served[{node!r}]: each variant maps to a list of "
+                                     "7 numbers")
+                rate, busy, rows, depth, miss, target, floor = v
+                try:
+                    row[variant] = VariantLoad(
+                        float(rate), float(busy), float(rows), int(depth), float(miss),
+                        None if target is None else float(target),
+                        None if floor is None else float(floor))
+                except (TypeError, ValueError) as exc:
+                    raise ValueError(f"{where}.served[{node!r}][{variant[:64]!r}]: {exc}"
+                                     ) from None
+            served[node] = row
+        demand: dict[str, dict[str, float]] = {}
+        for node, tasks in demand_in.items():
+            if node not in nodes or not isinstance(tasks, dict):
+                raise ValueError(f"{where}.demand: {str(node)[:64]!r} is not a node of the "
+                                 "sender's subtree, or its entry is not a map")
+            clean: dict[str, float] = {}
+            for task, rate in tasks.items():
+                if not isinstance(task, str) or isinstance(rate, bool) \
+                        or not isinstance(rate, int | float) or not math.isfinite(rate) \
+                        or rate < 0:
+                    raise ValueError(f"{where}.demand[{node!r}]: task -> a finite rate >= 0")
+                clean[task] = float(rate)
+            demand[node] = clean
+        return cls(served, demand)

@@ -73,11 +73,15 @@ class Autoscaler:
     def __init__(self, topology: Topology, *, tuning: Tuning | None = None,
                  constraints: Constraints | None = None,
                  forecaster: Forecaster[tuple[str, str]] | None = None) -> None:
+        """Defaults: the tuning and the forecasts' day length of the topology's
+        ``placement`` section."""
         self.topology = topology
-        self.tuning = tuning or Tuning()
+        self.tuning = tuning or Tuning(**topology.placement.tuning)
         self.constraints = constraints or Constraints(topology)
         #: per (task, subtree root node): learned from each round's ``load.demand``
-        self.forecaster: Forecaster[tuple[str, str]] = forecaster or Forecaster()
+        day_s = topology.placement.day_s
+        self.forecaster: Forecaster[tuple[str, str]] = forecaster or Forecaster(
+            period_s=day_s, half_life_s=min(300.0, day_s / 96))  # a compressed day, faster
         by_class = {name: NodeResources.of(hw) for name, hw in topology.hardware.items()}
         self.resources = {n: by_class[spec.hardware] for n, spec in topology.nodes.items()}
         self.history: deque[PlacementDecision] = deque(maxlen=self.history_size)

@@ -30,6 +30,7 @@ from mesh.topology.schema import (
     MembershipSpec,
     Node,
     NodeAddress,
+    PlacementSpec,
     Tenant,
     TierSpec,
 )
@@ -42,6 +43,7 @@ __all__ = [
     "HardwareClass",
     "Link",
     "MembershipSpec",
+    "PlacementSpec",
     "Node",
     "NodeAddress",
     "Path_",

@@ -17,7 +17,15 @@ from typing import Any
 
 import networkx as nx
 
-from mesh.topology.schema import HardwareClass, Link, MembershipSpec, Node, NodeAddress, Tenant
+from mesh.topology.schema import (
+    HardwareClass,
+    Link,
+    MembershipSpec,
+    Node,
+    NodeAddress,
+    PlacementSpec,
+    Tenant,
+)
 from mesh.topology.summary import summarise
 
 __all__ = ["Path_", "Topology"]
@@ -46,13 +54,15 @@ class Topology:
     def __init__(self, name: str, hardware: dict[str, HardwareClass], nodes: list[Node],
                  links: list[Link], *, tenants: list[Tenant] | None = None,
                  membership: MembershipSpec | None = None, energy_cost_per_kwh: float = 0.15,
-                 groups: dict[str, int] | None = None) -> None:
+                 groups: dict[str, int] | None = None,
+                 placement: PlacementSpec | None = None) -> None:
         self.name = name
         self.hardware = dict(hardware)
         self.nodes: dict[str, Node] = {n.name: n for n in nodes}
         self.links = tuple(links)
         self.tenants: dict[str, Tenant] = {t.name: t for t in tenants or ()}
         self.membership = membership or MembershipSpec()
+        self.placement = placement or PlacementSpec()
         self.energy_cost_per_kwh = energy_cost_per_kwh
         #: group name -> how many nodes it expanded into (for summaries).
         self.groups = dict(groups or {})

@@ -10,7 +10,7 @@ from __future__ import annotations
 import fnmatch
 from typing import Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 __all__ = [
     "TIERS",
@@ -28,6 +28,7 @@ __all__ = [
     "Group",
     "Tenant",
     "MembershipSpec",
+    "PlacementSpec",
     "TopologyFile",
 ]
 
@@ -201,6 +202,36 @@ class MembershipSpec(_Schema):
         return self.heartbeat_interval_s * self.missed_heartbeats
 
 
+class PlacementSpec(_Schema):
+    """How the mesh manages its placement (docs/placement.md).
+
+    The root of the hierarchy runs a placement round every ``interval_s``
+    from the load reported up the tree, and the nodes carry out what it
+    decides (variants hosted, compute workers each). ``tuning`` overrides
+    thresholds of :class:`mesh.placement.Tuning` by name (``hold_s``,
+    ``scale_up_util``, ...); ``day_s`` is the length of the daily shape the
+    arrival forecasts learn (compressed in benchmarks); ``managed: false``
+    turns live rounds off (the base placement stays).
+    """
+
+    managed: bool = True
+    interval_s: float = Field(5.0, gt=0, le=3600)
+    day_s: float = Field(86_400.0, gt=0)
+    tuning: dict[str, float] = {}
+
+    @field_validator("tuning")
+    @classmethod
+    def _known_tunables(cls, value: dict[str, float]) -> dict[str, float]:
+        from mesh.placement.tuning import Tuning  # the one definition of the tunables
+
+        try:
+            Tuning(**value)
+        except TypeError as exc:
+            known = ", ".join(sorted(Tuning.__dataclass_fields__))
+            raise ValueError(f"unknown tunable ({exc}); known: {known}") from None
+        return value
+
+
 class TopologyFile(_Schema):
     name: str = Field(min_length=1)
     tiers: dict[Tier, TierSpec] = {}
@@ -210,5 +241,6 @@ class TopologyFile(_Schema):
     links: list[Link] = []
     tenants: list[Tenant] = []
     membership: MembershipSpec = MembershipSpec()
+    placement: PlacementSpec = PlacementSpec()
     #: What a kWh costs (USD); turns energy per inference into money for ``cheapest``.
     energy_cost_per_kwh: float = Field(0.15, ge=0)

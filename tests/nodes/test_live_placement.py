@@ -1,0 +1,156 @@
+"""Live placement: load measured on the nodes goes up in heartbeats, the root decides, the
+nodes carry it out. Real agents and real membership over loopback HTTP; the placement's
+clock is the test's, so an hour of cool-down takes no time."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import time
+from collections.abc import AsyncIterator, Callable
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from aiohttp.test_utils import TestServer, unused_port
+
+from mesh.topology import parse_topology
+from mesh.wire import SLO, InferRequest
+from nodes.agent import AgentConfig, NodeAgent
+from nodes.app import make_app
+from nodes.membership import Membership
+
+#: thresholds low enough that a few hundred real digits queries a second make a variant hot
+TUNING = {"scale_up_util": 0.004, "target_util": 0.002, "scale_down_util": 0.0005,
+          "hold_s": 30.0, "scale_down_after_s": 60.0, "idle_evict_s": 600.0}
+
+
+def _topology(tuning: dict[str, float] = TUNING) -> Any:
+    return parse_topology({
+        "name": "pair",
+        "hardware": {"edge-box": {"kind": "cpu", "threads": 1, "cores": 4, "memory_mb": 512},
+                     "core-box": {"kind": "cpu", "threads": 1, "cores": 8, "memory_mb": 2048}},
+        # no variants: lists: the mesh decides what each node hosts
+        "nodes": [{"name": "core-1", "tier": "core", "hardware": "core-box"},
+                  {"name": "edge-1", "tier": "edge", "hardware": "edge-box"}],
+        "links": [{"between": ["edge-1", "core-1"], "latency_ms": 1, "bandwidth_mbps": 1000}],
+        "membership": {"heartbeat_interval_s": 0.05, "missed_heartbeats": 10,
+                       "stale_after_s": 2.0, "startup_grace_s": 1.0},
+        "placement": {"interval_s": 0.2, "tuning": tuning},
+    })
+
+
+class Clock:
+    """The placement's time, moved by the test."""
+
+    def __init__(self) -> None:
+        self.now = 1_000.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+@contextlib.asynccontextmanager
+async def live_mesh(topology: Any, home: Path, clock: Clock
+                    ) -> AsyncIterator[dict[str, NodeAgent]]:
+    ports = {n: unused_port() for n in topology.nodes}
+    agents: dict[str, NodeAgent] = {}
+    async with contextlib.AsyncExitStack() as stack:
+        for name in ("core-1", "edge-1"):  # the parent first: the edge copies its registry
+            (home.parent / f"home-{name}").mkdir(exist_ok=True)
+            neighbours = {n: f"http://127.0.0.1:{ports[n]}" for n in topology.neighbours(name)}
+            config = AgentConfig(node=name, topology=topology, home=home if name == "core-1"
+                                 else home.parent / f"home-{name}", neighbours=neighbours,
+                                 mesh_key=b"k" * 32)
+            agent = await stack.enter_async_context(NodeAgent(config, placement_clock=clock))
+            membership = await stack.enter_async_context(Membership.for_agent(agent))
+            app = make_app(agent, address=f"http://127.0.0.1:{ports[name]}")
+            membership.add_routes(app)
+            server = TestServer(app, port=ports[name])
+            await server.start_server()
+            stack.push_async_callback(server.close)
+            agents[name] = agent
+        yield agents
+
+
+async def until(predicate: Callable[[], Any], what: str, timeout_s: float = 20.0) -> Any:
+    deadline = time.monotonic() + timeout_s
+    while True:
+        value = predicate()
+        if value:
+            return value
+        if time.monotonic() > deadline:
+            raise AssertionError(f"not within {timeout_s:g} s: {what}")
+        await asyncio.sleep(0.02)
+
+
+async def load(agent: NodeAgent, images: np.ndarray, seconds: float, slo: SLO) -> int:
+    """Queries entering at ``agent`` as a client's would, 8 at a time, for ``seconds``."""
+    sent = 0
+    stop = time.monotonic() + seconds
+
+    async def one(i: int) -> None:
+        req = InferRequest(task="digits", tensors=[images[i % len(images)][None]], slo=slo,
+                           request_id=f"q{i}")
+        await agent.infer(req, from_client=True)
+
+    while time.monotonic() < stop:
+        await asyncio.gather(*(one(sent + k) for k in range(8)))
+        sent += 8
+    return sent
+
+
+def decisions(agent: NodeAgent, kind: str, node: str | None = None) -> list[dict[str, Any]]:
+    live = agent.status()["placement"]["live"]
+    return [d for d in agent.placement.history if d["kind"] == kind
+            and (node is None or d["node"] == node)] if live else []
+
+
+async def test_rising_load_adds_workers_on_the_node_and_falling_load_takes_them_back(
+        digits_home: Path, heldout: Any) -> None:
+    images = heldout[0].astype(np.float32)
+    clock = Clock()
+    async with live_mesh(_topology(), digits_home, clock) as agents:
+        core, edge = agents["core-1"], agents["edge-1"]
+        # The root's first round publishes the base placement; the edge adopts it.
+        await until(lambda: edge.placement.version and
+                    edge.placement.version == core.placement.version, "the edge adopts a placement")
+        hosted = dict(edge.placement.placement.variants("edge-1"))
+        assert hosted and all(w == 1 for w in hosted.values())
+
+        # Load: digits queries entering at the edge, served there.
+        sent = await load(edge, images, 3.0, SLO(latency_ms=50))
+        assert sent > 100
+        served = core.placement.load().served.get("edge-1", {})
+        hot = max(served, key=lambda v: served[v].busy or 0.0)
+        assert served[hot].rate_qps > 10  # the edge's measurements reached the root
+        added = await until(lambda: decisions(core, "add-workers", "edge-1"),
+                            "the root adds workers on the edge")
+        assert added[0]["variant"] == hot and added[0]["cause"] == "load"
+        assert "busy" in added[0]["reason"] or "util" in added[0]["reason"]
+        want = added[0]["workers"]
+        assert want > 1
+        await until(lambda: edge.models.workers(hot) == want, "the edge runs the new workers")
+        row = next(v for v in edge.status()["variants"] if v["name"] == hot)
+        assert row["workers"] == want
+        # ... and still answers on every worker
+        assert await load(edge, images, 0.5, SLO(latency_ms=50)) > 0
+
+        # The load stops. Nothing changes before the cool-down has passed...
+        await until(lambda: (core.placement.load().served.get("edge-1", {}).get(hot) is None
+                             or core.placement.load().served["edge-1"][hot].rate_qps < 0.5),
+                    "the edge reports its variant cold")
+        rounds = core.placement.rounds
+        await until(lambda: core.placement.rounds > rounds + 2, "a few more rounds")
+        assert not decisions(core, "remove-workers", "edge-1")
+        # ... and after it (the test's clock jumps), the workers go back.
+        clock.now += 2 * TUNING["scale_down_after_s"]
+        await until(lambda: decisions(core, "remove-workers", "edge-1"),
+                    "the root takes the workers back")
+        await until(lambda: edge.models.workers(hot) == 1, "the edge retires its extra workers")
+        # No flapping: one step up, one step down.
+        assert len(decisions(core, "add-workers", "edge-1")) == 1
+        assert len(decisions(core, "remove-workers", "edge-1")) == 1
+        status = edge.status()["placement"]["live"]
+        assert status["version"] == core.placement.version
+        assert status["hosts"][hot] == 1
