@@ -39,6 +39,18 @@ def test_nodes_allow_variants_by_glob() -> None:
     assert topo.nodes["edge-1"].allows("digits-mlp")
 
 
+def test_deny_variants_are_inherited_node_over_group_over_tier() -> None:
+    data = _grouped(deny_variants=["digits-cnn*"])
+    data["tiers"] = {"edge": {"deny_variants": ["*torch*"]}}
+    data["nodes"][3]["deny_variants"] = []  # edge-2: an empty list of its own wins too
+    topo = parse_topology(data)
+    assert topo.nodes["edge-1"].deny_variants == ("*torch*",)  # the tier's
+    assert topo.nodes["edge-2"].deny_variants is None
+    assert topo.nodes["cam-3"].deny_variants == ("digits-cnn*",)  # the group's
+    assert topo.nodes["mid-1"].deny_variants is None  # another tier
+    assert topo.summary()["deny_patterns"] == {"*torch*": 1, "digits-cnn*": 5}
+
+
 @pytest.mark.parametrize(
     ("mutate", "expected"),
     [
@@ -78,6 +90,17 @@ def test_nodes_allow_variants_by_glob() -> None:
         (lambda d: d["nodes"][3]["address"].update(stream_port=7103),
          "nodes[3].address: http_port and stream_port are both 7103"),
         (lambda d: d["nodes"][0]["address"].pop("host"), "nodes[0].address.host: required"),
+        (lambda d: d["nodes"][2].update(deny_variants="digits-*"),
+         "nodes[2].deny_variants: must be a list of variant names or globs, "
+         'e.g. deny_variants: ["digits-*"]'),
+        (lambda d: d["nodes"][2].update(deny_variants=["digits-cnn", 7]),
+         "nodes[2].deny_variants[1]: must be a variant name or glob (a non-empty string)"),
+        (lambda d: d["nodes"][2].update(deny_variants=[""]),
+         "nodes[2].deny_variants[0]: must be a variant name or glob"),
+        (lambda d: d.update(tiers={"edge": {"deny_variants": {"digits": True}}}),
+         "tiers.edge.deny_variants: must be a list of variant names or globs"),
+        (lambda d: d["nodes"][1].update(variants="digits-*"),
+         "nodes[1].variants: must be a list of variant names or globs"),
     ],
 )
 def test_errors_name_the_key_path(mutate, expected: str) -> None:
