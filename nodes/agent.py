@@ -862,7 +862,7 @@ class NodeAgent:
             "address": address,
             "stream_address": stream_address,
             "topology": self.config.topology.name,
-            #: what this node hosts and why: its globs, or the mesh's placement and its reasons
+            #: what this node hosts and why: its allow/deny globs, the placement, its reasons
             "placement": self.planner.hosting.explain(self.name),
             #: the registry version this node serves (the core's, once copied down the tree)
             "registry_version": self.registry.version,
