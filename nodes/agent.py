@@ -922,7 +922,8 @@ class NodeAgent:
             "address": address,
             "stream_address": stream_address,
             "topology": self.config.topology.name,
-            #: what this node hosts and why: its globs, or the mesh's placement and its reasons
+            #: what this node hosts and why: its allow/deny globs, the placement, its reasons,
+            #: and the live placement (version, workers, the root's latest decisions)
             "placement": {**self.planner.hosting.explain(self.name),
                           "live": self.placement.status()},
             #: the registry version this node serves (the core's, once copied down the tree)

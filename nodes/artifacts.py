@@ -10,7 +10,7 @@ to its name (corrupt, truncated) is refused and fetched again, up to
 ``attempts`` times. Concurrent requests for one artifact share one pull.
 
 Who gets what (:class:`PullPolicy`): a node pulls and keeps, for itself,
-only the artifacts of variants its topology entry allows. It serves an
+only the artifacts of the variants the mesh places on it. It serves an
 artifact only to a pull from one of its *children* (a neighbour whose parent
 it is) that proved it is a mesh node (the pull carries the node's name and
 peer token, :mod:`nodes.peers`), that comes from that neighbour's address,
@@ -82,7 +82,7 @@ class PullPolicy:
     def __init__(self, topology: Topology, node: str, variants: Iterable[Variant],
                  hosts: Callable[[str, str], bool] | None = None) -> None:
         """``hosts(node, variant)``: what each node hosts (the mesh's placement); default:
-        the nodes' ``variants:`` globs."""
+        what each node's allow/deny lists let in."""
         self.topology = topology
         self.node = node
         self._hosts = hosts or (lambda n, v: topology.nodes[n].allows(v))

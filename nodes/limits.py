@@ -92,8 +92,8 @@ def body_caps(registry: Registry, topology: Topology, *, max_rows: int, ceiling_
     msgpack_bytes = json_bytes = ENVELOPE_BYTES
     seen: set[str] = set()
     for variant in registry.variants.values():
-        # a managed node (no globs) may be placed anything: its tasks count too
-        if variant.task in seen or not any(n.variants is None or n.allows(variant.name)
+        # placement may put a variant on any node whose allow/deny lists let it in
+        if variant.task in seen or not any(n.allows(variant.name)
                                            for n in topology.nodes.values()):
             continue
         seen.add(variant.task)

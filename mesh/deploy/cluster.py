@@ -53,8 +53,10 @@ def _node(topology: Topology, name: str, address: NodeAddress) -> dict[str, Any]
     node = topology.nodes[name]
     out: dict[str, Any] = {"name": name, "tier": node.tier, "hardware": node.hardware,
                            "max_queue": node.max_queue}
-    if node.variants is not None:  # none: a managed node, placed by the mesh
+    if node.variants is not None:  # the allow list (none: every variant)
         out["variants"] = list(node.variants)
+    if node.deny_variants:
+        out["deny_variants"] = list(node.deny_variants)
     parent = topology.parent[name]
     if parent is not None:
         out["parent"] = parent

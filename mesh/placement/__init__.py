@@ -5,8 +5,10 @@ as arguments; decisions come out (docs/placement.md).
 Parts::
 
     catalogue.py    registry -> per (task, hardware profile): accuracy, latency, memory,
-                    throughput; the front of variants worth hosting (the dominated are not)
-    constraints.py  allow (``variants:``) and deny (``deny_variants:``) globs per node
+                    throughput; the front of variants worth hosting (the dominated are
+                    not), also within what one node may host
+    constraints.py  allow (``variants:``) and deny (``deny_variants:``) globs per node:
+                    constraints the placement chooses within, not the placement
     resources.py    a hardware class's memory, accelerator memory and worker slots
     base.py         the base placement: tiers (light at the edge, accurate inward, largest
                     on accelerators in the core), coverage of every task from every entry
@@ -19,7 +21,7 @@ Parts::
                     scale-down, eviction, restore, all with hysteresis
     accuracy.py     scale_accuracy(): a cheaper variant that still meets min_accuracy
     model.py        Placement, PlacementDecision, Round (to_json for ``mesh status``)
-    hosting.py      Hosting: what a node hosts, its globs or (managed nodes) the placement
+    hosting.py      Hosting: what each node hosts (the placement; every node is managed)
 
 Use::
 

@@ -1,31 +1,40 @@
 """The base placement: what each node hosts before any load is seen.
 
-Three rules, in this order, each within the node's allow/deny lists, what
-its hardware can run and has a profile for, and its memory:
+Three rules, in this order, each within the node's allow/deny lists (its
+constraints, :mod:`mesh.placement.constraints`), what its hardware can run
+and has a profile for, and its memory:
 
-1. **Tiers.** Of each task's front (:mod:`mesh.placement.catalogue`, the
-   variants worth hosting, lightest first) an *edge* node takes the lighter
-   half, smallest first (int8, TFLite, students and small models: tight
-   latency next to the devices); an *intermediate* node the more accurate
-   two thirds, most accurate first; a *core* node all of it, most accurate
-   first, and a core node with an accelerator the largest first, plus the
-   dominated variants (the torch originals) that nothing else hosts. A node
-   whose allow list leaves none of its tier's share of a task takes the
-   allowed variant nearest to that share instead. Tasks take turns, so one
-   large family cannot crowd out the others. This fills at most
-   ``base_memory_frac`` of the node's memory; the rest is left for scaling.
+1. **Tiers.** A node chooses from *its* front: the variants of a task it may
+   host, less those dominated by another it may host
+   (:meth:`~mesh.placement.catalogue.Catalogue.front_among`; a variant
+   dominated only by one the node may not host is worth hosting there). Its
+   tier's share is a band of accuracy on the task's whole front on its
+   hardware: an *edge* node takes the lighter half, smallest first (int8,
+   TFLite, students and small models: tight latency next to the devices);
+   an *intermediate* node the more accurate two thirds, most accurate first;
+   a *core* node all of it, most accurate first, and a core node with an
+   accelerator the largest first, plus the dominated variants (the torch
+   originals) that nothing else hosts. The band does not depend on the
+   lists, so a constraint narrows a node's share and never shifts it. A
+   node whose allow list leaves none of its tier's share of a task takes the
+   allowed variant nearest to that share instead. A root (no parent) takes
+   a core's share whatever its tier: nothing inward of it could serve the
+   accurate variants. Tasks take turns, so one large family cannot crowd out
+   the others. This fills at most ``base_memory_frac`` of the node's memory;
+   the rest is left for scaling.
 2. **Coverage.** Every task must have a host on the path from every edge
    node up to its root (the hierarchy of parents), so that a query entering
    anywhere can be served. One pass down finds the entry nodes whose path
    lacks a task; one pass up gives it to the lowest node of that path that
-   can hold its smallest allowed variant in its whole memory. A task no node of some path can
-   host is reported as uncovered.
+   can hold its smallest allowed variant in its whole memory. A task no node
+   of some path can host is reported as uncovered.
 3. **Tenants.** The same coverage holds within each tenant's nodes, for the
    tasks it may run.
 
-Nodes that share a tier, a hardware class and a rule share one computation
-of rule 1, so a mesh of 10,000 nodes in a few groups costs little more than
-one of ten; coverage is two passes per scope: O(nodes x tasks).
+Nodes that share a tier, a hardware class, a rule and being a root share one
+computation of rule 1, and each distinct rule's front is computed once per
+task, so a mesh of 10,000 nodes in a few groups costs little more than one
+of ten; coverage is two passes per scope: O(nodes x tasks).
 """
 
 from __future__ import annotations
@@ -83,41 +92,69 @@ class _Fill:
         return True
 
 
-def _tier_choices(tier: str, res: NodeResources, rule: HostRule, failed: frozenset[str],
-                  catalogue: Catalogue, tuning: Tuning) -> dict[str, tuple[Cause, str]]:
-    """Rule 1 for one kind of node: variant -> (cause, reason)."""
+def _usable(task: str, key: str, res: NodeResources, rule: HostRule, failed: frozenset[str],
+            catalogue: Catalogue) -> frozenset[str]:
+    """The variants of ``task`` a node may host: its rule permits them, its hardware runs
+    them and it has not failed to load them."""
+    return frozenset(o.name for o in catalogue.options(task, key)
+                     if rule.permits(o.name) and res.can_run(o.variant) and o.name not in failed)
+
+
+def _dominator_barred(o: Option, in_front: set[str]) -> str:
+    """A note for a variant placed because what dominates it may not be placed here."""
+    if o.dominated_by and o.name in in_front:
+        return f"; {o.dominated_by} dominates it but may not be placed here"
+    return ""
+
+
+def _tier_choices(tier: str, root: bool, res: NodeResources, rule: HostRule,
+                  failed: frozenset[str], catalogue: Catalogue, tuning: Tuning
+                  ) -> dict[str, tuple[Cause, str]]:
+    """Rule 1 for one kind of node: variant -> (cause, reason).
+
+    The tier's share is an accuracy band of the task's whole front on this hardware; the
+    node takes the variants of *its* front (within its constraints) that fall in it, so a
+    constraint narrows what a node may take and never shifts its share.
+    """
     key = res.profile_key
+    tie = tuning.accuracy_tie
+    role = "core" if root else tier  # nothing above a root: it is the core of its tree
     ranked: list[list[tuple[Option, str]]] = []
     for task in catalogue.tasks:
-        front = catalogue.front(task, key)
-        k = len(front)
-        if tier == "edge":
-            window = sorted(front[:math.ceil(k / 2)],
+        whole = catalogue.front(task, key)
+        usable = _usable(task, key, res, rule, failed, catalogue)
+        front = catalogue.front_among(task, key, usable)
+        in_front = {o.name for o in front}
+        k = len(whole)
+        where = f"{task}'s {k} useful variants on {key}"
+        if role == "edge":
+            ceiling = whole[math.ceil(k / 2) - 1].accuracy + tie if k else -math.inf
+            window = sorted((o for o in front if o.accuracy <= ceiling),
                             key=lambda o: (o.memory_bytes, o.latency_ms, o.name))
-            why = f"edge: in the lighter half of {task}'s {k} useful variants on {key}, smallest first"
-        elif tier == "intermediate":
-            window = sorted(front[k // 3:], key=lambda o: (-o.accuracy, o.latency_ms, o.name))
-            why = f"intermediate: in the more accurate two thirds of {task}'s {k} useful variants"
+            why = f"edge: in the lighter half of {where}, smallest first"
+        elif role == "intermediate":
+            floor = whole[k // 3].accuracy - tie if k else math.inf
+            window = sorted((o for o in front if o.accuracy >= floor),
+                            key=lambda o: (-o.accuracy, o.latency_ms, o.name))
+            why = f"intermediate: in the more accurate two thirds of {where}"
         elif res.accelerated:
-            dominated = [o for o in catalogue.options(task, key) if o.dominated_by]
-            window = sorted(list(front) + dominated, key=lambda o: (-o.memory_bytes, o.name))
+            dominated = [o for o in catalogue.options(task, key)
+                         if o.name in usable and o.name not in in_front]
+            window = sorted([*front, *dominated], key=lambda o: (-o.memory_bytes, o.name))
             why = f"core with an accelerator: {task}'s variants, largest first"
         else:
             window = sorted(front, key=lambda o: (-o.accuracy, o.latency_ms, o.name))
             why = f"core: every useful variant of {task}, most accurate first"
-        usable = [o for o in window
-                  if rule.permits(o.name) and res.can_run(o.variant) and o.name not in failed]
-        if not usable and rule.allow:
+        if root and tier != "core":
+            why = f"a root {tier} node (nothing above it) takes a core's share; {why}"
+        if not window and front and rule.allow is not None:
             # The node's allow list leaves none of its tier's share: take the allowed variant
             # nearest to that share rather than none (the list says the node is meant for it).
-            allowed = [o for o in front
-                       if rule.permits(o.name) and res.can_run(o.variant) and o.name not in failed]
-            if allowed:
-                nearest = allowed[0] if tier == "edge" else allowed[-1]
-                usable = [nearest]
-                why = (f"{tier}: the allow list leaves none of its tier's share of {task}; "
-                       f"the {'lightest' if tier == 'edge' else 'most accurate'} it allows")
-        ranked.append([(o, f"{why} ({o.describe()})") for o in usable])
+            window = [front[0] if role == "edge" else front[-1]]
+            why = (f"{tier}: the allow list leaves none of its tier's share of {task}; "
+                   f"the {'lightest' if role == 'edge' else 'most accurate'} it allows")
+        ranked.append([(o, f"{why} ({o.describe()}{_dominator_barred(o, in_front)})")
+                       for o in window])
     fill = _Fill(res.memory_bytes * tuning.base_memory_frac,
                  res.accelerator_bytes * tuning.base_memory_frac)
     chosen: dict[str, tuple[Cause, str]] = {}
@@ -145,11 +182,12 @@ def base_placement(topology: Topology, catalogue: Catalogue, constraints: Constr
     for name, spec in topology.nodes.items():
         rule = constraints.rule(name)
         bad = failed.get(name, frozenset())
-        key = (spec.tier, spec.hardware, rule.key, bad)
+        root = topology.parent.get(name) is None
+        key = (spec.tier, root, spec.hardware, rule.key, bad)
         chosen = memo.get(key)
         if chosen is None:
-            chosen = memo[key] = _tier_choices(spec.tier, resources[spec.hardware], rule, bad,
-                                               catalogue, tuning)
+            chosen = memo[key] = _tier_choices(spec.tier, root, resources[spec.hardware], rule,
+                                               bad, catalogue, tuning)
         hosts[name] = chosen  # shared until coverage adds to it (copied then)
     cover = _Coverage(topology, catalogue, constraints, tuning, resources, hosts, failed)
     uncovered = cover.run(None, catalogue.tasks)
@@ -206,13 +244,15 @@ class _Coverage:
 
     def _smallest(self, node: str, task: str) -> Option | None:
         res = self.resources[self.topology.nodes[node].hardware]
-        rule = self.constraints.rule(node)
-        bad = self.failed.get(node, frozenset())
+        key = res.profile_key
+        usable = _usable(task, key, res, self.constraints.rule(node),
+                         self.failed.get(node, frozenset()), self.catalogue)
+        in_front = {o.name for o in self.catalogue.front_among(task, key, usable)}
         fill = self._free(node)
-        usable = [o for o in self.catalogue.options(task, res.profile_key)
-                  if rule.permits(o.name) and res.can_run(o.variant) and o.name not in bad]
-        # The front first (a dominated variant only when nothing better fits), then smallest.
-        for o in sorted(usable, key=lambda o: (bool(o.dominated_by), o.memory_bytes, o.name)):
+        # The node's front first (a dominated variant only when nothing better fits), then
+        # smallest.
+        for o in sorted((o for o in self.catalogue.options(task, key) if o.name in usable),
+                        key=lambda o: (o.name not in in_front, o.memory_bytes, o.name)):
             if fill.take(o, res):
                 return o
         return None

@@ -4,14 +4,20 @@ accuracy, latency, memory and throughput, and which variants are worth hosting a
 A variant is *dominated* on a hardware class when another variant of its
 task is as accurate (within ``accuracy_tie``: float noise),
 as fast at batch 1 and as small, and better in one of them: no policy
-would ever prefer it there, so it is never placed outside the
-accelerators of the core (where the largest belong). The rest,
-ordered from the lightest (least accurate, fastest) to the heaviest, is the
-task's *front*: placement gives the edge its lighter half and the inner
-tiers the more accurate part.
+would ever prefer it there. The rest, ordered from the lightest (least
+accurate, fastest) to the heaviest, is the task's *front*
+(:meth:`Catalogue.front`): placement gives the edge its lighter half and
+the inner tiers the more accurate part.
 
-Everything is computed once per (task, profile key) and kept; a new
-registry (a new model) means a new catalogue.
+What a node hosts is judged within its constraints: among the variants its
+allow/deny lists permit (and its hardware runs), a variant dominated only
+by one the node may not host is worth hosting there
+(:meth:`Catalogue.front_among`). The globally dominated ones (the torch
+originals) go only to accelerators in the core.
+
+Everything is computed once per (task, profile key), and each node's front
+once per distinct set of permitted variants, and kept; a new registry (a new
+model) means a new catalogue.
 """
 
 from __future__ import annotations
@@ -80,6 +86,7 @@ class Catalogue:
         self.tasks: tuple[str, ...] = tuple(sorted(by_task))
         self.fingerprint = fingerprint(self.variants.values())
         self._options: dict[tuple[str, str], tuple[Option, ...]] = {}
+        self._fronts: dict[tuple[str, str, frozenset[str]], tuple[Option, ...]] = {}
         self._by_name: dict[tuple[str, str], Option] = {}
 
     def options(self, task: str, profile_key: str) -> tuple[Option, ...]:
@@ -118,6 +125,22 @@ class Catalogue:
     def front(self, task: str, profile_key: str) -> tuple[Option, ...]:
         """The options of ``task`` no other option dominates, lightest first."""
         return tuple(o for o in self.options(task, profile_key) if not o.dominated_by)
+
+    def front_among(self, task: str, profile_key: str, names: frozenset[str]
+                    ) -> tuple[Option, ...]:
+        """The options of ``task`` named in ``names`` that no other option *among them*
+        dominates, lightest first: the front a node sees within its constraints.
+
+        Memoised per (task, profile key, names), so nodes that share a rule share the work.
+        """
+        key = (task, profile_key, names)
+        found = self._fronts.get(key)
+        if found is None:
+            among = [o for o in self.options(task, profile_key) if o.name in names]
+            tie = self.tuning.accuracy_tie
+            found = tuple(o for o in among if not any(_dominates(w, o, tie) for w in among))
+            self._fronts[key] = found
+        return found
 
     def option(self, variant: str, profile_key: str) -> Option | None:
         """``variant`` on ``profile_key``; None when it is unknown or has no profile there."""

@@ -1,11 +1,12 @@
 """Where each variant may be placed: a node's allow and deny globs.
 
-A node's ``variants`` (its own, else its tier's) are an *allow list* when
-given: placement chooses only among the variants they match. A node that
-lists none may host any variant. ``deny_variants`` (the node's, else its
-tier's) are never hosted there, whatever the allow list says. Until the
-topology schema carries ``deny_variants``, deny lists can be passed in by
-node name.
+A node's ``variants`` (its own, else its group's, else its tier's) are its
+*allow list*: placement chooses only among the variants they match; a node
+with no allow list anywhere may host any variant, and an empty one none.
+``deny_variants`` (resolved the same way) are never hosted there, whatever
+the allow list says: deny wins. Both are constraints, not the placement:
+what a node hosts is what placement computes within them
+(:mod:`mesh.placement.base`).
 
 Nodes of one group share one :class:`HostRule`, and each rule remembers its
 answers, so checking every variant on every node of a 10,000-node mesh
@@ -15,7 +16,6 @@ costs one glob match per (distinct rule, variant).
 from __future__ import annotations
 
 import fnmatch
-from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 
 from mesh.topology import Topology
@@ -25,9 +25,9 @@ __all__ = ["HostRule", "Constraints"]
 
 @dataclass(frozen=True, slots=True)
 class HostRule:
-    """Allow globs (empty: everything) and deny globs (they win) of one or more nodes."""
+    """Allow globs (None: everything) and deny globs (they win) of one or more nodes."""
 
-    allow: tuple[str, ...] = ()
+    allow: tuple[str, ...] | None = None
     deny: tuple[str, ...] = ()
     _memo: dict[str, bool] = field(default_factory=dict, compare=False, hash=False, repr=False)
 
@@ -43,33 +43,34 @@ class HostRule:
         denied = next((p for p in self.deny if fnmatch.fnmatchcase(variant, p)), None)
         if denied is not None:
             return f"denied by {denied!r}"
-        if self.allow and not any(fnmatch.fnmatchcase(variant, p) for p in self.allow):
+        if self.allow is not None and not any(fnmatch.fnmatchcase(variant, p)
+                                              for p in self.allow):
             return f"not in the allow list {list(self.allow)}"
         return None
 
     @property
-    def key(self) -> tuple[tuple[str, ...], tuple[str, ...]]:
+    def key(self) -> tuple[tuple[str, ...] | None, tuple[str, ...]]:
         return (self.allow, self.deny)
+
+    def describe(self) -> dict[str, list[str]]:
+        """The globs, for status pages: ``allow`` (when there is an allow list), ``deny``."""
+        out: dict[str, list[str]] = {}
+        if self.allow is not None:
+            out["allow"] = list(self.allow)
+        if self.deny:
+            out["deny"] = list(self.deny)
+        return out
 
 
 class Constraints:
-    """Each node's :class:`HostRule`, read from a topology (plus deny lists passed in)."""
+    """Each node's :class:`HostRule`, read from a topology's ``variants`` and ``deny_variants``."""
 
-    def __init__(self, topology: Topology, *,
-                 deny: Mapping[str, Iterable[str]] | None = None) -> None:
-        """``deny``: node name -> extra deny globs. Raises ``ValueError`` for an unknown node."""
-        extra = {n: tuple(globs) for n, globs in (deny or {}).items()}
-        unknown = sorted(set(extra) - set(topology.nodes))
-        if unknown:
-            raise ValueError(f"deny lists name nodes not in topology {topology.name!r}: {unknown}")
-        interned: dict[tuple[tuple[str, ...], tuple[str, ...]], HostRule] = {}
+    def __init__(self, topology: Topology) -> None:
+        interned: dict[tuple[tuple[str, ...] | None, tuple[str, ...]], HostRule] = {}
         self.rules: dict[str, HostRule] = {}
         for name, spec in topology.nodes.items():
-            # deny_variants: the schema field proposed for the topology file; read when present.
-            has_field = "deny_variants" in type(spec).model_fields
-            own = getattr(spec, "deny_variants", None) if has_field else None
-            denied = tuple(own or ()) + extra.get(name, ())
-            key = (tuple(spec.variants or ()), denied)
+            key = (tuple(spec.variants) if spec.variants is not None else None,
+                   tuple(spec.deny_variants or ()))
             rule = interned.get(key)
             if rule is None:
                 rule = interned[key] = HostRule(*key)

@@ -130,6 +130,16 @@ class Autoscaler:
         self.history.extend(out)
         return Round(self.placement, tuple(out), now, dict(base.unplaced))
 
+    def use_constraints(self, constraints: Constraints) -> None:
+        """New allow/deny lists (the topology's globs changed): the next round recomputes
+        the base placement within them and drops, with cause ``topology``, what they no
+        longer let in. Raises ``ValueError`` when they are not for this topology's nodes."""
+        if set(constraints.rules) != set(self.topology.nodes):
+            raise ValueError(f"these allow/deny lists are not for topology "
+                             f"{self.topology.name!r} (other nodes)")
+        self.constraints = constraints
+        self._base_key = None  # the base placement is stale
+
     # ------------------------------------------------------------------ helpers the ladder uses
     def held(self, pair: Pair, now: float) -> bool:
         """Whether ``pair`` changed less than ``hold_s`` ago."""

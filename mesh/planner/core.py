@@ -73,8 +73,8 @@ class Planner:
                  per_group: int | None = None, seed: int = 0, tls: bool = False,
                  hosting: Hosting | None = None) -> None:
         """``tls``: hops run over mutual TLS, which costs ``tls_hop_ms`` more each.
-        ``hosting``: what each node hosts (default: from the topology's globs, and the
-        computed placement for nodes without any)."""
+        ``hosting``: what each node hosts (default: the computed placement, within each
+        node's allow/deny globs)."""
         self.topology = topology
         self.registry = registry
         self.hosting = hosting if hosting is not None else Hosting(topology, registry)

@@ -308,15 +308,15 @@ def hosts_by_node(topology: Topology, variants: Iterable[Variant], *,
                   ) -> dict[str, list[tuple[Variant, Profile]]]:
     """For one task's variants: node -> the variants it hosts that have a profile there.
 
-    ``hosting``: a :class:`mesh.placement.Hosting` (what each node hosts); default: the
-    nodes' ``variants:`` globs.
+    ``hosting``: a :class:`mesh.placement.Hosting` (what each node hosts); default: what
+    the nodes' allow/deny lists let in.
     """
     variants = sorted(variants, key=lambda v: v.name)
     memo: dict[tuple[Any, str], list[tuple[Variant, Profile]]] = {}
     out: dict[str, list[tuple[Variant, Profile]]] = {}
     for name in allowed_nodes if allowed_nodes is not None else topology.nodes:
         spec = topology.nodes[name]
-        rule = hosting.key(name) if hosting is not None else (spec.variants or ())
+        rule = hosting.key(name) if hosting is not None else (spec.variants, spec.deny_variants)
         key = (rule, topology.hardware[spec.hardware].profile_key)
         hosted = memo.get(key)
         if hosted is None:

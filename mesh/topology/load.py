@@ -39,9 +39,27 @@ def _key_path(loc: tuple[Any, ...]) -> str:
     return out or "(top level)"
 
 
+#: The glob-list keys (allow and deny lists) and what an entry of one must be.
+_GLOB_LISTS = ("variants", "deny_variants")
+
+
+def _glob_message(loc: tuple[Any, ...], kind: str) -> str | None:
+    """A plain message for a bad ``variants`` / ``deny_variants`` value or entry."""
+    if loc and loc[-1] in _GLOB_LISTS and kind == "tuple_type":
+        return (f"must be a list of variant names or globs, e.g. {loc[-1]}: [\"digits-*\"] "
+                "(a single glob needs brackets too)")
+    if len(loc) >= 2 and loc[-2] in _GLOB_LISTS and isinstance(loc[-1], int) and kind in (
+            "string_type", "string_too_short"):
+        return "must be a variant name or glob (a non-empty string)"
+    return None
+
+
 def _message(err: dict[str, Any]) -> str:
     ctx = err.get("ctx") or {}
     kind = err["type"]
+    glob = _glob_message(tuple(err["loc"]), kind)
+    if glob is not None:
+        return glob
     if kind == "missing":
         return "required"
     if kind == "extra_forbidden":
@@ -139,7 +157,7 @@ def _expand_group(i: int, group: Group, known: list[str], taken: dict[str, str]
             taken[name] = where
             nodes.append(Node.model_construct(
                 name=name, tier=group.tier, hardware=group.hardware, variants=group.variants,
-                max_queue=group.max_queue, parent=parent))
+                deny_variants=group.deny_variants, max_queue=group.max_queue, parent=parent))
             links.append(Link.model_construct(
                 between=(name, parent), latency_ms=_spread(link.latency_ms, j, size),
                 bandwidth_mbps=_spread(link.bandwidth_mbps, j, size),
@@ -186,15 +204,21 @@ def _derive_parents(nodes: list[Node], links: list[Link], where_of: dict[str, st
     return parent
 
 
-def without_variants(doc: dict[str, Any]) -> dict[str, Any]:
-    """``doc`` (a parsed topology document, changed in place) with every
-    ``variants`` list removed from tiers, nodes and groups: the same mesh,
-    fully managed (placement decides what each node hosts)."""
-    for spec in (doc.get("tiers") or {}).values():
-        spec.pop("variants", None)
-    for key in ("nodes", "groups"):
-        for spec in doc.get(key) or ():
-            spec.pop("variants", None)
+def without_variants(doc: dict[str, Any], *, deny: bool = False) -> dict[str, Any]:
+    """``doc`` (a parsed topology document, changed in place) with every ``variants``
+    allow list removed from tiers, nodes and groups: the same mesh, placed by the mesh
+    within its deny lists only.
+
+    Deny lists are kept: they say what a node must never host (a runtime it lacks, a
+    model it may not run), which stays true whatever placement decides. ``deny=True``
+    removes them too: the mesh with no globs at all.
+    """
+    keys = ("variants", "deny_variants") if deny else ("variants",)
+    specs = [*(doc.get("tiers") or {}).values(), *(doc.get("nodes") or ()),
+             *(doc.get("groups") or ())]
+    for spec in specs:
+        for key in keys:
+            spec.pop(key, None)
     return doc
 
 
@@ -280,10 +304,14 @@ def parse_topology(data: Any, *, source: str = "topology") -> Topology:
     resolved = []
     for node in nodes:
         defaults = spec.tiers.get(node.tier)
+        # A node's allow and deny lists: its own (or its group's), else its tier's. None
+        # (no list anywhere): no constraint of that kind. Either way placement decides.
         variants = node.variants
         if variants is None and defaults is not None and defaults.variants:
             variants = defaults.variants
-        # None (no globs anywhere): the node is managed; its placement is computed
+        deny = node.deny_variants
+        if deny is None and defaults is not None:
+            deny = defaults.deny_variants
         max_queue = node.max_queue
         if max_queue is None:
             max_queue = (defaults.max_queue if defaults is not None and defaults.max_queue
@@ -292,6 +320,7 @@ def parse_topology(data: Any, *, source: str = "topology") -> Topology:
                                              hardware=node.hardware,
                                              variants=tuple(variants) if variants is not None
                                              else None,
+                                             deny_variants=tuple(deny) if deny else None,
                                              max_queue=max_queue, parent=parent[node.name],
                                              address=node.address))
     return Topology(spec.name, dict(spec.hardware), resolved, links, tenants=list(spec.tenants),

@@ -8,7 +8,7 @@ checked by :mod:`mesh.topology.load`, which also expands ``groups``.
 from __future__ import annotations
 
 import fnmatch
-from typing import Literal
+from typing import Annotated, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
@@ -76,11 +76,17 @@ class HardwareClass(_Schema):
 
 
 
+#: A variant name or a glob over names (``digits-*``): the entries of ``variants`` and
+#: ``deny_variants``.
+VariantGlob = Annotated[str, Field(min_length=1)]
+
+
 class TierSpec(_Schema):
     """Defaults for the nodes of one tier (a node's own keys win)."""
 
     description: str = ""
-    variants: tuple[str, ...] | None = None
+    variants: tuple[VariantGlob, ...] | None = None
+    deny_variants: tuple[VariantGlob, ...] | None = None
     max_queue: int | None = Field(None, ge=1)
 
 
@@ -115,8 +121,12 @@ class Node(_Schema):
     name: str = Field(min_length=1, max_length=63, pattern=NAME_PATTERN)
     tier: Tier
     hardware: str
-    #: Variant names or glob patterns this node may host; missing = the tier's default.
-    variants: tuple[str, ...] | None = None
+    #: The allow list: variant names or globs this node may host; missing = its group's, else
+    #: its tier's; none anywhere = every variant. Placement chooses what it hosts within it.
+    variants: tuple[VariantGlob, ...] | None = None
+    #: The deny list: variants this node must never host, whatever ``variants`` says;
+    #: missing = its group's, else its tier's.
+    deny_variants: tuple[VariantGlob, ...] | None = None
     max_queue: int | None = Field(None, ge=1)
     #: The node it reports to; missing = derived (the nearest linked node of a higher tier).
     parent: str | None = None
@@ -124,8 +134,13 @@ class Node(_Schema):
     address: NodeAddress | None = None
 
     def allows(self, variant: str) -> bool:
-        """Whether this node may host ``variant`` (entries may be glob patterns)."""
-        return any(fnmatch.fnmatchcase(variant, pattern) for pattern in self.variants or ())
+        """Whether this node's constraints let it host ``variant``: not matched by a
+        ``deny_variants`` glob, and matched by a ``variants`` glob when it has an allow list.
+        What it does host is placement's choice within them (:mod:`mesh.placement`)."""
+        if any(fnmatch.fnmatchcase(variant, pattern) for pattern in self.deny_variants or ()):
+            return False
+        return self.variants is None or any(fnmatch.fnmatchcase(variant, pattern)
+                                            for pattern in self.variants)
 
 
 
@@ -162,7 +177,8 @@ class Group(_Schema):
     count: int | None = Field(None, ge=1, le=1_000_000)
     per_parent: int | None = Field(None, ge=1, le=100_000)
     start: int = Field(1, ge=0)
-    variants: tuple[str, ...] | None = None
+    variants: tuple[VariantGlob, ...] | None = None
+    deny_variants: tuple[VariantGlob, ...] | None = None
     max_queue: int | None = Field(None, ge=1)
     link: GroupLink
 

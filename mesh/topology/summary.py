@@ -100,9 +100,12 @@ def summarise(topo: Summarised) -> dict[str, Any]:
         if cut_off:
             edge_to_core["edges_without_a_core"] = len(cut_off)
     hosts: dict[str, int] = {}
+    denied: dict[str, int] = {}
     for spec in topo.nodes.values():
         for pattern in spec.variants or ():
             hosts[pattern] = hosts.get(pattern, 0) + 1
+        for pattern in spec.deny_variants or ():
+            denied[pattern] = denied.get(pattern, 0) + 1
     m = topo.membership
     return {
         "name": topo.name,
@@ -117,7 +120,9 @@ def summarise(topo: Summarised) -> dict[str, Any]:
         "path_latency_ms": {"min": min(latencies, default=0.0), "max": longest,
                             "method": f"min: lightest link (exact); max: {method}"},
         "edge_to_nearest_core_ms": edge_to_core,
+        # allow / deny globs -> how many nodes carry them (placement chooses within them)
         "variant_patterns": dict(sorted(hosts.items())),
+        "deny_patterns": dict(sorted(denied.items())),
         "membership": {"heartbeat_interval_s": m.heartbeat_interval_s,
                        "down_after_s": m.down_after_s, "stale_after_s": m.stale_after_s},
         "unreachable": topo.unreachable(),

@@ -143,9 +143,10 @@ def test_bad_input_gets_a_clear_4xx_and_the_node_keeps_serving(mesh: LocalMesh, 
             client.infer("digits", np.zeros((5000, 64), np.float32))
 
 
-def test_status_reports_every_node(mesh: LocalMesh, heldout) -> None:
+def test_status_reports_every_node(mesh: LocalMesh, built_home: Path, heldout) -> None:
     import asyncio
 
+    from mesh.registry import Registry
     from mesh.status import fetch_status
 
     images, _ = heldout
@@ -159,11 +160,21 @@ def test_status_reports_every_node(mesh: LocalMesh, heldout) -> None:
     assert rows["edge-1"]["forwarded"].get("mid-1", 0) >= 5
     assert rows["mid-1"]["served_local"] >= 5
     assert rows["edge-1"]["latency_ms"]["p50"] is not None
-    assert {v["name"] for v in rows["core-1"]["variants"]} >= {
-        "digits-linear", "digits-mlp", "digits-cnn", "minilm-torch-fp32"}
+    # the core hosts the cheap variants and the most accurate of every task (as placed)
+    registry = Registry.load(built_home)
+    core_variants = {v["name"] for v in rows["core-1"]["variants"]}
+    assert {"digits-linear", "digits-mlp"} <= core_variants
+    for task in registry.tasks():
+        best = max(v.accuracy for v in registry.for_task(task))
+        assert any(registry.get(v).task == task and registry.get(v).accuracy >= best - 1e-6
+                   for v in core_variants), task
     edge_variants = {v["name"] for v in rows["edge-1"]["variants"]}
     assert {"digits-linear", "digits-mlp", "minilm-onnx-int8-dynamic"} <= edge_variants
     assert "digits-cnn" not in edge_variants and "minilm-torch-fp32" not in edge_variants
+    # every node says it was placed by the mesh, within which globs
+    assert rows["edge-1"]["placement"]["deny"] == ["*torch*", "minilm-*fp32"]
+    assert rows["mid-1"]["placement"]["allow"] == ["digits-mlp", "digits-cnn", "minilm-onnx-*"]
+    assert all(r["placement"]["managed"] for r in rows.values())
 
 
 def test_core_round_trip_pays_both_links_each_way(built_home: Path, tmp_path: Path, heldout) -> None:

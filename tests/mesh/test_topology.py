@@ -32,11 +32,36 @@ def test_local_topology_has_three_tiers_and_path_costs() -> None:
     assert path.transfer_ms(1_000_000) == pytest.approx(80.0)
 
 
-def test_nodes_allow_variants_by_glob() -> None:
+def test_nodes_allow_and_deny_variants_by_glob() -> None:
     topo = load_topology(ROOT / "topologies" / "local.yaml")
+    # core-1 lists nothing: it may host anything
     assert topo.nodes["core-1"].allows("digits-cnn")
-    assert not topo.nodes["edge-1"].allows("digits-cnn")
+    assert topo.nodes["core-1"].allows("minilm-torch-fp32")
+    # the edge tier's deny list: no torch, no full-precision MiniLM
     assert topo.nodes["edge-1"].allows("digits-mlp")
+    assert not topo.nodes["edge-1"].allows("digits-cnn-torch-fp32")
+    assert not topo.nodes["edge-1"].allows("minilm-onnx-fp32")
+    assert topo.nodes["edge-1"].allows("minilm-onnx-int8-dynamic")
+    # mid-1's allow list
+    assert topo.nodes["mid-1"].allows("digits-cnn")
+    assert not topo.nodes["mid-1"].allows("digits-cnn-tflite-int8")
+    # deny wins over allow
+    data = _local()
+    data["nodes"][1].update(variants=["digits-*"], deny_variants=["digits-cnn*"])
+    mid = parse_topology(data).nodes["mid-1"]
+    assert mid.allows("digits-mlp") and not mid.allows("digits-cnn")
+
+
+def test_deny_variants_are_inherited_node_over_group_over_tier() -> None:
+    data = _grouped(deny_variants=["digits-cnn*"])
+    data["tiers"] = {"edge": {"deny_variants": ["*torch*"]}}
+    data["nodes"][3]["deny_variants"] = []  # edge-2: an empty list of its own wins too
+    topo = parse_topology(data)
+    assert topo.nodes["edge-1"].deny_variants == ("*torch*",)  # the tier's
+    assert topo.nodes["edge-2"].deny_variants is None
+    assert topo.nodes["cam-3"].deny_variants == ("digits-cnn*",)  # the group's
+    assert topo.nodes["mid-1"].deny_variants is None  # another tier
+    assert topo.summary()["deny_patterns"] == {"*torch*": 1, "digits-cnn*": 5}
 
 
 @pytest.mark.parametrize(
@@ -78,6 +103,17 @@ def test_nodes_allow_variants_by_glob() -> None:
         (lambda d: d["nodes"][3]["address"].update(stream_port=7103),
          "nodes[3].address: http_port and stream_port are both 7103"),
         (lambda d: d["nodes"][0]["address"].pop("host"), "nodes[0].address.host: required"),
+        (lambda d: d["nodes"][2].update(deny_variants="digits-*"),
+         "nodes[2].deny_variants: must be a list of variant names or globs, "
+         'e.g. deny_variants: ["digits-*"]'),
+        (lambda d: d["nodes"][2].update(deny_variants=["digits-cnn", 7]),
+         "nodes[2].deny_variants[1]: must be a variant name or glob (a non-empty string)"),
+        (lambda d: d["nodes"][2].update(deny_variants=[""]),
+         "nodes[2].deny_variants[0]: must be a variant name or glob"),
+        (lambda d: d.update(tiers={"edge": {"deny_variants": {"digits": True}}}),
+         "tiers.edge.deny_variants: must be a list of variant names or globs"),
+        (lambda d: d["nodes"][1].update(variants="digits-*"),
+         "nodes[1].variants: must be a list of variant names or globs"),
     ],
 )
 def test_errors_name_the_key_path(mutate, expected: str) -> None:
@@ -132,12 +168,12 @@ def test_shipped_campus_and_metro_load_and_are_connected() -> None:
         # every edge node reports to an intermediate site
         assert all(topo.nodes[topo.parent[n]].tier == "intermediate"
                    for n in topo.nodes_in_tier("edge"))
-    # tier defaults reach nodes that do not list variants
-    # the edge tier's default: the small and int8/TFLite members of the digits family
-    assert metro.nodes["cab-17"].variants == ("digits-linear", "digits-mlp",
-                                             "digits-cnn-tflite-int8", "digits-cnn-onnx-int8",
-                                             "digits-cnn-student-onnx-fp32")
-    assert campus.nodes["sports"].variants == ("digits-mlp",)  # its own list wins
+    # tier defaults reach nodes that do not list variants: the edge tier's deny list
+    assert metro.nodes["cab-17"].deny_variants == ("*torch*", "minilm-*fp32")
+    assert metro.nodes["cab-17"].variants is None  # no allow list: placement chooses
+    assert campus.nodes["gym-gate"].deny_variants == ("*torch*",)
+    assert campus.nodes["med-ward-3"].deny_variants == ("*torch*", "minilm-*")  # its group's
+    assert campus.nodes["sports"].variants == ("digits-mlp",)  # its own allow list
     assert campus.tenants["hospital"].may_use("med-ward-3")
     assert not campus.tenants["hospital"].may_use("science")
 
@@ -299,10 +335,15 @@ def test_node_addresses_give_the_urls_nodes_and_clients_use() -> None:
 
 
 @pytest.mark.parametrize("name", ["local", "campus", "metro"])
-def test_without_variants_makes_every_node_of_a_shipped_file_managed(name: str) -> None:
+def test_without_variants_drops_the_allow_lists_and_keeps_the_deny_lists(name: str) -> None:
     doc = yaml.safe_load((ROOT / "topologies" / f"{name}.yaml").read_text())
-    pinned = parse_topology(doc)
-    assert any(node.variants is not None for node in pinned.nodes.values())
-    managed = parse_topology(without_variants(doc))
-    assert set(managed.nodes) == set(pinned.nodes)
-    assert all(node.variants is None for node in managed.nodes.values())
+    shipped = parse_topology(doc)
+    assert any(node.deny_variants for node in shipped.nodes.values())
+    allowed_only = parse_topology(without_variants(doc))
+    assert set(allowed_only.nodes) == set(shipped.nodes)
+    assert all(node.variants is None for node in allowed_only.nodes.values())
+    assert {n: s.deny_variants for n, s in allowed_only.nodes.items()} == {
+        n: s.deny_variants for n, s in shipped.nodes.items()}
+    bare = parse_topology(without_variants(doc, deny=True))
+    assert all(node.variants is None and node.deny_variants is None
+               for node in bare.nodes.values())

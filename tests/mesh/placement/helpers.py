@@ -71,10 +71,11 @@ def bundled() -> Registry:
 
 def shipped(name: str, *, strip: bool = True,
             edit: Callable[[dict[str, Any]], None] | None = None) -> Topology:
-    """A shipped topology file, by default with its variants lists stripped."""
+    """A shipped topology file, by default with no globs at all (allow and deny lists
+    stripped); ``strip=False``: as shipped, its globs the constraints placement works within."""
     doc = yaml.safe_load((ROOT / "topologies" / f"{name}.yaml").read_text())
     if strip:
-        without_variants(doc)
+        without_variants(doc, deny=True)
     if edit is not None:
         edit(doc)
     return parse_topology(doc, source=f"{name}.yaml")

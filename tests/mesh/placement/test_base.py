@@ -1,5 +1,6 @@
-"""The base placement: every shipped topology without globs, globs as constraints, memory,
-coverage, tenants."""
+"""The base placement: every shipped topology without globs and with its globs as
+constraints, deny over allow, dominance within a node's constraints, memory, coverage,
+tenants."""
 
 from __future__ import annotations
 
@@ -22,9 +23,12 @@ from mesh.topology import parse_topology, without_variants
 from mesh.topology.synthetic import synthetic_topology
 from tests.mesh.placement.helpers import (
     DIGITS,
+    MINILM,
     assert_every_task_reachable,
     assert_within_memory,
     bundled,
+    make_variant,
+    registry_of,
     shipped,
 )
 
@@ -78,32 +82,139 @@ def test_dominated_variants_go_only_to_an_accelerator_in_the_core() -> None:
     assert "digits-cnn-tflite-fp32" in metro.unplaced
 
 
-def test_allow_globs_are_constraints_not_the_placement() -> None:
+@pytest.mark.parametrize("name", ["local", "campus", "metro"])
+def test_each_shipped_topology_places_within_its_globs_as_constraints(name: str) -> None:
+    topology = shipped(name, strip=False)
+    round_, registry = _first_round(topology)
+    placement = round_.placement
+
+    assert_every_task_reachable(topology, registry, placement)
+    assert_within_memory(topology, registry, placement)
+    assert not [d for d in round_.decisions if d.kind is DecisionKind.UNCOVERED]
+    for node, hosted in placement:
+        spec = topology.nodes[node]
+        assert all(spec.allows(v) for v in hosted), (node, dict(hosted))  # never outside them
+    for edge in topology.nodes_in_tier("edge"):
+        hosted = set(placement.variants(edge))
+        assert hosted and hosted <= LIGHT, (edge, hosted)  # small and int8 at the edge
+        assert "digits-linear" in hosted
+    for node in topology.nodes_in_tier("intermediate") + topology.nodes_in_tier("core"):
+        spec, hosted = topology.nodes[node], placement.variants(node)
+        for task in registry.tasks():
+            served = [registry.get(v).accuracy for v in hosted if registry.get(v).task == task]
+            if served:
+                # the accurate ones inward: the most accurate the node's lists let in
+                best = max(v.accuracy for v in registry.for_task(task) if spec.allows(v.name))
+                assert max(served) >= best - 1e-6, (node, task)
+    in_core = {v for n in topology.nodes_in_tier("core") for v in placement.variants(n)}
+    assert set(MOST_ACCURATE.values()) <= in_core  # the core serves the most accurate
+
+
+def test_local_with_its_globs_keeps_the_demo_meaningful() -> None:
+    # local.yaml as the demo runs it: edges deny torch and full-precision MiniLM, mid-1 may
+    # host only its validated ONNX models, the core anything
     topology = shipped("local", strip=False)
+    placement = _first_round(topology)[0].placement
+
+    edge = set(placement.variants("edge-1"))
+    assert edge == set(placement.variants("edge-2"))
+    assert {"digits-linear", "digits-mlp"} <= edge  # cheap queries answered at the edge
+    assert not any(v.startswith("digits-cnn-onnx") or "fp32" in v for v in edge)
+    assert set(placement.variants("mid-1")) == {
+        "digits-mlp", "minilm-onnx-fp32", "minilm-onnx-int8-dynamic"}
+    assert {"digits-cnn-onnx-fp32", "minilm-onnx-fp32"} <= set(placement.variants("core-1"))
+
+
+def test_dominance_is_judged_within_a_nodes_constraints() -> None:
+    # "digits-cnn" as the build makes it: as accurate as the TFLite int8 CNN but slower and
+    # larger, so dominated by it wherever both may be hosted
+    cnn = make_variant("digits-cnn", "digits", 0.994, 0.019, 10.0)
+    registry = registry_of(*DIGITS, cnn, *MINILM)
+    catalogue = Catalogue(registry.variants.values())
+    assert catalogue.option("digits-cnn", "cpu-1t").dominated_by == "digits-cnn-tflite-int8"
+
+    # mid-1 allows digits-mlp and digits-cnn, not the int8 CNN that dominates it: within its
+    # list nothing dominates digits-cnn, so mid-1 hosts it (a global front left it no CNN)
+    round_, _ = _first_round(shipped("local", strip=False), registry)
+    assert "digits-cnn" in round_.placement.variants("mid-1")
+    reason = next(d.reason for d in round_.decisions
+                  if d.node == "mid-1" and d.variant == "digits-cnn")
+    assert "digits-cnn-tflite-int8 dominates it but may not be placed here" in reason
+    # without the list, mid-1 hosts the int8 CNN and digits-cnn is placed nowhere
+    free, _ = _first_round(shipped("local"), registry)
+    assert "digits-cnn-tflite-int8" in free.placement.variants("mid-1")
+    assert free.placement.hosts("digits-cnn") == []
+    assert "dominated by digits-cnn-tflite-int8" in free.unplaced["digits-cnn"]
+
+    # each node's front is computed once per distinct rule and hardware, not per node
+    metro = shipped("metro", strip=False)
+    catalogue = Catalogue(registry.variants.values())
+    constraints = Constraints(metro)
+    base_placement(metro, catalogue, constraints)
+    kinds = {(constraints.rule(n).key, metro.nodes[n].hardware) for n in metro.nodes}
+    assert len(catalogue._fronts) <= len(kinds) * len(catalogue.tasks)
+
+
+def test_an_allow_list_narrows_a_nodes_share_and_never_shifts_it() -> None:
+    def edge_allows(*globs):
+        def edit(doc):
+            doc["nodes"][2]["variants"] = list(globs)  # edge-1
+        return set(_first_round(shipped("local", edit=edit))[0].placement.variants("edge-1"))
+
+    # the edge's share is the lighter half of what the registry offers on its hardware:
+    # allowing two light variants keeps both, allowing a heavy one as well adds nothing
+    assert edge_allows("digits-linear", "digits-mlp") == {"digits-linear", "digits-mlp"}
+    assert edge_allows("digits-linear", "digits-mlp", "digits-cnn-onnx-fp32") == {
+        "digits-linear", "digits-mlp"}
+    # an allow list that leaves none of the share: the lightest it allows, rather than none
+    assert edge_allows("digits-cnn-onnx-*") == {"digits-cnn-onnx-int8"}
+    # an empty allow list: nothing (the node forwards every query)
+    assert edge_allows() == set()
+
+
+def test_deny_lists_win_over_allow_lists_and_the_task_stays_reachable_from_upstream() -> None:
+    def deny_on_edge_1(doc):
+        doc["nodes"][2]["variants"] = ["digits-*", "minilm-*"]
+        doc["nodes"][2]["deny_variants"] = ["minilm-*", "digits-mlp"]
+
+    topology = shipped("local", edit=deny_on_edge_1)
     round_, registry = _first_round(topology)
 
-    for node, hosted in round_.placement:
-        spec = topology.nodes[node]
-        assert all(spec.allows(v) for v in hosted), (node, dict(hosted))
-    # the edge's allow list names three variants; all three are light, so all are placed
-    assert set(round_.placement.variants("edge-1")) == {
-        "digits-linear", "digits-mlp", "minilm-onnx-int8-dynamic"}
-    # mid-1 allows digits-mlp, digits-cnn (no such variant here) and minilm-onnx-*
-    assert set(round_.placement.variants("mid-1")) == {
-        "digits-mlp", "minilm-onnx-fp32", "minilm-onnx-int8-dynamic"}
-    assert_every_task_reachable(topology, registry, round_.placement)
-
-
-def test_deny_lists_win_and_the_task_stays_reachable_from_upstream() -> None:
-    topology = shipped("local")
-    constraints = Constraints(topology, deny={"edge-1": ["minilm-*"]})
-    round_, registry = _first_round(topology, constraints=constraints)
-
-    assert not any(v.startswith("minilm-") for v in round_.placement.variants("edge-1"))
+    edge_1 = set(round_.placement.variants("edge-1"))
+    assert edge_1 and not any(v.startswith("minilm-") or v == "digits-mlp" for v in edge_1)
+    assert "digits-mlp" in round_.placement.variants("edge-2")
     assert any(v.startswith("minilm-") for v in round_.placement.variants("edge-2"))
     assert_every_task_reachable(topology, registry, round_.placement)
-    with pytest.raises(ValueError, match="not in topology 'local'.*'edge-9'"):
-        Constraints(topology, deny={"edge-9": ["*"]})
+    rule = Constraints(topology).rule("edge-1")
+    assert rule.refusal("digits-mlp") == "denied by 'digits-mlp'"
+    assert rule.refusal("minilm-tflite-int8") == "denied by 'minilm-*'"
+    # denied on every node (tier defaults): placed nowhere, and the round says why
+    everywhere = shipped("local", edit=lambda doc: doc.update(tiers={
+        t: {"deny_variants": ["digits-cnn-student"]} for t in ("edge", "intermediate", "core")}))
+    round_, _ = _first_round(everywhere)
+    assert round_.placement.hosts("digits-cnn-student") == []
+    assert round_.unplaced["digits-cnn-student"] == "no node's allow/deny lists let it in"
+
+
+def test_a_variant_denied_later_is_dropped_where_it_is_hosted() -> None:
+    topology, registry = shipped("local"), bundled()
+    scaler = Autoscaler(topology)
+    first = scaler.step(registry, None, 0.0)
+    assert "digits-mlp" in first.placement.variants("edge-1")
+
+    denied = shipped("local", edit=lambda doc: doc["nodes"][2].update(
+        deny_variants=["digits-mlp"]))
+    scaler.use_constraints(Constraints(denied))
+    later = scaler.step(registry, None, 10.0)
+
+    assert "digits-mlp" not in later.placement.variants("edge-1")
+    drops = [d for d in later.decisions if d.kind is DecisionKind.DROP]
+    assert [(d.node, d.variant, d.cause) for d in drops] == [
+        ("edge-1", "digits-mlp", Cause.TOPOLOGY)]
+    assert "allow/deny lists no longer let digits-mlp in" in drops[0].reason
+    assert "digits-mlp" in later.placement.variants("edge-2")  # only where it is denied
+    with pytest.raises(ValueError, match="not for topology 'local'"):
+        scaler.use_constraints(Constraints(shipped("campus")))
 
 
 def test_small_edges_get_what_fits_and_coverage_moves_a_task_up() -> None:
