@@ -13,7 +13,7 @@ from rich.table import Table
 
 from mesh.errors import MeshError
 
-__all__ = ["fetch_status", "mesh_status", "status_table", "fmt_ms"]
+__all__ = ["fetch_status", "mesh_status", "status_table", "decisions_table", "fmt_ms"]
 
 
 def fmt_ms(value: float | None) -> str:
@@ -55,7 +55,8 @@ def mesh_status(home: Path) -> list[dict[str, Any]]:
 
 
 def status_table(rows: list[dict[str, Any]]) -> Table:
-    """One row per node: tier, address, up or down, variants, queue, requests, latencies."""
+    """One row per node: tier, address, up or down, variants loaded (``xN``: N compute
+    workers), queue, requests, latencies."""
     table = Table(title="mesh status")
     for col in ("node", "tier", "address", "state", "variants", "queue", "requests",
                 "served here", "p50 ms", "p99 ms"):
@@ -67,11 +68,10 @@ def status_table(rows: list[dict[str, Any]]) -> Table:
             table.add_row(row["node"], row.get("tier", "?"), row.get("address", ""),
                           "[red]down[/red]", "", "", "", "", "", "")
             continue
-        loaded = [v["name"] for v in row["variants"] if v.get("loaded")]
+        loaded = [v["name"] + (f" x{v['workers']}" if v.get("workers", 1) > 1 else "")
+                  for v in row["variants"] if v.get("loaded")]
         broken = [v["name"] for v in row["variants"] if v.get("state") == "unavailable"]
         variants = ", ".join(loaded) + (f" [red](failed: {', '.join(broken)})[/red]" if broken else "")
-        if (row.get("placement") or {}).get("managed"):
-            variants = "[cyan](placed by the mesh)[/cyan] " + variants
         short = [f"{v} live {f['live']:.3f} < {f['promised']:.3f}"
                  for v, f in (row.get("live_accuracy") or {}).items() if f.get("below_promise")]
         if short:
@@ -83,4 +83,28 @@ def status_table(rows: list[dict[str, Any]]) -> Table:
         table.add_row(row["node"], row["tier"], row["address"], state,
                       variants or "-", str(row["queue_depth"]), str(row["requests"]),
                       str(row["served_local"]), fmt_ms(lat.get("p50")), fmt_ms(lat.get("p99")))
+    return table
+
+
+def decisions_table(rows: list[dict[str, Any]], *, last: int = 12) -> Table | None:
+    """The placement now in force and the root's latest decisions, with their reasons
+    (None when no node has heard a live placement yet)."""
+    live = [r["placement"]["live"] for r in rows
+            if r.get("up") and isinstance((r.get("placement") or {}).get("live"), dict)]
+    root = next((p for p in live if p.get("root")), None)
+    source = root or next((p for p in live if p.get("decisions")), None)
+    if source is None or not source.get("version"):
+        return None
+    behind = sorted(r["node"] for r in rows if r.get("up") and (r.get("placement") or {})
+                    .get("live", {}).get("version") not in (None, source["version"]))
+    caption = (f"placement {source['version']}, round every {source.get('interval_s', 0):g} s"
+               + (f", {source.get('rounds', 0)} rounds" if root else "")
+               + (f"; not yet adopted by {', '.join(behind)}" if behind else ""))
+    table = Table(title="placement: latest decisions", caption=caption)
+    for col in ("kind", "node", "variant", "workers", "cause", "reason"):
+        table.add_column(col, justify="right" if col == "workers" else "left",
+                         overflow="fold")
+    for d in source.get("decisions", [])[-last:]:
+        table.add_row(str(d.get("kind", "")), str(d.get("node", "")), str(d.get("variant", "")),
+                      str(d.get("workers", "")), str(d.get("cause", "")), str(d.get("reason", "")))
     return table

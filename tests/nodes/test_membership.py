@@ -130,3 +130,23 @@ async def test_a_heartbeat_from_a_stranger_is_refused(mesh) -> None:
             {"node": "core-1", "version": 0, "entries": [{"node": "core-1", "q": 0}]})
     with pytest.raises(InvalidInput, match="entries"):
         mesh["mid-1"].membership.on_heartbeat({"node": "edge-1", "entries": []})
+
+
+async def test_a_childs_load_report_counts_only_for_its_own_subtree(mesh) -> None:
+    mid = mesh["mid-1"].membership
+    entry = [{"node": "edge-1", "q": 0}]
+    load = {"served": {"edge-1": {"digits-linear": [20.0, 0.1, 1.0, 0, 0.0, 12.0, None]}},
+            "demand": {"edge-1": {"digits": 20.0}}}
+    mid.on_heartbeat({"node": "edge-1", "version": 0, "entries": entry, "load": load})
+    report = mid.subtree_load()
+    assert report.served["edge-1"]["digits-linear"].rate_qps == 20.0
+    assert report.demand["mid-1"]["digits"] == 20.0  # summed into the parent's subtree
+    # Speaking for a node outside its subtree is refused (400), and changes nothing.
+    forged = {"served": {"edge-2": {"digits-linear": [999.0, 9.0, 1.0, 0, 1.0, 1.0, None]}}}
+    with pytest.raises(InvalidInput, match="not a node of the sender's subtree"):
+        mid.on_heartbeat({"node": "edge-1", "version": 0, "entries": entry, "load": forged})
+    with pytest.raises(InvalidInput, match="list of 7 numbers"):
+        mid.on_heartbeat({"node": "edge-1", "version": 0, "entries": entry,
+                          "load": {"served": {"edge-1": {"digits-linear": "hot"}}}})
+    assert "edge-2" not in mid.subtree_load().served
+    assert mid.subtree_load().served["edge-1"]["digits-linear"].rate_qps == 20.0

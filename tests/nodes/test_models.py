@@ -197,3 +197,51 @@ async def test_a_node_on_an_unprofiled_hardware_class_profiles_before_it_serves(
         assert {v.name for v in agent.planner.hosted("solo-1")} == {"digits-linear", "digits-mlp"}
         assert set(agent.loaded) == {"digits-linear", "digits-mlp"}
     assert len(list((digits_home / "profiles" / "cpu-3t").glob("*.json"))) == 2
+
+
+async def test_placement_gives_a_variant_more_workers_each_with_its_own_session(
+        digits_home: Path, onnx_probe: Any) -> None:
+    variants = _variants(digits_home)
+    probe_cfg = ModelConfig(budget_bytes=1, threads=1, profile_key="cpu-1t")
+    need = _need(variants, "digits-mlp", probe_cfg)
+    with ThreadPoolExecutor(4) as pool:
+        async with _manager(digits_home, variants, pool, budget_bytes=need * 3 + 1,
+                            runtimes=onnx_probe.lookup) as manager:
+            entry = await manager.acquire("digits-mlp")
+            assert await manager.set_workers("digits-mlp", 3) == 3
+            assert len(onnx_probe.loads) == 3  # a session per worker
+            assert manager.memory_used == 3 * need  # each worker's session counts
+            # Four slow queries at once run side by side on the three workers.
+            onnx_probe.gate.clear()
+            rows = np.zeros((1, 64), np.float32)
+            queries = [asyncio.create_task(entry.batcher.submit([rows])) for _ in range(4)]
+            await asyncio.sleep(0.2)
+            assert entry.batcher.depth == 4
+            onnx_probe.gate.set()
+            await asyncio.gather(*queries)
+            assert entry.batcher.served == 4
+            # No memory for a fourth: it stays at three and says so in the log.
+            assert await manager.set_workers("digits-mlp", 4) == 3
+
+
+async def test_workers_taken_back_finish_what_they_hold_first(digits_home: Path,
+                                                              onnx_probe: Any) -> None:
+    variants = _variants(digits_home)
+    with ThreadPoolExecutor(4) as pool:
+        async with _manager(digits_home, variants, pool, budget_bytes=1 << 30,
+                            runtimes=onnx_probe.lookup) as manager:
+            entry = await manager.acquire("digits-mlp")
+            await manager.set_workers("digits-mlp", 2)
+            before = manager.memory_used
+            onnx_probe.gate.clear()
+            rows = np.zeros((1, 64), np.float32)
+            queries = [asyncio.create_task(entry.batcher.submit([rows])) for _ in range(4)]
+            await asyncio.sleep(0.2)
+            assert await manager.set_workers("digits-mlp", 1) == 1
+            assert manager.memory_used < before
+            assert not entry.batcher.idle  # the retired worker still holds its queries
+            onnx_probe.gate.set()
+            answers = await asyncio.gather(*queries)  # none of them fails
+            assert all(a.outputs[0].shape == (1, 10) for a in answers)
+            await asyncio.sleep(0.1)
+            assert entry.batcher.idle and entry.batcher.workers == 1 and entry.batcher.served == 4

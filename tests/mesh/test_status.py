@@ -1,0 +1,45 @@
+"""``mesh status`` as a person reads it: the nodes, their workers, the placement's decisions."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from rich.console import Console
+
+from mesh.status import decisions_table, status_table
+
+
+def _row(node: str, tier: str, version: str | None, *, root: bool = False,
+         decisions: list[dict[str, Any]] | None = None, workers: int = 1) -> dict[str, Any]:
+    return {"node": node, "tier": tier, "address": f"http://{node}", "up": True,
+            "variants": [{"name": "digits-linear", "loaded": True, "state": "loaded",
+                          "workers": workers}],
+            "queue_depth": 0, "requests": 5, "served_local": 5, "latency_ms": {},
+            "placement": {"managed": True, "live": {
+                "version": version, "root": root, "rounds": 42, "interval_s": 5.0,
+                "decisions": decisions or []}}}
+
+
+def _text(renderable: Any) -> str:
+    console = Console(width=200, record=True)
+    console.print(renderable)
+    return console.export_text()
+
+
+def test_status_shows_each_variants_workers_and_the_roots_latest_decisions() -> None:
+    add = {"kind": "add-workers", "node": "edge-1", "variant": "digits-linear", "workers": 3,
+           "cause": "load", "reason": "digits-linear on edge-1 is 90% busy over 1 worker(s)"}
+    rows = [_row("core-1", "core", "abc.7", root=True, decisions=[add]),
+            _row("edge-1", "edge", "abc.6", workers=3)]
+    text = _text(status_table(rows))
+    assert "digits-linear x3" in text and "digits-linear," not in text
+    table = decisions_table(rows)
+    assert table is not None
+    text = _text(table)
+    assert "add-workers" in text and "90% busy" in text
+    assert "placement abc.7" in text and "42 rounds" in text
+    assert "not yet adopted by edge-1" in text
+
+
+def test_no_decisions_table_before_any_placement_was_heard() -> None:
+    assert decisions_table([_row("edge-1", "edge", None)]) is None
