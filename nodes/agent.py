@@ -455,12 +455,16 @@ class NodeAgent:
     #: How many recent answers to clients are kept for their feedback (oldest dropped).
     answers_kept: int = 10_000
 
-    def feedback(self, request_id: str, labels: Any) -> dict[str, Any]:
+    def feedback(self, request_id: str, labels: Any, *, task: str | None = None
+                 ) -> dict[str, Any]:
         """Ground truth for an answer this node gave: record per row whether the class it
         returned was right. Raises :class:`AnswerNotFound` (404) for an answer it does not
-        hold (too old, or given by another entry node) and :class:`InvalidInput` for labels
-        that do not match the answer's rows."""
+        hold (too old, given by another entry node, or, with ``task``, to another task) and
+        :class:`InvalidInput` for labels that do not match the answer's rows."""
         kept = self._answered.get(request_id)
+        if kept is not None and task is not None:
+            served = self.registry.variants.get(kept[0])
+            kept = kept if served is not None and served.task == task else None
         if kept is None:
             raise AnswerNotFound(f"no recent answer {request_id[:64]!r} on this node; send "
                                    "feedback to the entry node that answered, soon after")

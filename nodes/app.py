@@ -47,12 +47,12 @@ from typing import Any
 from aiohttp import web
 
 from mesh.errors import InvalidInput, MeshError, PayloadTooLarge
-from mesh.wire import decode_request, encode_response, pack, unpack
+from mesh.wire import decode_request, encode_response, pack
 from nodes.agent import AgentConfig, NodeAgent
 from nodes.answers import as_mesh_error, error_to_wire, retry_after
 from nodes.artifacts import check_sha256
 from nodes.identity import Callers
-from nodes.limits import BodyTimeout, NodeLimits, read_body
+from nodes.limits import MSGPACK_TYPES, BodyTimeout, NodeLimits, read_body, read_feedback
 from nodes.metrics import CONTENT_TYPE
 from nodes.oip import OipAdapter
 from nodes.registry_sync import routes as registry_routes
@@ -67,7 +67,7 @@ STREAM_ADDRESS = web.AppKey("stream_address", str)
 LIMITS = web.AppKey("limits", NodeLimits)
 CALLERS = web.AppKey("callers", Callers)
 MSGPACK = "application/msgpack"
-_MSGPACK_TYPES = {MSGPACK, "application/x-msgpack", "application/vnd.msgpack"}
+
 
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 
@@ -79,7 +79,7 @@ def _error_response(request: web.Request, error: MeshError, status: int | None =
     if request.path.startswith("/v2"):  # the protocol's own error shape
         return web.json_response({"error": error.message}, status=status, headers=headers)
     payload = error_to_wire(error)
-    if request.content_type in _MSGPACK_TYPES:
+    if request.content_type in MSGPACK_TYPES:
         return web.Response(body=pack(payload), status=status, content_type=MSGPACK,
                             headers=headers)
     return web.json_response(payload, status=status, headers=headers)
@@ -137,7 +137,7 @@ async def certificate_middleware(request: web.Request, handler: Handler) -> web.
 
 
 async def infer(request: web.Request) -> web.Response:
-    if request.content_type not in _MSGPACK_TYPES:
+    if request.content_type not in MSGPACK_TYPES:
         raise InvalidInput(f"Content-Type: send {MSGPACK}, got {request.content_type!r}")
     agent, limits = request.app[AGENT], request.app[LIMITS]
     async with read_body(request, cap=limits.caps.msgpack_bytes, budget=limits.budget,
@@ -151,15 +151,9 @@ async def infer(request: web.Request) -> web.Response:
 async def feedback(request: web.Request) -> web.Response:
     """Ground truth for an answer this node gave: ``{"request_id": ..., "label": int | [int]}``
     (JSON or msgpack)."""
-    raw = await request.read()
-    try:
-        body = unpack(raw) if request.content_type in _MSGPACK_TYPES else json.loads(raw)
-    except ValueError:
-        raise InvalidInput("body: a JSON (or msgpack) object with request_id and label") from None
-    if not isinstance(body, dict) or not isinstance(body.get("request_id"), str) \
-            or "label" not in body:
-        raise InvalidInput("body: request_id (a string) and label (a class, or one per row)")
-    return web.json_response(request.app[AGENT].feedback(body["request_id"], body["label"]))
+    request_id, label = await read_feedback(request, id_key="request_id")
+    return web.json_response(request.app[AGENT].feedback(request_id, label))
+
 
 
 async def status(request: web.Request) -> web.Response:

@@ -24,22 +24,25 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import json
 import math
 from collections.abc import AsyncIterator, Iterable
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from aiohttp import web
 
-from mesh.errors import Overloaded, PayloadTooLarge
+from mesh.errors import InvalidInput, Overloaded, PayloadTooLarge
 from mesh.registry import Registry, TensorSpec
 from mesh.topology import Topology
+from mesh.wire import unpack
 
 if TYPE_CHECKING:
     from nodes.agent import NodeAgent
 
 __all__ = ["NodeLimits", "BodyCaps", "BodyBudget", "Reservation", "BodyTimeout", "body_caps",
-           "read_body", "ENVELOPE_BYTES", "JSON_BYTES_PER_ELEMENT"]
+           "read_body", "read_feedback", "MSGPACK_TYPES", "ENVELOPE_BYTES",
+           "JSON_BYTES_PER_ELEMENT"]
 
 #: Room for everything in a query but its tensor bytes: task, request id, SLO, route and
 #: the per-tensor keys (msgpack), or names, shapes and parameters (OIP JSON).
@@ -225,3 +228,30 @@ async def read_body(request: web.Request, *, cap: int, budget: BodyBudget, timeo
         yield body
     finally:
         reservation.release()
+
+
+#: the content types a msgpack body may be sent with
+MSGPACK_TYPES = frozenset({"application/msgpack", "application/x-msgpack",
+                           "application/vnd.msgpack"})
+
+
+async def read_feedback(request: web.Request, *, id_key: str) -> tuple[str, Any]:
+    """(request id, label) from a feedback body (JSON, or msgpack); raises InvalidInput.
+    ``id_key``: ``request_id`` here, ``id`` on OIP (the id its infer answers carry)."""
+    too_big = PayloadTooLarge(f"body: feedback is at most {MAX_FEEDBACK_BYTES} bytes")
+    if request.content_length is not None and request.content_length > MAX_FEEDBACK_BYTES:
+        raise too_big
+    raw = await request.read()  # the app's client_max_size bounds a body without a length
+    if len(raw) > MAX_FEEDBACK_BYTES:
+        raise too_big
+    try:
+        body = unpack(raw) if request.content_type in MSGPACK_TYPES else json.loads(raw)
+    except (ValueError, RecursionError):
+        raise InvalidInput(f"body: a JSON (or msgpack) object with {id_key} and label") from None
+    if not isinstance(body, dict) or not isinstance(body.get(id_key), str) or "label" not in body:
+        raise InvalidInput(f"body: {id_key} (a string) and label (a class, or one per row)")
+    return body[id_key], body["label"]
+
+
+#: a feedback body: a request id and a label per row (rows are capped by max_rows)
+MAX_FEEDBACK_BYTES = 1 << 20

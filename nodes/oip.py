@@ -46,7 +46,7 @@ from mesh.errors import InvalidInput, NoRoute, PayloadTooLarge, Unavailable, Unk
 from mesh.registry import TensorSpec
 from mesh.wire import SLO, InferRequest, InferResponse, brief
 from nodes.agent import NodeAgent
-from nodes.limits import NodeLimits, read_body
+from nodes.limits import NodeLimits, read_body, read_feedback
 
 __all__ = ["OipAdapter", "SLO_PARAMETERS", "OutputChoice", "parse_infer", "encode_infer",
            "HEADER_LENGTH"]
@@ -297,7 +297,16 @@ class OipAdapter:
             web.get("/v2/models/{task}", self.model_metadata),
             web.get("/v2/models/{task}/ready", self.model_ready),
             web.post("/v2/models/{task}/infer", self.infer),
+            # an extension of OIP: ground truth for an answer ({"id": ..., "label": ...})
+            web.post("/v2/models/{task}/feedback", self.feedback),
         ]
+
+    async def feedback(self, request: web.Request) -> web.Response:
+        """``client.feedback`` for OIP clients: the ``id`` an infer answer carried and the
+        true class per row; the answer must be to this model (task)."""
+        request_id, label = await read_feedback(request, id_key="id")
+        return web.json_response(self.agent.feedback(request_id, label,
+                                                     task=request.match_info["task"]))
 
     async def live(self, request: web.Request) -> web.Response:
         return web.json_response({"live": True})

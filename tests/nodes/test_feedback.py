@@ -44,3 +44,33 @@ async def test_wrong_answers_reported_by_the_application_stop_a_variant_being_ch
                 await client.feedback(right.request_id, np.array([0.5, 1.5, 2.5]))
         live = agent.status()["live_accuracy"]["digits-cnn"]
         assert live["below_promise"] is True and live["samples"] == 5 and live["live"] == 0.0
+
+
+async def test_oip_clients_report_ground_truth_by_the_id_their_answer_carried(
+        solo_config: Any, serving: Any, heldout: Any) -> None:
+    import aiohttp
+
+    images, labels = heldout
+    async with serving(solo_config(["digits-mlp"])) as (agent, server):
+        url = str(server.make_url("")).rstrip("/")
+        body = {"id": "oip-1", "inputs": [{"name": "input", "shape": [2, 64], "datatype": "FP32",
+                                           "data": images[:2].astype(np.float32).ravel().tolist()}]}
+        async with aiohttp.ClientSession() as http:
+            async with http.post(f"{url}/v2/models/digits/infer", json=body) as resp:
+                assert resp.status == 200, await resp.text()
+                answer = await resp.json()
+            assert answer["id"] == "oip-1"
+            truth = [int(x) for x in labels[:2]]
+            async with http.post(f"{url}/v2/models/digits/feedback",
+                                 json={"id": "oip-1", "label": truth}) as resp:
+                assert resp.status == 200, await resp.text()
+                told = await resp.json()
+            assert told["variant"] == "digits-mlp" and told["rows"] == 2
+            assert agent.live.report({"digits-mlp": 0.97})["digits-mlp"].samples == 2
+            # the answer was to digits, not to another model; a bad body names the field
+            async with http.post(f"{url}/v2/models/text/feedback",
+                                 json={"id": "oip-1", "label": truth}) as resp:
+                assert resp.status == 404
+            async with http.post(f"{url}/v2/models/digits/feedback",
+                                 json={"request_id": "oip-1", "label": truth}) as resp:
+                assert resp.status == 400 and "id (a string)" in (await resp.json())["error"]
