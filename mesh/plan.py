@@ -73,6 +73,10 @@ class Plan:
     replanned_from: Detour | None = None
     #: A cascade's outcome: rows escalated, threshold, where to, what failed.
     cascade: Mapping[str, Any] | None = None
+    #: Why the answer is worse than the SLO asked for because part of the mesh is down or
+    #: cut off (a partition, an ejected node): served by the best variant reachable, whose
+    #: accuracy is ``accuracy``. None: not degraded by a failure.
+    degraded: str | None = None
 
     @classmethod
     def from_decision(cls, decision: Any) -> Plan:
@@ -113,6 +117,8 @@ class Plan:
             out["replanned_from"] = self.replanned_from.to_wire()
         if self.cascade is not None:
             out["cascade"] = dict(self.cascade)
+        if self.degraded is not None:
+            out["degraded"] = self.degraded
         return out
 
     @classmethod
@@ -138,6 +144,7 @@ class Plan:
             handed_back=Detour.from_wire(obj.get("handed_back")),
             replanned_from=Detour.from_wire(obj.get("replanned_from")),
             cascade=dict(obj["cascade"]) if isinstance(obj.get("cascade"), Mapping) else None,
+            degraded=obj["degraded"][:500] if isinstance(obj.get("degraded"), str) else None,
         )
 
 

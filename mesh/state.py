@@ -63,6 +63,9 @@ class MeshView:
         self.loads: dict[str, NodeLoad] = {}
         #: node -> when failure detection marked it down.
         self.down: dict[str, float] = {}
+        #: node -> until when it is ejected for failing queries (mesh.health); heartbeats
+        #: from it do not end an ejection, only time does
+        self.ejected: dict[str, float] = {}
         self.version = 0
 
     def report(self, node: str, queue_depth: int, now: float, *,
@@ -77,7 +80,8 @@ class MeshView:
             arrival_rate = previous.arrival_rate if arrival_rate is None else arrival_rate
         self.loads[node] = NodeLoad(max(int(queue_depth), 0), now, loaded, healthy,
                                     failed or frozenset(), arrival_rate or 0.0)
-        if healthy and node in self.down and now > self.down[node]:
+        if healthy and node in self.down and now > self.down[node] \
+                and node not in self.ejected:
             del self.down[node]
         self.version += 1
 
@@ -91,9 +95,27 @@ class MeshView:
             self.down.setdefault(node, now)
         self.version += 1
 
+    def eject(self, node: str, until: float, now: float) -> None:
+        """``node`` fails the queries sent to it: count it down until ``until`` (a healthy
+        heartbeat does not end it; :meth:`expire_ejections` does, once the time is up)."""
+        self.ejected[node] = until
+        self.down.setdefault(node, now)
+        self.version += 1
+
+    def expire_ejections(self, now: float) -> list[str]:
+        """End the ejections whose time is up (the peers go on probation); returns them."""
+        over = [n for n, until in self.ejected.items() if until <= now]
+        for node in over:
+            del self.ejected[node]
+            self.down.pop(node, None)
+        if over:
+            self.version += 1
+        return over
+
     def clear_down(self, nodes: Iterable[str]) -> None:
         for node in nodes:
-            self.down.pop(node, None)
+            if node not in self.ejected:
+                self.down.pop(node, None)
         self.version += 1
 
     def _fresh(self, node: str, now: float) -> NodeLoad | None:
@@ -115,6 +137,14 @@ class MeshView:
             return True
         load = self._fresh(node, now)
         return load is not None and not load.healthy
+
+    def down_now(self, now: float) -> list[str]:
+        """Every node counted down now: by failure detection, ejection or a fresh report that
+        it is unhealthy (a failed hop). O(nodes reported); for the rare path, not per query."""
+        out = set(self.down)
+        out.update(n for n, load in self.loads.items()
+                   if not load.healthy and now - load.reported_at <= self.stale_after_s)
+        return sorted(out)
 
     def has_failed(self, node: str, variant: str) -> bool:
         """True when ``node`` said it cannot run ``variant`` (this does not age out)."""
@@ -144,6 +174,8 @@ class MeshView:
             out.setdefault(node, {"queue_depth": 0, "age_s": None, "stale": True})
             out[node]["healthy"] = False
             out[node]["down_for_s"] = round(now - since, 3)
+            if node in self.ejected:
+                out[node]["ejected_for_s"] = round(max(self.ejected[node] - now, 0.0), 3)
         return dict(sorted(out.items()))
 
 

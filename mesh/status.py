@@ -13,7 +13,8 @@ from rich.table import Table
 
 from mesh.errors import MeshError
 
-__all__ = ["fetch_status", "mesh_status", "status_table", "decisions_table", "fmt_ms"]
+__all__ = ["fetch_status", "mesh_status", "status_table", "decisions_table", "failures_table",
+           "fmt_ms"]
 
 
 def fmt_ms(value: float | None) -> str:
@@ -108,3 +109,32 @@ def decisions_table(rows: list[dict[str, Any]], *, last: int = 12) -> Table | No
         table.add_row(str(d.get("kind", "")), str(d.get("node", "")), str(d.get("variant", "")),
                       str(d.get("workers", "")), str(d.get("cause", "")), str(d.get("reason", "")))
     return table
+
+
+def failures_table(rows: list[dict[str, Any]]) -> Table | None:
+    """Per node that has seen any: peers it ejected (or holds on probation), retries spent
+    against its budget, answers degraded by a failure, and its latest failure (None when
+    no node has seen a failure)."""
+    table = Table(title="failures")
+    for col in ("node", "ejected peers", "retries (window)", "degraded answers",
+                "latest failure"):
+        table.add_column(col, overflow="fold")
+    shown = False
+    for row in sorted(rows, key=lambda r: r["node"]):
+        f = row.get("failures") if row.get("up") else None
+        if not f:
+            continue
+        ejected = f.get("ejected") or {}
+        retries = f.get("retries") or {}
+        recent = f.get("recent") or []
+        if not (ejected or recent or f.get("degraded_answers") or retries.get("spent_total")):
+            continue
+        shown = True
+        peers = ", ".join(f"{p} ({'out ' + str(e['for_s']) + ' s' if e.get('ejected') else 'probation'}"
+                          f", x{e.get('times', 1)})" for p, e in ejected.items()) or "-"
+        spent = (f"{retries.get('retries', 0)} of {retries.get('allowed', 0)} "
+                 f"(refused {retries.get('refused_total', 0)})")
+        last = recent[-1] if recent else None
+        table.add_row(row["node"], peers, spent, str(f.get("degraded_answers", 0)),
+                      f"{last['peer']}: {last['reason']}" if last else "-")
+    return table if shown else None

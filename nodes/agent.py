@@ -34,9 +34,10 @@ from __future__ import annotations
 
 import asyncio
 import collections
+import hashlib
 import logging
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Awaitable, Callable, Mapping
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field, replace
 from pathlib import Path
@@ -57,6 +58,7 @@ from mesh.errors import (
     Unavailable,
     UpstreamError,
 )
+from mesh.health import Ejection, OutlierDetector, RetryBudget
 from mesh.placement import Hosting, LoadMeter, Placement, PlacementDecision, VariantLoad
 from mesh.placement.resources import NodeResources
 from mesh.plan import Detour, Plan
@@ -267,12 +269,22 @@ class NodeAgent:
         #: ground truth from applications, per variant (client.feedback)
         self.live = LiveAccuracy()
         self._planned_accuracy: dict[str, float] = {}
-        self._answered: collections.OrderedDict[str, tuple[str, InferResponse]] = \
+        #: request id -> (variant, answer, the query's fingerprint)
+        self._answered: collections.OrderedDict[str, tuple[str, InferResponse, bytes]] = \
             collections.OrderedDict()
         #: task -> its input specs (the hot path must not scan the registry)
         self._inputs: dict[str, tuple[TensorSpec, ...]] = {}
         #: (node, variant) routes checked once: -> the variant's task
         self._routes: dict[tuple[str, str], str] = {}
+        #: peers failing the queries sent to them are ejected for a while (mesh.health)
+        self.outliers = OutlierDetector()
+        #: retries elsewhere stay within 20% of this node's requests (plus a few)
+        self.retries = RetryBudget()
+        self.recent_failures: collections.deque[dict[str, Any]] = collections.deque(maxlen=20)
+        self.degraded_answers = 0
+        #: client queries in progress by request id (a repeat waits for the first)
+        self._in_flight: dict[str, tuple[bytes, asyncio.Future[InferResponse]]] = {}
+        self.repeats_answered = 0
         #: live placement: the root decides, every node carries it out (nodes.placement)
         self.placement = PlacementControl(self, clock=placement_clock)
         self.ready = False
@@ -432,28 +444,66 @@ class NodeAgent:
         The protocol handlers pass ``from_client=True`` for everything but a
         proven neighbour (:mod:`nodes.peers`); code inside the node may route.
         """
+        fingerprint = b""
+        if from_client:
+            fingerprint = _fingerprint(req)
+            again = self._repeated(req, fingerprint)
+            if again is not None:
+                return await again
         started = time.perf_counter()
         self._active += 1
+        waiting: asyncio.Future[InferResponse] | None = None
+        if from_client:  # a repeat of this query meanwhile waits for this answer
+            waiting = asyncio.get_running_loop().create_future()
+            self._in_flight[req.request_id] = (fingerprint, waiting)
         try:
             response = await self._infer(req, started, from_client)
-        except Exception as exc:
-            self._observe(req, None, exc, started)
+        except BaseException as exc:
+            if isinstance(exc, Exception):
+                self._observe(req, None, exc, started)
+            if waiting is not None:
+                waiting.set_exception(exc if isinstance(exc, Exception) else Unavailable(
+                    "the first copy of this query was cancelled; retry", retry_after_s=0.1))
+                waiting.exception()  # retrieved: nobody may be waiting
             raise
         finally:
             self._active -= 1
+            if waiting is not None and self._in_flight.get(req.request_id, (0, 0))[1] is waiting:
+                del self._in_flight[req.request_id]
+        if waiting is not None:
+            waiting.set_result(response)
         elapsed_ms = (time.perf_counter() - started) * 1000
         self._latencies.append(elapsed_ms)
         response.timing["hop_total_ms"] = elapsed_ms
         response.loads[self.name] = float(self.queue_depth)
         self._observe(req, response, None, started)
         if from_client:  # this node answered a client: it can take that client's feedback
-            self._answered[req.request_id] = (response.served_by.variant, response)
+            self._answered[req.request_id] = (response.served_by.variant, response,
+                                              fingerprint)
             if len(self._answered) > self.answers_kept:
                 self._answered.popitem(last=False)
         return response
 
     #: How many recent answers to clients are kept for their feedback (oldest dropped).
     answers_kept: int = 10_000
+
+    # The request id is a query's idempotency id: a client that retries (its answer was
+    # lost, or slow) sends the same id, and must not make the mesh compute it twice.
+    def _repeated(self, req: InferRequest, fingerprint: bytes
+                  ) -> Awaitable[InferResponse] | None:
+        """The answer to an earlier copy of ``req`` (same id, same query), in flight or given
+        recently; None when it is new."""
+        running = self._in_flight.get(req.request_id)
+        if running is not None and running[0] == fingerprint:
+            self.repeats_answered += 1
+            return asyncio.shield(running[1])
+        kept = self._answered.get(req.request_id)
+        if kept is not None and kept[2] == fingerprint:
+            self.repeats_answered += 1
+            done: asyncio.Future[InferResponse] = asyncio.get_running_loop().create_future()
+            done.set_result(kept[1])
+            return done
+        return None
 
     def feedback(self, request_id: str, labels: Any, *, task: str | None = None
                  ) -> dict[str, Any]:
@@ -468,7 +518,7 @@ class NodeAgent:
         if kept is None:
             raise AnswerNotFound(f"no recent answer {request_id[:64]!r} on this node; send "
                                    "feedback to the entry node that answered, soon after")
-        variant, response = kept
+        variant, response, _ = kept
         scores = response.outputs[0] if response.outputs else None
         if scores is None or scores.ndim != 2:
             raise InvalidInput(f"the answer to {request_id[:64]!r} is not a class score matrix; "
@@ -546,29 +596,112 @@ class NodeAgent:
                 answer = await run_cascade(self._stage, req, decision, plan)
                 return self._served_plan(answer, answer.plan or plan, req)
         budget_ms, hops = req.budget_ms, req.hops
+        first = req.route
+        self.retries.request(self.clock())
+        sent = time.perf_counter()
         try:
             response = await self._dispatch(req, arrived, deadline)
         except (CannotMeetDeadline, Overloaded) as exc:
             if plan is None:  # only the node that planned a query re-places it, and only once
                 raise
+            self._retry_or_raise(exc)
             req.budget_ms, req.hops = budget_ms, hops  # as they were before the refused attempt
             plan = self._hand_back(req, exc, plan)
             response = await self._dispatch(req, arrived, deadline)
         except _HopDown as exc:
             # Any node whose own next hop died re-plans, once: its view now counts everything
             # behind that hop as down, and inference has no side effects to repeat.
+            self._retry_or_raise(exc)
             req.budget_ms, req.hops = budget_ms, hops
             plan = self._route_around(req, arrived, exc)
             response = await self._dispatch(req, arrived, deadline)
+        except Unavailable as exc:
+            if first.node == self.name or plan is None:
+                raise
+            # The planned node answered with a failure of its own (a variant that broke, a
+            # node shutting down): count it against that node, and try the next candidate.
+            self._peer_failed(first.node, exc.message)
+            self._retry_or_raise(exc)
+            req.budget_ms, req.hops = budget_ms, hops
+            plan = self._hand_back(req, exc, plan)
+            response = await self._dispatch(req, arrived, deadline)
+        else:
+            if first.node != self.name:
+                self._peer_answered(first.node, (time.perf_counter() - sent) * 1000, plan)
         if plan is not None:
+            if not plan.feasible:
+                plan = self._degraded(req, plan)
             response = self._served_plan(response, plan, req)
         return response
+
+    # ------------------------------------------------------------------ failures
+    def _retry_or_raise(self, exc: MeshError) -> None:
+        """Take one retry from this node's budget, or give up with ``exc`` (no budget left:
+        retries must not multiply the load of a mesh that is already failing)."""
+        if not self.retries.try_spend(self.clock()):
+            self._failed("retry-budget", f"no retry left in the budget; {exc.message}")
+            raise exc
+
+    def _failed(self, peer: str, reason: str) -> None:
+        self.recent_failures.append({"at": round(time.time(), 3), "peer": peer,
+                                     "reason": reason[:300]})
+
+    def _peer_failed(self, peer: str, reason: str) -> None:
+        """A query to ``peer`` failed: outlier detection may eject it (the planner then
+        stops choosing it for the very next query)."""
+        self._failed(peer, reason)
+        now = self.clock()
+        ejection = self.outliers.failure(peer, now, reason)
+        if ejection is not None:
+            self._ejected(ejection, now)
+
+    def _peer_answered(self, peer: str, latency_ms: float, plan: Plan | None) -> None:
+        predicted = plan.predicted.get("total_ms") if plan is not None and \
+            plan.describes(peer, plan.variant) else None
+        now = self.clock()
+        ejection = self.outliers.success(peer, now, latency_ms=latency_ms,
+                                         predicted_ms=predicted)
+        if ejection is not None:
+            self._failed(peer, ejection.reason)
+            self._ejected(ejection, now)
+
+    def _ejected(self, ejection: Ejection, now: float) -> None:
+        log.warning("%s: ejecting %s for %.1f s: %s", self.name, ejection.peer,
+                    ejection.until - now, ejection.reason)
+        self.view.eject(ejection.peer, ejection.until, now)
+
+    def _degraded(self, req: InferRequest, plan: Plan) -> Plan:
+        """An answer outside its SLO: when the mesh with nothing down would have met it, say
+        it is degraded by the failure, with the accuracy it delivers."""
+        down = self.view.down_now(self.clock())
+        if not down:
+            return plan
+        try:
+            whole = self.planner.plan(req.task, req.slo, self.name, MeshView(),
+                                      now=self.clock(), rows=req.rows,
+                                      payload_bytes=req.payload_bytes)
+        except MeshError:
+            return plan
+        if not whole.feasible:
+            return plan  # not the failure's doing: nothing could have met it
+        self.degraded_answers += 1
+        acc = "unknown" if plan.accuracy is None else f"{plan.accuracy:.3f}"
+        return plan.amended(degraded=(
+            f"{', '.join(down[:5])}{' ...' if len(down) > 5 else ''} unreachable: served by "
+            f"{plan.variant} on {plan.node} (accuracy {acc}), the best reachable; "
+            f"{whole.variant} on {whole.node} would meet the SLO"))
 
     async def _stage(self, req: InferRequest) -> InferResponse:
         """One routed stage of a cascade: served or forwarded, not counted as another query."""
         return await self._infer(req, time.perf_counter(), False)
 
     def _plan(self, req: InferRequest, arrived: float) -> Decision:
+        if self.view.ejected:
+            for peer in self.view.expire_ejections(self.clock()):
+                log.info("%s: %s back on probation", self.name, peer)
+        return self._plan_now(req, arrived)
+
+    def _plan_now(self, req: InferRequest, arrived: float) -> Decision:
         """Plan a query that has no route; set its budget. Refuses at once what cannot be on time.
 
         At the entry node (``hops == 0``) a latency target nothing can meet is
@@ -851,6 +984,7 @@ class NodeAgent:
             now = self.clock()
             for node in self.config.topology.behind(self.name, hop):
                 self.view.mark_down(node, now)
+            self._peer_failed(hop, f"forwarding to {hop} failed: {exc.reason}")
             raise _HopDown(f"forwarding to {hop} failed: {exc.reason}") from None
         rtt_ms = (time.perf_counter() - sent) * 1000
         self.metrics.forwarded(target, hop, self.neighbours.transport(hop))
@@ -959,6 +1093,12 @@ class NodeAgent:
             "live_accuracy": {v: f.to_json() for v, f in self.live.report(
                 {n: x.accuracy for n, x in self.registry.variants.items()}).items()},
             "latency_ms": {"p50": _percentile(lat, 0.50), "p99": _percentile(lat, 0.99)},
+            #: failures as this node sees them: peers ejected (or on probation) for failing
+            #: queries, retries spent against the budget, answers degraded by a failure
+            "failures": {"ejected": self.outliers.status(self.clock()),
+                         "retries": self.retries.status(self.clock()),
+                         "degraded_answers": self.degraded_answers,
+                         "recent": list(self.recent_failures)},
             "view": self.view.snapshot(self.clock()),
         }
 
@@ -968,6 +1108,19 @@ _DTYPES: dict[str, np.dtype[Any]] = {name: np.dtype(name) for name in ALLOWED_DT
 
 def _shape_text(shape: tuple[int, ...]) -> str:
     return "[" + ", ".join("N" if d == -1 else str(d) for d in shape) + "]"
+
+
+def _fingerprint(req: InferRequest) -> bytes:
+    """What makes two queries with one request id the same query: task, SLO and tensors (a
+    repeat gets the first's answer; another client reusing the id does not)."""
+    h = hashlib.blake2b(digest_size=16)
+    h.update(req.task.encode())
+    h.update(repr(req.slo).encode())
+    for t in req.tensors:
+        h.update(t.dtype.str.encode())
+        h.update(repr(t.shape).encode())
+        h.update(np.ascontiguousarray(t).data)
+    return h.digest()
 
 
 def _percentile(ordered: list[float], q: float) -> float | None:

@@ -9,7 +9,7 @@ import click
 from rich.table import Table
 
 from mesh.cli.app import cli, console, home_of
-from mesh.status import decisions_table, mesh_status, status_table
+from mesh.status import decisions_table, failures_table, mesh_status, status_table
 
 __all__: list[str] = []  # commands register themselves on the cli group
 
@@ -82,9 +82,9 @@ def status(ctx: click.Context, as_json: bool) -> None:
         click.echo(json.dumps({"nodes": rows}, indent=2))
     else:
         console.print(status_table(rows))
-        decisions = decisions_table(rows)
-        if decisions is not None:
-            console.print(decisions)
+        for extra in (decisions_table(rows), failures_table(rows)):
+            if extra is not None:
+                console.print(extra)
 
 
 # ---------------------------------------------------------------------- demo

@@ -43,3 +43,24 @@ def test_status_shows_each_variants_workers_and_the_roots_latest_decisions() -> 
 
 def test_no_decisions_table_before_any_placement_was_heard() -> None:
     assert decisions_table([_row("edge-1", "edge", None)]) is None
+
+
+def test_failures_show_ejected_peers_retries_and_degraded_answers() -> None:
+    from mesh.status import failures_table
+
+    quiet = _row("core-1", "core", "abc.7", root=True)
+    quiet["failures"] = {"ejected": {}, "retries": {"spent_total": 0}, "degraded_answers": 0,
+                         "recent": []}
+    assert failures_table([quiet]) is None  # nothing has failed: no table
+    edge = _row("edge-1", "edge", "abc.7")
+    edge["failures"] = {
+        "ejected": {"mid-1": {"ejected": True, "for_s": 3.5, "times": 2,
+                              "reason": "5 failures in a row"}},
+        "retries": {"retries": 4, "allowed": 12, "spent_total": 9, "refused_total": 1},
+        "degraded_answers": 7,
+        "recent": [{"at": 1.0, "peer": "mid-1", "reason": "forwarding to mid-1 failed"}]}
+    table = failures_table([quiet, edge])
+    assert table is not None
+    text = _text(table)
+    assert "mid-1 (out 3.5 s, x2)" in text and "4 of 12 (refused 1)" in text
+    assert "7" in text and "forwarding to mid-1 failed" in text and "core-1" not in text

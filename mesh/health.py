@@ -1,0 +1,185 @@
+"""Failing peers and retries, judged from request outcomes: pure, the clock passed in.
+
+Heartbeats (:mod:`mesh.state`) tell a node which peers are dead or cut off.
+A peer can also be alive and still fail the queries sent to it: its runtime
+breaks, a disk goes bad, it is swapping. :class:`OutlierDetector` watches what
+happens to the queries a node sends each peer, as Envoy's outlier detection
+does:
+
+* **consecutive failures**: ``consecutive_failures`` (5) in a row (a hop that
+  did not answer, or answered with a server error; refusals for load are not
+  failures: they have their own path, the hand-back);
+* **latency**: ``slow_streak`` (5) answers in a row slower than
+  ``slow_factor`` (5x) their predicted latency plus ``slow_floor_ms`` (50 ms).
+
+Either ejects the peer for ``base_ejection_s`` (2 s) times 2^(times ejected
+before), at most ``max_ejection_s`` (60 s). An ejected peer counts as down in
+the node's view (:meth:`mesh.state.MeshView.eject`), so the planner stops
+choosing it at once, for the very next query. When the time is up the peer is
+*on probation*: queries may go to it again, and the first outcome decides:
+a failure ejects it again (for twice as long), a success readmits it, and
+after ``forgive_after_s`` without failing its ejection count starts over.
+
+:class:`RetryBudget` bounds retries the way Envoy's retry budget does: a
+node retries a query elsewhere only while its retries over the last
+``window_s`` stay within ``ratio`` (20%) of its requests, plus
+``min_retries`` (10) so that a quiet node can still retry at all. Failures
+therefore never multiply the load on a mesh that is already failing.
+"""
+
+from __future__ import annotations
+
+from collections import deque
+from dataclasses import dataclass, field
+from typing import Any
+
+__all__ = ["OutlierDetector", "Ejection", "RetryBudget"]
+
+
+@dataclass(slots=True)
+class _Peer:
+    failures: int = 0
+    slow: int = 0
+    ejections: int = 0
+    ejected_until: float = 0.0
+    last_failure: float = float("-inf")
+    probation: bool = False
+    reason: str = ""
+
+
+@dataclass(frozen=True, slots=True)
+class Ejection:
+    """A peer was ejected: until when, and why."""
+
+    peer: str
+    until: float
+    reason: str
+    times: int
+
+
+@dataclass
+class OutlierDetector:
+    """Per-peer outcomes -> ejections (see the module docstring)."""
+
+    consecutive_failures: int = 5
+    slow_streak: int = 5
+    slow_factor: float = 5.0
+    slow_floor_ms: float = 50.0
+    base_ejection_s: float = 2.0
+    max_ejection_s: float = 60.0
+    forgive_after_s: float = 60.0
+    _peers: dict[str, _Peer] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        if self.consecutive_failures < 1 or self.slow_streak < 1:
+            raise ValueError("consecutive_failures and slow_streak must be at least 1")
+        if not 0 < self.base_ejection_s <= self.max_ejection_s:
+            raise ValueError("need 0 < base_ejection_s <= max_ejection_s")
+
+    def _peer(self, peer: str) -> _Peer:
+        p = self._peers.get(peer)
+        if p is None:
+            p = self._peers[peer] = _Peer()
+        return p
+
+    def success(self, peer: str, now: float, *, latency_ms: float | None = None,
+                predicted_ms: float | None = None) -> Ejection | None:
+        """An answer from ``peer``; ejects it when it has been far too slow too often."""
+        p = self._peer(peer)
+        p.failures = 0
+        if p.probation and now >= p.ejected_until:
+            p.probation = False  # back in service
+        if p.ejections and now - p.last_failure > self.forgive_after_s:
+            p.ejections = 0
+        if latency_ms is not None and predicted_ms is not None \
+                and latency_ms > predicted_ms * self.slow_factor + self.slow_floor_ms:
+            p.slow += 1
+            if p.slow >= self.slow_streak:
+                return self._eject(peer, p, now, f"{p.slow} answers in a row far slower than "
+                                   f"predicted (last {latency_ms:.0f} ms, predicted "
+                                   f"{predicted_ms:.0f} ms)")
+        else:
+            p.slow = 0
+        return None
+
+    def failure(self, peer: str, now: float, reason: str) -> Ejection | None:
+        """A query to ``peer`` failed (no answer, or a server error): maybe eject it."""
+        p = self._peer(peer)
+        p.failures += 1
+        p.last_failure = now
+        if p.probation:
+            return self._eject(peer, p, now, f"failed again on probation: {reason}")
+        if p.failures >= self.consecutive_failures:
+            return self._eject(peer, p, now, f"{p.failures} failures in a row, the last: {reason}")
+        return None
+
+    def _eject(self, peer: str, p: _Peer, now: float, reason: str) -> Ejection:
+        seconds = min(self.base_ejection_s * 2 ** p.ejections, self.max_ejection_s)
+        p.ejections += 1
+        p.ejected_until = now + seconds
+        p.probation = True
+        p.failures = p.slow = 0
+        p.reason = reason
+        return Ejection(peer, p.ejected_until, reason, p.ejections)
+
+    def ejected(self, peer: str, now: float) -> bool:
+        p = self._peers.get(peer)
+        return p is not None and now < p.ejected_until
+
+    def status(self, now: float) -> dict[str, dict[str, Any]]:
+        """Peers ejected now or on probation, for status pages."""
+        out = {}
+        for name, p in sorted(self._peers.items()):
+            if p.probation or now < p.ejected_until:
+                out[name] = {"ejected": now < p.ejected_until,
+                             "for_s": round(max(p.ejected_until - now, 0.0), 3),
+                             "times": p.ejections, "reason": p.reason}
+        return out
+
+
+@dataclass
+class RetryBudget:
+    """Retries allowed over a sliding window: ``ratio`` of the requests, plus ``min_retries``."""
+
+    ratio: float = 0.2
+    min_retries: int = 10
+    window_s: float = 10.0
+    _requests: deque[float] = field(default_factory=deque)
+    _retries: deque[float] = field(default_factory=deque)
+    refused: int = 0
+    spent: int = 0
+
+    def __post_init__(self) -> None:
+        if not 0 <= self.ratio <= 1 or self.min_retries < 0 or self.window_s <= 0:
+            raise ValueError("need 0 <= ratio <= 1, min_retries >= 0, window_s > 0")
+
+    def _trim(self, now: float) -> None:
+        edge = now - self.window_s
+        for q in (self._requests, self._retries):
+            while q and q[0] < edge:
+                q.popleft()
+
+    def request(self, now: float) -> None:
+        """One request (not a retry) went out."""
+        self._requests.append(now)
+        if len(self._requests) > 100_000:  # bounded whatever the rate
+            self._requests.popleft()
+
+    def allowance(self, now: float) -> int:
+        self._trim(now)
+        return int(self.ratio * len(self._requests)) + self.min_retries
+
+    def try_spend(self, now: float) -> bool:
+        """Take one retry from the budget; False (and counted) when none is left."""
+        if len(self._retries) >= self.allowance(now):
+            self.refused += 1
+            return False
+        self._retries.append(now)
+        self.spent += 1
+        return True
+
+    def status(self, now: float) -> dict[str, Any]:
+        self._trim(now)
+        return {"window_s": self.window_s, "requests": len(self._requests),
+                "retries": len(self._retries), "allowed": self.allowance(now),
+                "spent_total": self.spent, "refused_total": self.refused}
