@@ -91,7 +91,7 @@ def send_embeddings(client: Client, slo_class: SloClass, ids: np.ndarray, mask: 
 
 def run_demo(home: Path, topology: Path, *, queries_per_class: int = 100,
              console: Console | None = None, entry: str = "edge-1") -> list[dict[str, Any]]:
-    from mesh.status import mesh_status, status_table
+    from mesh.status import decisions_table, mesh_status, status_table
     from mesh.testbed.local import LocalMesh
     from mesh.variants import build_bundled
     from mesh.variants.digits import load_heldout
@@ -130,7 +130,11 @@ def run_demo(home: Path, topology: Path, *, queries_per_class: int = 100,
             console.rule("4. sentence embeddings: the MiniLM family")
             summaries += _embedding_demo(home, mesh.url(entry), console)
         console.rule("5. mesh status")
-        console.print(status_table(mesh_status(home)))
+        rows = mesh_status(home)
+        console.print(status_table(rows))
+        decisions = decisions_table(rows, last=6)  # what the mesh placed, and why
+        if decisions is not None:
+            console.print(decisions)
         console.rule("6. shut down")
     console.print("mesh stopped; no process left behind")
     return summaries
