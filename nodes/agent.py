@@ -270,7 +270,8 @@ class NodeAgent:
         self.live = LiveAccuracy()
         self._planned_accuracy: dict[str, float] = {}
         #: request id -> (variant, answer, the query's fingerprint)
-        self._answered: collections.OrderedDict[str, tuple[str, InferResponse, bytes]] = \
+        self._answered: collections.OrderedDict[
+            str, tuple[str, InferResponse, tuple[Any, ...]]] = \
             collections.OrderedDict()
         #: task -> its input specs (the hot path must not scan the registry)
         self._inputs: dict[str, tuple[TensorSpec, ...]] = {}
@@ -283,7 +284,7 @@ class NodeAgent:
         self.recent_failures: collections.deque[dict[str, Any]] = collections.deque(maxlen=20)
         self.degraded_answers = 0
         #: client queries in progress by request id (a repeat waits for the first)
-        self._in_flight: dict[str, tuple[bytes, asyncio.Future[InferResponse]]] = {}
+        self._in_flight: dict[str, tuple[tuple[Any, ...], asyncio.Future[InferResponse]]] = {}
         self.repeats_answered = 0
         #: live placement: the root decides, every node carries it out (nodes.placement)
         self.placement = PlacementControl(self, clock=placement_clock)
@@ -444,7 +445,7 @@ class NodeAgent:
         The protocol handlers pass ``from_client=True`` for everything but a
         proven neighbour (:mod:`nodes.peers`); code inside the node may route.
         """
-        fingerprint = b""
+        fingerprint: tuple[Any, ...] = ()
         if from_client:
             fingerprint = _fingerprint(req)
             again = self._repeated(req, fingerprint)
@@ -489,7 +490,7 @@ class NodeAgent:
 
     # The request id is a query's idempotency id: a client that retries (its answer was
     # lost, or slow) sends the same id, and must not make the mesh compute it twice.
-    def _repeated(self, req: InferRequest, fingerprint: bytes
+    def _repeated(self, req: InferRequest, fingerprint: tuple[Any, ...]
                   ) -> Awaitable[InferResponse] | None:
         """The answer to an earlier copy of ``req`` (same id, same query), in flight or given
         recently; None when it is new."""
@@ -1110,17 +1111,13 @@ def _shape_text(shape: tuple[int, ...]) -> str:
     return "[" + ", ".join("N" if d == -1 else str(d) for d in shape) + "]"
 
 
-def _fingerprint(req: InferRequest) -> bytes:
+def _fingerprint(req: InferRequest) -> tuple[Any, ...]:
     """What makes two queries with one request id the same query: task, SLO and tensors (a
     repeat gets the first's answer; another client reusing the id does not)."""
-    h = hashlib.blake2b(digest_size=16)
-    h.update(req.task.encode())
-    h.update(repr(req.slo).encode())
-    for t in req.tensors:
-        h.update(t.dtype.str.encode())
-        h.update(repr(t.shape).encode())
-        h.update(np.ascontiguousarray(t).data)
-    return h.digest()
+    return (req.task, req.slo, tuple(
+        (t.dtype.str, t.shape, hashlib.blake2b(np.ascontiguousarray(t).data,
+                                                digest_size=16).digest())
+        for t in req.tensors))
 
 
 def _percentile(ordered: list[float], q: float) -> float | None:
