@@ -145,11 +145,14 @@ def memory_mesh() -> Callable[..., contextlib.AbstractAsyncContextManager[dict[s
     """``async with memory_mesh(topology, home) as agents``: every node of ``topology`` as an
     agent in this process, neighbours wired by in-memory transports (no socket at all).
 
-    ``frozen={"core-1"}`` makes those nodes take queries and never answer.
+    ``frozen={"core-1"}`` makes those nodes take queries and never answer (a set the test
+    may change meanwhile: a link cut, then healed). ``runtimes``: node name -> its runtime
+    lookup (a node whose disk is broken), for the nodes it names.
     """
 
     @contextlib.asynccontextmanager
     async def run(topology: Any, home: Path, *, frozen: frozenset[str] | set[str] = frozenset(),
+                  runtimes: dict[str, Any] | None = None,
                   **config: Any) -> AsyncIterator[dict[str, NodeAgent]]:
         agents: dict[str, NodeAgent] = {}
         never = asyncio.Event()
@@ -166,7 +169,8 @@ def memory_mesh() -> Callable[..., contextlib.AbstractAsyncContextManager[dict[s
             for name in topology.nodes:
                 transports = {n: wire(n) for n in topology.neighbours(name)}
                 agent = NodeAgent(AgentConfig(node=name, topology=topology, home=home, **config),
-                                  transports=transports)
+                                  transports=transports,
+                                  runtimes=(runtimes or {}).get(name, runtime_for))
                 agents[name] = await stack.enter_async_context(agent)
             yield agents
 

@@ -5,8 +5,6 @@ Real agents and real models, wired by in-memory transports (no sockets)."""
 from __future__ import annotations
 
 import asyncio
-import contextlib
-from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
 
@@ -18,10 +16,7 @@ from mesh.health import RetryBudget
 from mesh.runtimes import runtime_for
 from mesh.runtimes.onnx import OnnxRuntime
 from mesh.topology import parse_topology
-from mesh.transport import MemoryTransport
 from mesh.wire import SLO, InferRequest
-from nodes.agent import AgentConfig, NodeAgent
-from nodes.answers import answer
 
 
 class BrokenDisk(OnnxRuntime):
@@ -47,35 +42,10 @@ def _chain() -> Any:
     })
 
 
-@contextlib.asynccontextmanager
-async def mesh(topology: Any, home: Path, *, broken: frozenset[str] = frozenset(),
-               frozen: set[str] | None = None, **config: Any
-               ) -> AsyncIterator[dict[str, NodeAgent]]:
-    """Every node an agent in this process; ``broken`` nodes cannot open ONNX models,
-    ``frozen`` nodes take queries and never answer (the set may change during the test)."""
-    frozen = frozen if frozen is not None else set()
-    agents: dict[str, NodeAgent] = {}
-    never = asyncio.Event()
-
-    def wire(name: str) -> MemoryTransport:
-        async def handle(body: bytes) -> tuple[int, bytes]:
-            if name in frozen:
-                await never.wait()
-            reply = await answer(agents[name], body, from_client=False)
-            return reply.status, reply.body
-        return MemoryTransport(handle)
-
-    def runtimes_of(name: str) -> Any:
-        disk = BrokenDisk()
-        return lambda fmt: disk if name in broken and fmt == "onnx" else runtime_for(fmt)
-
-    async with contextlib.AsyncExitStack() as stack:
-        for name in topology.nodes:
-            agent = NodeAgent(AgentConfig(node=name, topology=topology, home=home, **config),
-                              transports={n: wire(n) for n in topology.neighbours(name)},
-                              runtimes=runtimes_of(name))
-            agents[name] = await stack.enter_async_context(agent)
-        yield agents
+def broken(*names: str) -> dict[str, Any]:
+    """Runtime lookups for ``memory_mesh``: these nodes cannot open ONNX models."""
+    disk = BrokenDisk()
+    return {n: (lambda fmt: disk if fmt == "onnx" else runtime_for(fmt)) for n in names}
 
 
 def _query(images: np.ndarray, i: int, **slo: Any) -> InferRequest:
@@ -84,9 +54,9 @@ def _query(images: np.ndarray, i: int, **slo: Any) -> InferRequest:
 
 
 async def test_a_peer_failing_its_queries_is_ejected_and_readmitted_after_probation(
-        digits_home: Path, heldout: Any) -> None:
+        digits_home: Path, heldout: Any, memory_mesh: Any) -> None:
     images, labels = heldout
-    async with mesh(_chain(), digits_home, broken=frozenset({"mid-1"})) as agents:
+    async with memory_mesh(_chain(), digits_home, runtimes=broken("mid-1")) as agents:
         edge = agents["edge-1"]
         served = []
         for i in range(5):  # mid-1's CNN cannot load: each query is retried on core-1's
@@ -113,9 +83,10 @@ async def test_a_peer_failing_its_queries_is_ejected_and_readmitted_after_probat
         assert again["ejected"] and again["times"] == 2 and again["for_s"] > 3.0
 
 
-async def test_retries_stop_when_the_budget_is_spent(digits_home: Path, heldout: Any) -> None:
+async def test_retries_stop_when_the_budget_is_spent(digits_home: Path, heldout: Any,
+                                                     memory_mesh: Any) -> None:
     images, _ = heldout
-    async with mesh(_chain(), digits_home, broken=frozenset({"mid-1"})) as agents:
+    async with memory_mesh(_chain(), digits_home, runtimes=broken("mid-1")) as agents:
         edge = agents["edge-1"]
         edge.retries = RetryBudget(ratio=0.2, min_retries=1, window_s=60.0)
         first = await edge.infer(_query(images, 0, min_accuracy=0.99), from_client=True)
@@ -128,10 +99,11 @@ async def test_retries_stop_when_the_budget_is_spent(digits_home: Path, heldout:
 
 
 async def test_cut_off_from_upstream_a_node_answers_degraded_and_heals_by_itself(
-        digits_home: Path, heldout: Any) -> None:
+        digits_home: Path, heldout: Any, memory_mesh: Any) -> None:
     images, labels = heldout
     frozen = {"mid-1"}  # the link upstream is cut: nothing comes back from mid-1
-    async with mesh(_chain(), digits_home, frozen=frozen, forward_timeout_s=0.3) as agents:
+    async with memory_mesh(_chain(), digits_home, frozen=frozen,
+                           forward_timeout_s=0.3) as agents:
         edge = agents["edge-1"]
         edge.view.stale_after_s = 1.0
         r = await edge.infer(_query(images, 0, min_accuracy=0.99), from_client=True)
@@ -157,9 +129,10 @@ async def test_cut_off_from_upstream_a_node_answers_degraded_and_heals_by_itself
 
 
 async def test_a_repeated_request_id_is_answered_once(digits_home: Path, heldout: Any,
-                                                      edge_and_core: Any) -> None:
+                                                      edge_and_core: Any,
+                                                      memory_mesh: Any) -> None:
     images, _ = heldout
-    async with mesh(edge_and_core, digits_home) as agents:
+    async with memory_mesh(edge_and_core, digits_home) as agents:
         edge = agents["edge-1"]
         # two copies of one query at once (a client that retried), then a third later
         copies = [_query(images, 0, min_accuracy=0.99) for _ in range(3)]
