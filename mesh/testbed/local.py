@@ -16,6 +16,14 @@ group. Stopping finds the mesh's processes by their command lines
 restarted by hand with the same run file is stopped too; a process that
 cannot be stopped is reported, never silently left behind.
 
+While it runs, one node can be stopped, started and restarted
+(:meth:`LocalMesh.restart_node`) and one link cut, healed or changed
+(:meth:`LocalMesh.cut_link`, :meth:`LocalMesh.set_link`); the same operations
+work from another process on the run directory alone (:mod:`mesh.testbed.faults`,
+``mesh node ...``, ``mesh link ...``). Each topology link ``between: [a, b]`` is
+named ``a--b``; the state file records the names, the command line of every
+process (to start a node again) and the link emulator's control port.
+
 With ``tls=True`` (``mesh up --tls``) the nodes run as they do off loopback:
 a mesh CA under ``RUN_DIR/tls`` (made once, then reused, so that clients'
 copies of ``ca.pem`` stay valid), a certificate per node issued at every
