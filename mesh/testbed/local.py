@@ -355,7 +355,9 @@ class LocalMesh:
         ours = {p.pid: p for _, _, p in self._procs}
         procs = {p.pid: p for p in find_processes(self.run_dir)}
         for role, name, proc in self._procs:
-            if proc.pid not in procs:  # not running our command line (yet): still ours to stop
+            # not running our command line (yet): still ours to stop, unless it has ended (a node
+            # stopped alone: its pid may belong to someone else by now)
+            if proc.pid not in procs and proc.poll() is None:
                 found = _child(proc.pid, role, name)
                 if found is not None:
                     procs[proc.pid] = found
