@@ -13,6 +13,10 @@
     mesh models add NAME --task T --model FILE --validation V.npz [--train T.npz]
                                        register a model; its variants are made, checked, measured
     mesh topology check FILE           validate and summarise a topology file
+    mesh node stop|start|restart NAME  one node of the running local mesh (it rejoins by itself)
+    mesh link list                     the running mesh's links (a--b): state, settings, traffic
+    mesh link cut|heal NAME            cut a link (silence, not refusal) or heal it
+    mesh link set NAME --latency-ms 30 --loss 0.01 --jitter-ms 5 --bandwidth-mbps 10
     mesh down                          stop every process of the mesh (also nodes restarted by hand)
     mesh demo                          all of the above with real queries
 
@@ -25,7 +29,16 @@ from __future__ import annotations
 
 import sys
 
-from mesh.cli import certs, deploy, models, node, run, topology, variants  # noqa: F401  (registers the commands)
+from mesh.cli import (  # noqa: F401  (registers the commands)
+    certs,
+    deploy,
+    link,
+    models,
+    node,
+    run,
+    topology,
+    variants,
+)
 from mesh.cli.app import cli
 
 __all__ = ["cli", "main"]

@@ -17,7 +17,8 @@ __all__: list[str] = []  # commands register themselves on the cli group
 
 @cli.group()
 def node() -> None:
-    """Run one node of a mesh (one node per host)."""
+    """Run one node of a mesh (one node per host), or stop, start or restart one node of
+    the running local mesh (mesh up)."""
 
 
 @node.command("run")
@@ -54,3 +55,53 @@ def run(ctx: click.Context, topology_file: str, name: str, tls_dir: str | None,
         argv.append("--insecure")
     # The node is its own process image: signals, exit status and logs are the node's.
     os.execv(sys.executable, argv)
+
+
+# ---------------------------------------------------------------------- the running local mesh
+# Failures to rehearse on the mesh 'mesh up' started from --home (mesh.testbed.faults).
+
+
+@node.command("stop")
+@click.argument("name")
+@click.option("--timeout-s", default=10.0, show_default=True,
+              help="Seconds to wait after SIGTERM before SIGKILL.")
+@click.pass_context
+def stop(ctx: click.Context, name: str, timeout_s: float) -> None:
+    """Stop node NAME of the running local mesh (SIGTERM, then SIGKILL). Its neighbours
+    notice through their own heartbeats and timeouts. A stopped node stays stopped."""
+    from mesh.testbed import faults
+
+    stopped = faults.stop_node(home_of(ctx) / "run", name, timeout_s=timeout_s)
+    if stopped:
+        click.echo(f"stopped {name} (pid {', '.join(str(p.pid) for p in stopped)})")
+    else:
+        click.echo(f"{name} was not running")
+
+
+@node.command("start")
+@click.argument("name")
+@click.pass_context
+def start(ctx: click.Context, name: str) -> None:
+    """Start node NAME of the running local mesh again, on its own ports, and wait until it
+    is healthy. It rejoins by itself: heartbeats to its parent, its variants from the store."""
+    from mesh.testbed import faults
+
+    started = faults.start_node(home_of(ctx) / "run", name)
+    if started.process is None:
+        click.echo(f"{name} is already running (pid {started.pid})")
+    else:
+        click.echo(f"started {name} (pid {started.pid})")
+
+
+@node.command("restart")
+@click.argument("name")
+@click.option("--timeout-s", default=10.0, show_default=True,
+              help="Seconds to wait after SIGTERM before SIGKILL.")
+@click.pass_context
+def restart(ctx: click.Context, name: str, timeout_s: float) -> None:
+    """Stop node NAME of the running local mesh and start it again (see stop and start)."""
+    from mesh.testbed import faults
+
+    stopped, started = faults.restart_node(home_of(ctx) / "run", name, stop_timeout_s=timeout_s)
+    before = ", ".join(str(p.pid) for p in stopped) or "not running"
+    click.echo(f"restarted {name}: pid {before} -> {started.pid}")

@@ -79,12 +79,26 @@ def status(ctx: click.Context, as_json: bool) -> None:
     """Show every node of the running mesh."""
     rows = mesh_status(home_of(ctx))
     if as_json:
-        click.echo(json.dumps({"nodes": rows}, indent=2))
+        click.echo(json.dumps({"nodes": rows, "links": _links(home_of(ctx))}, indent=2))
     else:
         console.print(status_table(rows))
         for extra in (decisions_table(rows), failures_table(rows)):
             if extra is not None:
                 console.print(extra)
+
+
+def _links(home: Path) -> list[dict[str, object]]:
+    """The links for ``status --json``: live from the emulator, else their names only."""
+    from mesh.testbed import faults
+    from mesh.testbed.control import LinkControlError
+    from mesh.testbed.local import read_state
+
+    try:
+        return faults.list_links(home / "run")
+    except LinkControlError:
+        state = read_state(home / "run")
+        return [{"name": name, "between": between, "state": "unknown"}
+                for name, between in (state.links if state else {}).items()]
 
 
 # ---------------------------------------------------------------------- demo

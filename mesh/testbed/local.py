@@ -16,6 +16,14 @@ group. Stopping finds the mesh's processes by their command lines
 restarted by hand with the same run file is stopped too; a process that
 cannot be stopped is reported, never silently left behind.
 
+While it runs, one node can be stopped, started and restarted
+(:meth:`LocalMesh.restart_node`) and one link cut, healed or changed
+(:meth:`LocalMesh.cut_link`, :meth:`LocalMesh.set_link`); the same operations
+work from another process on the run directory alone (:mod:`mesh.testbed.faults`,
+``mesh node ...``, ``mesh link ...``). Each topology link ``between: [a, b]`` is
+named ``a--b``; the state file records the names, the command line of every
+process (to start a node again) and the link emulator's control port.
+
 With ``tls=True`` (``mesh up --tls``) the nodes run as they do off loopback:
 a mesh CA under ``RUN_DIR/tls`` (made once, then reused, so that clients'
 copies of ``ca.pem`` stay valid), a certificate per node issued at every
@@ -32,71 +40,34 @@ import json
 import os
 import signal
 import socket
-import ssl
 import subprocess
 import sys
 import time
 import urllib.error
 import urllib.request
-from contextlib import ExitStack
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from mesh.certs import CA_CERT, ca_context, init_ca, issue
+from mesh.certs import CA_CERT, init_ca, issue
 from mesh.durable import write_atomic
-from mesh.errors import MeshError
 from mesh.placement import Hosting
 from mesh.registry import Registry
+from mesh.testbed import faults
 from mesh.testbed.processes import (
     LINKS_FILE,
     RUN_FILE,
     MeshProcess,
     StopResult,
     find_processes,
+    log_tail,
+    spawn,
     stop_processes,
 )
+from mesh.testbed.state import STATE_FILE, MeshState, TestbedError, read_state, write_state
 from mesh.topology import Topology, load_topology
 
-__all__ = ["LocalMesh", "MeshState", "MeshStop", "read_state", "stop_mesh"]
-
-STATE_FILE = "state.json"
-
-
-class TestbedError(MeshError):
-    """The local mesh could not be started or stopped."""
-
-
-@dataclass(frozen=True)
-class MeshState:
-    """What ``mesh up`` leaves behind for ``mesh status`` and ``mesh down``."""
-
-    topology: str
-    home: str
-    run_dir: str
-    #: node -> {"tier", "address", "stream_address"} (direct addresses, not through link
-    #: emulators; ``stream_address`` is ``tcp://HOST:PORT``)
-    nodes: dict[str, dict[str, str]]
-    #: {"role": "node"|"links", "name", "pid"}
-    processes: list[dict[str, Any]]
-    #: the mesh CA's certificate when the nodes serve TLS (``mesh up --tls``), else None
-    ca: str | None = None
-
-    def to_json(self) -> dict[str, Any]:
-        out = {"topology": self.topology, "home": self.home, "run_dir": self.run_dir,
-               "nodes": self.nodes, "processes": self.processes}
-        return out | ({"ca": self.ca} if self.ca else {})
-
-    def client_ssl(self) -> ssl.SSLContext | None:
-        """What a client passes as ``ssl=`` to reach these nodes (None: plain TCP)."""
-        return ca_context(self.ca) if self.ca else None
-
-    def address(self, node: str) -> str:
-        return self.nodes[node]["address"]
-
-    def stream_address(self, node: str) -> str:
-        return self.nodes[node]["stream_address"]
-
+__all__ = ["LocalMesh", "MeshState", "MeshStop", "TestbedError", "read_state", "stop_mesh"]
 
 @dataclass(frozen=True)
 class MeshStop:
@@ -196,7 +167,8 @@ class LocalMesh:
         (self.run_dir / "logs").mkdir(exist_ok=True)
         topo = self.topology
         names = sorted(topo.nodes)
-        ports = iter(_free_ports(2 * len(names) + 4 * len(topo.links), self.host))
+        ports = iter(_free_ports(2 * len(names) + 4 * len(topo.links) + 1, self.host))
+        control_port = next(ports)
         node_port = {n: next(ports) for n in names}
         stream_port = {n: next(ports) for n in names}
         if self.use_addresses:  # the topology's own ports, on this machine's loopback
@@ -208,15 +180,19 @@ class LocalMesh:
         neighbours: dict[str, dict[str, str]] = {n: {} for n in names}
         stream_neighbours: dict[str, dict[str, str]] = {n: {} for n in names}
         link_spec = []
+        link_names: dict[str, list[str]] = {}
         for link in topo.links:
             a, b = link.between
+            link_name = f"{a}--{b}"
+            link_names[link_name] = [a, b]
             for src, dst in ((a, b), (b, a)):
                 for suffix, target, urls, scheme in (
                         ("", node_port, neighbours, "http"),
                         (" stream", stream_port, stream_neighbours, "tcp")):
                     port = next(ports)
                     urls[src][dst] = f"{scheme}://{self.host}:{port}"
-                    link_spec.append({"name": f"{src}->{dst}{suffix}", "listen_port": port,
+                    link_spec.append({"name": f"{src}->{dst}{suffix}", "link": link_name,
+                                      "listen_port": port,
                                       "target_host": self.host, "target_port": target[dst],
                                       "latency_ms": link.latency_ms,
                                       "bandwidth_mbps": link.bandwidth_mbps})
@@ -234,19 +210,23 @@ class LocalMesh:
         nodes = {n: {"tier": topo.nodes[n].tier, "address": f"{scheme}://{self.host}:{node_port[n]}",
                      "stream_address": f"tcp://{self.host}:{stream_port[n]}"}
                  for n in names}
+        processes: list[dict[str, Any]] = []
         try:
             if link_spec:
-                self._spawn("links", "links", [sys.executable, "-m", "mesh.testbed.links",
-                                               str(links_file)])
+                # the spec first: mesh.testbed.processes finds the emulator by its first argument
+                argv = [sys.executable, "-m", "mesh.testbed.links", str(links_file),
+                        "--control-port", str(control_port), "--control-host", self.host]
+                processes.append(self._spawn("links", "links", argv))
             for n in names:
                 tls = ["--tls-dir", str(tls_dirs[n])] if self.tls else []
-                self._spawn("node", n, [sys.executable, "-m", "nodes", "--runtime", str(run_file),
-                                        "--node", n, *tls])
+                processes.append(self._spawn("node", n, [
+                    sys.executable, "-m", "nodes", "--runtime", str(run_file), "--node", n, *tls]))
             self.state = MeshState(str(self.topology_path), str(self.home), str(self.run_dir),
-                                   nodes, [{"role": r, "name": nm, "pid": p.pid}
-                                           for r, nm, p in self._procs],
-                                   ca=str(self.run_dir / "tls" / CA_CERT) if self.tls else None)
-            write_atomic(self.run_dir / STATE_FILE, json.dumps(self.state.to_json(), indent=2))
+                                   nodes, processes,
+                                   ca=str(self.run_dir / "tls" / CA_CERT) if self.tls else None,
+                                   links=link_names,
+                                   control=f"{self.host}:{control_port}" if link_spec else None)
+            write_state(self.state)
             self._wait_ready(link_spec, nodes)
         except BaseException:
             self.stop()
@@ -274,14 +254,10 @@ class LocalMesh:
                 "addresses give its nodes, are in use; stop what holds them ('mesh down'), "
                 "or start with free ports (mesh up --free-ports)")
 
-    def _spawn(self, role: str, name: str, argv: list[str]) -> None:
-        log = open(self.run_dir / "logs" / f"{name}.log", "wb")
-        with ExitStack() as stack:
-            stack.callback(log.close)  # the child keeps its own copy of the descriptor
-            env = dict(os.environ, PYTHONUNBUFFERED="1")
-            proc = subprocess.Popen(argv, stdout=log, stderr=subprocess.STDOUT,
-                                    stdin=subprocess.DEVNULL, start_new_session=True, env=env)
+    def _spawn(self, role: str, name: str, argv: list[str]) -> dict[str, Any]:
+        proc = spawn(argv, self.run_dir / "logs" / f"{name}.log")
         self._procs.append((role, name, proc))
+        return {"role": role, "name": name, "pid": proc.pid, "argv": argv}
 
     def _wait_ready(self, link_spec: list[dict[str, Any]], nodes: dict[str, dict[str, str]]
                     ) -> None:
@@ -315,11 +291,7 @@ class LocalMesh:
                 time.sleep(0.1)
 
     def _log_tail(self, name: str, lines: int = 15) -> str:
-        path = self.run_dir / "logs" / f"{name}.log"
-        try:
-            return "\n".join(path.read_text(errors="replace").splitlines()[-lines:])
-        except OSError:
-            return "(no log)"
+        return log_tail(self.run_dir / "logs" / f"{name}.log", lines)
 
     def kill(self, node: str) -> None:
         """SIGKILL one node's process (a crash, for failure tests); the rest keep running."""
@@ -333,6 +305,47 @@ class LocalMesh:
                 return
         raise TestbedError(f"no running node {node!r} in this mesh")
 
+    # ------------------------------------------------------------------ faults (mesh.testbed.faults)
+    def stop_node(self, node: str) -> list[MeshProcess]:
+        """SIGTERM one node (SIGKILL after :attr:`stop_timeout_s`); the rest keep running.
+        Returns what was stopped (empty: it was not running)."""
+        waiters = {p.pid: p for role, _, p in self._procs if role == "node"}
+        return faults.stop_node(self.run_dir, node, timeout_s=self.stop_timeout_s,
+                                waiters=waiters)
+
+    def start_node(self, node: str) -> int:
+        """Start a stopped node again on its ports and wait until it is healthy; return its
+        pid (the running one's, when it was running)."""
+        started = faults.start_node(self.run_dir, node, timeout_s=self.startup_timeout_s)
+        if started.process is not None:
+            self._procs = [e for e in self._procs if e[:2] != ("node", node)]
+            self._procs.append(("node", node, started.process))
+            self.state = read_state(self.run_dir)
+        return started.pid
+
+    def restart_node(self, node: str) -> int:
+        """:meth:`stop_node` then :meth:`start_node`; return the new pid."""
+        self.stop_node(node)
+        return self.start_node(node)
+
+    def links(self) -> list[dict[str, Any]]:
+        """Every link: ``name`` (``a--b``), ``between``, settings, ``state``, counters."""
+        return faults.list_links(self.run_dir)
+
+    def cut_link(self, name: str) -> dict[str, Any]:
+        """Cut link ``a--b`` (either order): nothing crosses, nothing is refused."""
+        return faults.cut_link(self.run_dir, name)
+
+    def heal_link(self, name: str) -> dict[str, Any]:
+        return faults.heal_link(self.run_dir, name)
+
+    def set_link(self, name: str, *, latency_ms: float | None = None,
+                 bandwidth_mbps: float | None = None, loss: float | None = None,
+                 jitter_ms: float | None = None) -> dict[str, Any]:
+        """Change a running link's settings (None: keep)."""
+        return faults.set_link(self.run_dir, name, latency_ms=latency_ms,
+                               bandwidth_mbps=bandwidth_mbps, loss=loss, jitter_ms=jitter_ms)
+
     # ------------------------------------------------------------------ stop
     def stop(self) -> None:
         """Stop every process of this mesh, also ones started after it (by hand).
@@ -342,7 +355,9 @@ class LocalMesh:
         ours = {p.pid: p for _, _, p in self._procs}
         procs = {p.pid: p for p in find_processes(self.run_dir)}
         for role, name, proc in self._procs:
-            if proc.pid not in procs:  # not running our command line (yet): still ours to stop
+            # not running our command line (yet): still ours to stop, unless it has ended (a node
+            # stopped alone: its pid may belong to someone else by now)
+            if proc.pid not in procs and proc.poll() is None:
                 found = _child(proc.pid, role, name)
                 if found is not None:
                     procs[proc.pid] = found
@@ -371,18 +386,6 @@ def _child(pid: int, role: str, name: str) -> MeshProcess | None:
 
 def _failures(result: StopResult) -> str:
     return "could not stop " + "; ".join(f"{p.label()}: {why}" for p, why in result.failed)
-
-
-def read_state(run_dir: str | Path) -> MeshState | None:
-    path = Path(run_dir) / STATE_FILE
-    if not path.exists():
-        return None
-    try:
-        data = json.loads(path.read_text())
-        return MeshState(data["topology"], data["home"], data["run_dir"], data["nodes"],
-                         data["processes"], data.get("ca"))
-    except (ValueError, KeyError) as exc:
-        raise TestbedError(f"{path} is damaged ({exc}); remove it and stop stray processes") from None
 
 
 def is_mesh_process(proc: dict[str, Any]) -> bool:

@@ -22,7 +22,8 @@ from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 
-__all__ = ["MeshProcess", "StopResult", "find_processes", "describe", "stop_processes"]
+__all__ = ["MeshProcess", "StopResult", "find_processes", "describe", "log_tail", "spawn",
+           "stop_processes"]
 
 RUN_FILE = "run.json"
 LINKS_FILE = "links.json"
@@ -50,6 +51,23 @@ class StopResult:
     stopped: list[MeshProcess] = field(default_factory=list)
     #: (process, why it is still running)
     failed: list[tuple[MeshProcess, str]] = field(default_factory=list)
+
+
+def spawn(argv: list[str], log_path: Path, *, append: bool = False) -> subprocess.Popen[bytes]:
+    """Start ``argv`` in a session of its own (so that stopping it takes its children too),
+    its output to ``log_path`` (appended to with ``append``: a restart keeps the old log)."""
+    with open(log_path, "ab" if append else "wb") as log:  # the child keeps its own copy
+        env = dict(os.environ, PYTHONUNBUFFERED="1")
+        return subprocess.Popen(argv, stdout=log, stderr=subprocess.STDOUT,
+                                stdin=subprocess.DEVNULL, start_new_session=True, env=env)
+
+
+def log_tail(path: Path, lines: int = 15) -> str:
+    """The last ``lines`` lines of a log, for an error message."""
+    try:
+        return "\n".join(path.read_text(errors="replace").splitlines()[-lines:])
+    except OSError:
+        return "(no log)"
 
 
 def _stat(pid: int) -> tuple[str, int] | None:

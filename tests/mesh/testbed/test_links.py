@@ -6,6 +6,7 @@ import asyncio
 import contextlib
 import json
 import os
+import random
 import signal
 import socket
 import struct
@@ -83,7 +84,7 @@ async def _client(port: int) -> AsyncIterator[tuple[asyncio.StreamReader, asynci
 
 
 def _link(target_port: int, *, latency_ms: float = 0, bandwidth_mbps: float = 1000,
-          **kwargs: int) -> LinkEmulator:
+          **kwargs: float) -> LinkEmulator:
     return LinkEmulator("127.0.0.1", 0, "127.0.0.1", target_port, latency_ms=latency_ms,
                         bandwidth_mbps=bandwidth_mbps, name="test", **kwargs)
 
@@ -304,3 +305,230 @@ def test_cli_rejects_an_invalid_spec(tmp_path: Path, capsys: pytest.CaptureFixtu
                                  "target_port": 9, "latency_ms": -1, "bandwidth_mbps": 10}]))
     assert main([str(spec)]) == 2
     assert "[0].latency_ms" in capsys.readouterr().err
+
+
+# --------------------------------------------------------------------------- loss and jitter
+
+
+def test_loss_delays_a_chunk_by_one_retransmission_timeout_and_is_seeded() -> None:
+    from mesh.testbed.links import RTO_MIN_S, _Pipe
+
+    def run(seed: str, loss: float) -> tuple[list[float], int]:
+        pipe = _Pipe(latency_ms=5, bandwidth_mbps=1e6, loss=loss, rng=random.Random(seed))
+        dues = [pipe.schedule(100, now=float(i)) - i for i in range(2000)]
+        return dues, pipe.lost_chunks
+
+    clean, none_lost = run("a", 0.0)
+    lossy, lost = run("a", 0.25)
+    again, lost_again = run("a", 0.25)
+    assert none_lost == 0 and set(round(d, 6) for d in clean) == {0.005}
+    assert (lossy, lost) == (again, lost_again)  # same seed, same draws
+    assert 400 <= lost <= 600  # a quarter of 2000, with a wide margin
+    late = [d for d in lossy if d > 0.1]
+    assert len(late) == lost
+    # 5 ms each way: two round trips are 20 ms, so the 200 ms floor applies
+    assert {round(d - 0.005, 6) for d in late} == {RTO_MIN_S}
+    slow = _Pipe(latency_ms=100, bandwidth_mbps=1e6, loss=1.0)
+    assert slow.schedule(100, now=0.0) == pytest.approx(0.1 + 0.4, abs=1e-6)  # 2 x RTT
+
+
+def test_jitter_adds_a_bounded_seeded_delay_per_chunk() -> None:
+    from mesh.testbed.links import _Pipe
+
+    def dues(seed: str) -> list[float]:
+        pipe = _Pipe(latency_ms=10, bandwidth_mbps=1e6, jitter_ms=20, rng=random.Random(seed))
+        return [pipe.schedule(100, now=float(i)) - i for i in range(500)]
+
+    first = dues("x")
+    assert first == dues("x")
+    assert first != dues("y")
+    assert all(0.010 <= d <= 0.030 + 1e-9 for d in first)
+    assert max(first) - min(first) > 0.015  # spread over most of the range
+
+
+async def test_jitter_never_reorders_bytes_within_a_connection() -> None:
+    messages = [f"{i:04d}".encode() for i in range(100)]
+    async with _TcpServer(_echo) as server, \
+            _link(server.port, latency_ms=1, jitter_ms=15) as link, \
+            _client(link.port) as (reader, writer):
+        for message in messages:  # one small write at a time: many chunks, many draws
+            writer.write(message)
+            await writer.drain()
+            await asyncio.sleep(0.001)
+        echoed = await asyncio.wait_for(reader.readexactly(400), 10.0)
+    assert echoed == b"".join(messages)
+
+
+async def test_a_lossy_link_is_slower_than_a_clean_one() -> None:
+    async with _TcpServer(_echo) as server:
+        async with _link(server.port, latency_ms=2, loss=1.0) as link:
+            lossy_s = await _round_trip_s(link.port)
+            lost = link.stats()["to_target"]["lost_chunks"] + \
+                link.stats()["to_client"]["lost_chunks"]
+        async with _link(server.port, latency_ms=2) as link:
+            clean_s = await _round_trip_s(link.port)
+    assert lost == 2  # the ping and its echo
+    assert lossy_s >= 0.4  # one 200 ms retransmission timeout each way
+    assert clean_s < lossy_s - 0.3
+
+
+def test_settings_are_checked() -> None:
+    with pytest.raises(ValueError, match="loss must be between 0 and 1, got 1.5"):
+        _link(9, loss=1.5)
+    with pytest.raises(ValueError, match="jitter_ms must be >= 0"):
+        _link(9, jitter_ms=-1)
+    link = _link(9, latency_ms=5)
+    with pytest.raises(ValueError, match="bandwidth_mbps must be > 0"):
+        link.configure(latency_ms=50, bandwidth_mbps=0)
+    assert link.latency_ms == 5  # nothing changed
+    link.configure(latency_ms=50, loss=0.1)
+    assert (link.latency_ms, link.loss, link.jitter_ms) == (50, 0.1, 0)
+
+
+# --------------------------------------------------------------------------- cut, heal, set
+
+
+async def test_a_cut_stalls_an_open_connection_and_the_heal_delivers() -> None:
+    async with _TcpServer(_echo) as server, _link(server.port, latency_ms=2) as link, \
+            _client(link.port) as (reader, writer):
+        writer.write(b"one")
+        assert await asyncio.wait_for(reader.readexactly(3), 2.0) == b"one"
+        link.cut()
+        writer.write(b"two")
+        await writer.drain()
+        # no answer and no reset: a cut is silence, noticed only by the client's timeout
+        with pytest.raises(TimeoutError):
+            await asyncio.wait_for(reader.readexactly(3), 0.5)
+        assert not reader.at_eof() and link.stats()["cut"] is True
+        link.heal()
+        assert await asyncio.wait_for(reader.readexactly(3), 2.0) == b"two"
+        assert link.stats()["cuts"] == 1
+
+
+async def test_a_new_connection_during_a_cut_waits_and_crosses_after_the_heal() -> None:
+    accepted = 0
+
+    async def count_and_echo(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        nonlocal accepted
+        accepted += 1
+        await _echo(reader, writer)
+
+    async with _TcpServer(count_and_echo) as server, _link(server.port, latency_ms=2) as link:
+        link.cut()
+        async with _client(link.port) as (reader, writer):  # not refused: the SYN is in flight
+            writer.write(b"hello")
+            with pytest.raises(TimeoutError):
+                await asyncio.wait_for(reader.readexactly(5), 0.5)
+            assert accepted == 0
+            link.heal()
+            assert await asyncio.wait_for(reader.readexactly(5), 2.0) == b"hello"
+        assert accepted == 1
+
+
+async def test_a_client_that_gives_up_during_a_cut_never_reaches_the_target() -> None:
+    accepted = 0
+
+    async def count(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        nonlocal accepted
+        accepted += 1
+
+    async with _TcpServer(count) as server, _link(server.port) as link:
+        link.cut()
+        async with _client(link.port) as (_, writer):
+            writer.write(b"anyone?")
+            await asyncio.sleep(0.1)
+        for _ in range(100):
+            if link.stats()["abandoned_connections"]:
+                break
+            await asyncio.sleep(0.01)
+        link.heal()
+        await asyncio.sleep(0.1)
+        stats = link.stats()
+    assert stats["abandoned_connections"] == 1 and stats["active_connections"] == 0
+    assert accepted == 0
+
+
+async def test_configure_changes_the_latency_of_a_running_link() -> None:
+    async with _TcpServer(_echo) as server, _link(server.port, latency_ms=0) as link:
+        fast_s = await _round_trip_s(link.port)
+        link.configure(latency_ms=60)
+        slow_s = await _round_trip_s(link.port)
+    assert slow_s >= 0.120
+    assert fast_s < slow_s - 0.080
+
+
+# --------------------------------------------------------------------------- control channel
+
+
+async def test_control_channel_cuts_heals_and_sets_a_topology_link(tmp_path: Path) -> None:
+    from mesh.testbed.control import LinkControlError, request
+
+    async with _TcpServer(_echo) as server:
+        listen = [_free_port(), _free_port()]
+        control_port = _free_port()
+        spec = tmp_path / "links.json"
+        spec.write_text(json.dumps([
+            {"name": f"edge-1->mid-1{suffix}", "link": "edge-1--mid-1", "listen_port": port,
+             "target_host": "127.0.0.1", "target_port": server.port, "latency_ms": 1,
+             "bandwidth_mbps": 100} for suffix, port in (("", listen[0]), (" stream", listen[1]))]
+            + [{"name": "other", "listen_port": 0, "target_host": "127.0.0.1",
+                "target_port": server.port, "latency_ms": 1, "bandwidth_mbps": 100}]))
+        proc = await asyncio.create_subprocess_exec(
+            sys.executable, "-m", "mesh.testbed.links", str(spec),
+            "--control-port", str(control_port), cwd=REPO_ROOT,
+            stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE)
+        address = f"127.0.0.1:{control_port}"
+
+        def ask(**body: object) -> dict:
+            return request(address, dict(body))
+
+        try:
+            assert proc.stdout is not None
+            assert await asyncio.wait_for(proc.stdout.readline(), 10.0) == \
+                f"control {address}\n".encode()
+            assert await asyncio.wait_for(proc.stdout.readline(), 10.0) == b"ready\n"
+            listed = await asyncio.to_thread(ask, op="list")
+            assert [link["name"] for link in listed["links"]] == ["edge-1--mid-1", "other"]
+            cut = await asyncio.to_thread(ask, op="cut", link="edge-1--mid-1")
+            assert cut["link"]["state"] == "cut"
+            async with _client(listen[1]) as (reader, writer):
+                writer.write(b"ping")
+                with pytest.raises(TimeoutError):
+                    await asyncio.wait_for(reader.readexactly(4), 0.5)
+                await asyncio.to_thread(ask, op="heal", link="edge-1--mid-1")
+                assert await asyncio.wait_for(reader.readexactly(4), 2.0) == b"ping"
+            changed = await asyncio.to_thread(
+                ask, op="set", link="edge-1--mid-1", settings={"latency_ms": 40, "loss": 0})
+            assert changed["link"]["latency_ms"] == 40 and changed["link"]["state"] == "up"
+            assert await _round_trip_s(listen[0]) >= 0.080
+            with pytest.raises(LinkControlError,
+                               match="no link 'mid-1--core-1'; the links are: edge-1--mid-1, other"):
+                await asyncio.to_thread(ask, op="cut", link="mid-1--core-1")
+            with pytest.raises(LinkControlError, match="loss: Input should be less than or equal"):
+                await asyncio.to_thread(ask, op="set", link="other", settings={"loss": 2})
+            with pytest.raises(LinkControlError, match="give at least one of"):
+                await asyncio.to_thread(ask, op="set", link="other", settings={})
+            with pytest.raises(LinkControlError, match="op: expected one of"):
+                await asyncio.to_thread(ask, op="explode")
+            proc.send_signal(signal.SIGTERM)
+            _, stderr = await asyncio.wait_for(proc.communicate(), 5.0)
+            assert proc.returncode == 0, stderr.decode()
+        finally:
+            if proc.returncode is None:
+                proc.kill()
+                await proc.wait()
+    with pytest.raises(LinkControlError, match="does not answer"):
+        request(address, {"op": "list"}, timeout_s=1.0)
+
+
+def test_a_spec_with_loss_out_of_range_is_rejected(tmp_path: Path,
+                                                   capsys: pytest.CaptureFixture[str]) -> None:
+    from mesh.testbed.links import main
+
+    spec = tmp_path / "links.json"
+    spec.write_text(json.dumps([{"name": "a", "listen_port": 0, "target_host": "127.0.0.1",
+                                 "target_port": 9, "latency_ms": 1, "bandwidth_mbps": 10,
+                                 "loss": 1.5, "jitter_ms": -2}]))
+    assert main([str(spec)]) == 2
+    err = capsys.readouterr().err
+    assert "[0].loss" in err and "[0].jitter_ms" in err
