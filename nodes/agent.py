@@ -708,6 +708,10 @@ class NodeAgent:
         At the entry node (``hops == 0``) a latency target nothing can meet is
         refused with :class:`CannotMeetDeadline`, unless the SLO allows a degraded
         answer; a node further along (re-planning around a failure) answers it late.
+        A ``min_accuracy`` nothing reachable meets is not refused: the most accurate
+        variant reachable answers, and the answer says so (``slo_met`` False, the plan
+        infeasible with the accuracy delivered, ``plan.degraded`` when a failure is why),
+        so that a device cut off from the core still gets the best answer there is.
         """
         now = self.clock()
         if req.hops == 0:  # the planner must see this node's own queue as it is now
