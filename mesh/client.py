@@ -23,11 +23,12 @@ for a query without one; the last entry left may use whatever remains of the
 deadline. An entry that cannot be reached or does not answer in time is
 skipped for the next one, and later queries start past it. The query carries
 its attempt's timeout as ``timeout_ms``, so nodes give up on their own hops
-before the client gives up on them. When every entry failed or the deadline
-passed the client raises :class:`~mesh.errors.MeshTimeout` (also a
-``TimeoutError``) if an entry was too slow, else
-:class:`~mesh.errors.MeshConnectionError` (also a ``ConnectionError``); the
-message names every entry tried.
+before the client gives up on them. When no attempt is left the client
+raises the last error the mesh answered with (``Overloaded``, ``Unavailable``,
+... with its ``retry_after_s``) if one did, else
+:class:`~mesh.errors.MeshTimeout` (also a ``TimeoutError``) if an entry was
+too slow, else :class:`~mesh.errors.MeshConnectionError` (also a
+``ConnectionError``); the message names every attempt and why none followed.
 
 Retries (the rules in :mod:`mesh.failover`, :class:`~mesh.failover.RetryPolicy`).
 A query whose attempt fails in a way the error calls retryable (unreachable,
