@@ -49,7 +49,10 @@ The rules:
   so.
 * Retries draw on the client's :class:`RetryBudget`: over a sliding window
   (10 s), retries may be at most 20% of the queries started plus a small
-  reserve (3), as Envoy's and Finagle's retry budgets. A fleet of clients can
+  reserve (3), as Envoy's and Finagle's retry budgets. Moving on from an entry
+  that could not be reached (:class:`~mesh.errors.MeshConnectionError`) to one
+  not tried yet is failover, not a retry, and draws nothing: the first entry
+  got no load. A timeout does draw: the query may still be running there. A fleet of clients can
   then add at most a fifth to the load of a mesh that is failing; a spent
   budget ends the query with its last error, which says so.
 * An attempt may take :attr:`Timeouts.connect_s` to open a connection and must
@@ -280,6 +283,7 @@ class Failover:
         """The next attempt, or None when no attempt is left (then raise :meth:`error`)."""
         if self._fatal is not None or self._stop is not None:
             return None
+        rationed = False  # whether this attempt draws on the retry budget
         if not self._tried:
             index, delay = self.first, 0.0
         else:
@@ -293,11 +297,15 @@ class Failover:
                     if self.policy.max_attempts > 1 else ""
                 return None
             delay = self._pause(untried)
+            # an entry that could not be reached got nothing: moving on to a fresh one is
+            # failover, not a retry that adds load
+            rationed = not (untried and bool(self._failures)
+                            and isinstance(self._failures[-1], MeshConnectionError))
         start = max(now + delay, self._not_before)
         if start >= self.deadline:
             self._stop_at_deadline(now, start)
             return None
-        if self._tried:
+        if rationed:
             if self.budget is not None and not self.budget.can_retry(now):
                 b = self.budget
                 self._stop = ("not retried: this client's retry budget is spent (retries are "
@@ -306,7 +314,7 @@ class Failover:
                 return None
             if self.budget is not None:
                 self.budget.retried(now)
-        elif self.budget is not None:
+        elif not self._tried and self.budget is not None:
             self.budget.started(now)
         self._tried.append(index)
         self._sent_at = start

@@ -243,3 +243,16 @@ def test_the_same_rules_hold_for_both_clients_policy_errors_named() -> None:
         with pytest.raises(ClientError, match="^retry: a mesh.RetryPolicy"):
             cls("http://127.0.0.1:1", retry=3)  # type: ignore[arg-type]
         assert cls("http://127.0.0.1:1").retry == RetryPolicy()
+
+
+def test_failing_over_from_an_unreachable_entry_draws_nothing_from_the_budget() -> None:
+    empty = RetryBudget(ratio=0.0, min_retries=0, window_s=10.0)
+    failover = _retrying(3, budget=empty)
+    assert failover.next(0.0) is not None
+    failover.failed(MeshConnectionError("cannot reach entry node http://a: refused"), 0.0)
+    second = failover.next(0.0)
+    assert second is not None and second.index == 1  # it reached nothing: failover is free
+    failover.failed(MeshTimeout("no answer from http://b within 5 s"), 5.0)
+    assert failover.next(5.0) is None  # a timeout's retry may add load: it is rationed
+    assert empty.counts(5.0) == (1, 0)
+    assert "retry budget is spent" in failover.error().message
