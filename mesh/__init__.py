@@ -10,6 +10,7 @@ node and the hardware::
 """
 
 from mesh.client import AsyncClient, Client, Result
+from mesh.device import DeviceVariantRefused
 from mesh.errors import (
     Forbidden,
     InputRejected,
@@ -25,12 +26,15 @@ from mesh.errors import (
     UnknownTask,
     UpstreamError,
 )
+from mesh.failover import RetryPolicy
 from mesh.wire import SLO, ServedBy
 
 __all__ = [
     "Client",
     "AsyncClient",
     "Result",
+    "RetryPolicy",
+    "DeviceVariantRefused",
     "SLO",
     "ServedBy",
     "MeshError",

@@ -23,11 +23,34 @@ for a query without one; the last entry left may use whatever remains of the
 deadline. An entry that cannot be reached or does not answer in time is
 skipped for the next one, and later queries start past it. The query carries
 its attempt's timeout as ``timeout_ms``, so nodes give up on their own hops
-before the client gives up on them. When every entry failed or the deadline
-passed the client raises :class:`~mesh.errors.MeshTimeout` (also a
-``TimeoutError``) if an entry was too slow, else
-:class:`~mesh.errors.MeshConnectionError` (also a ``ConnectionError``); the
-message names every entry tried.
+before the client gives up on them. When no attempt is left the client
+raises the last error the mesh answered with (``Overloaded``, ``Unavailable``,
+... with its ``retry_after_s``) if one did, else
+:class:`~mesh.errors.MeshTimeout` (also a ``TimeoutError``) if an entry was
+too slow, else :class:`~mesh.errors.MeshConnectionError` (also a
+``ConnectionError``); the message names every attempt and why none followed.
+
+Retries (the rules in :mod:`mesh.failover`, :class:`~mesh.failover.RetryPolicy`).
+A query whose attempt fails in a way the error calls retryable (unreachable,
+no answer in time, 429 ``Overloaded``, 503 ``Unavailable``/``NoRoute``/
+``CannotMeetDeadline``, 502) is tried again, on the next entry first, at most
+3 attempts in all, after exponential backoff with full jitter (up to 50 ms,
+100 ms, ... 1 s), never sooner than the mesh's ``Retry-After`` and never past
+the deadline; 4xx errors (bad input, unknown task) are raised at once. Every
+attempt carries the same ``request_id`` (pass your own to make it an
+idempotency key). Each client keeps a retry budget: retries stay below 20% of
+its queries over 10 s, plus 3, so clients cannot multiply the load of a mesh
+that is already failing.
+
+On-device answers (:mod:`mesh.device`; off by default). ``on_device=["digits"]``
+(or ``True`` for every task) makes the client fetch the task's small device
+variant from an entry node while the mesh is reachable (at ``with``/``async
+with`` for named tasks, else at a task's first query), verify its sha256, keep
+it under ``device_cache_dir`` and load it here. A query for such a task gives
+the mesh its budget (``latency_ms``, else ``timeout_s``) less the time the
+device needs; when no entry answered by then, or every entry failed, the
+device answers: ``served_by`` is ``ServedBy("device", "device", variant)``,
+``plan.reason`` says why, and ``slo_met`` weighs the device variant's accuracy.
 
 ``Result.slo_met`` is True only when the whole SLO was met by what actually
 served the query: the latency measured here, from the first attempt to the
@@ -40,14 +63,17 @@ from __future__ import annotations
 
 import asyncio
 import json
+import random
 import ssl as _ssl
 import time
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any, Generic, TypeVar
 
 import numpy as np
 
+from mesh.device import DeviceVariant, OnDevice
 from mesh.errors import (
     AnswerNotFound,
     ClientError,
@@ -57,7 +83,7 @@ from mesh.errors import (
     MeshTimeout,
     error_from_payload,
 )
-from mesh.failover import Attempt, Failover, Timeouts, rotate_past
+from mesh.failover import Attempt, Failover, RetryPolicy, Timeouts, rotate_past
 from mesh.jobs import AsyncJob, Job
 from mesh.plan import Plan
 from mesh.transport import (
@@ -69,10 +95,13 @@ from mesh.transport import (
 )
 from mesh.wire import SLO, InferRequest, ServedBy, decode_answer, encode_request, encode_tensor
 
-__all__ = ["Result", "Client", "AsyncClient", "Timeouts", "slo_met", "served_accuracy"]
+__all__ = ["Result", "Client", "AsyncClient", "Timeouts", "RetryPolicy", "slo_met",
+           "served_accuracy", "DEVICE"]
 
 MSGPACK = "application/msgpack"
 T = TypeVar("T")
+#: ``served_by.node`` and ``.tier`` of an answer computed on this device.
+DEVICE = "device"
 
 
 @dataclass(frozen=True)
@@ -190,22 +219,34 @@ def _feedback_answer(status: int, data: bytes) -> dict[str, Any]:
     return payload if isinstance(payload, dict) else {}
 
 
-def _http_entries(urls: Sequence[str]) -> list[str]:
+def _http_entries(urls: Sequence[str], what: str = "feedback goes") -> list[str]:
     found = [u for u in urls if parse_url(u)[0] in ("http", "https")]
     if not found:
-        raise ClientError("feedback goes over HTTP: give the client an http:// entry URL too")
+        raise ClientError(f"{what} over HTTP: give the client an http:// entry URL too")
     return found
 
 
 class _Entries(Generic[T]):
-    """What both clients hold: the entry URLs, their transports, the timeouts, TLS."""
+    """What both clients hold: the entry URLs, their transports, the timeouts, TLS, the
+    retry policy and budget, the device variants; and the one failover core they share."""
 
     def __init__(self, url: str | Sequence[str], timeout_s: float, connect_timeout_s: float,
                  attempt_timeout_s: float, transports: Mapping[str, T] | None,
-                 ssl: _ssl.SSLContext | None) -> None:
+                 ssl: _ssl.SSLContext | None, retry: RetryPolicy | None,
+                 on_device: bool | str | Sequence[str], device_cache_dir: str | Path | None
+                 ) -> None:
         self._urls = _entry_urls(url, type(self).__name__)
         self._ssl = ssl
         self.timeouts = Timeouts(timeout_s, connect_timeout_s, attempt_timeout_s)
+        if retry is not None and not isinstance(retry, RetryPolicy):
+            raise ClientError(f"retry: a mesh.RetryPolicy, got {retry!r}")
+        self.retry = retry or RetryPolicy()
+        self._budget = self.retry.budget()
+        self._rng = random.Random()
+        self.device: OnDevice | None = None
+        if on_device is not False:
+            self.device = OnDevice(on_device, cache_dir=device_cache_dir)
+            self._device_urls = _http_entries(self._urls, "on_device fetches its variants")
         given = dict(transports or {})
         #: per entry, its transport (given, or made from the URL on first use)
         self._transports: list[T | None] = [
@@ -218,12 +259,52 @@ class _Entries(Generic[T]):
 
     def _begin(self, req: InferRequest, slo: SLO) -> tuple[Failover, float]:
         """A query's failover plan and its start time (latency is measured from here)."""
-        return (Failover(len(self._urls), self._current, slo, self.timeouts, time.monotonic()),
+        return (Failover(len(self._urls), self._current, slo, self.timeouts, time.monotonic(),
+                         self.retry, self._budget, self._rng, self._mesh_share_s(req, slo)),
                 time.perf_counter())
 
-    def _failed(self, failover: Failover, attempt: Attempt, exc: ClientError) -> None:
-        failover.failed(exc)
-        self._current = rotate_past(self._current, attempt.index, len(self._urls))
+    def _mesh_share_s(self, req: InferRequest, slo: SLO) -> float | None:
+        """With a device variant held: the query's budget less what answering here takes."""
+        if self.device is None or self.device.held(req.task) is None:
+            return None
+        budget = slo.latency_ms / 1000.0 if slo.latency_ms is not None and not slo.offline \
+            else self.timeouts.total_s
+        return max(budget - self.device.reserve_s(req.task, req.rows), 0.0)
+
+    def _failed(self, failover: Failover, attempt: Attempt, exc: MeshError) -> None:
+        failover.failed(exc, time.monotonic())
+        if isinstance(exc, ClientError):  # unreachable or frozen: later queries start past it
+            self._current = rotate_past(self._current, attempt.index, len(self._urls))
+
+    def _ensure_device(self, task: str, *, force: bool = False) -> None:
+        """Hold ``task``'s device variant if on_device wants it (blocking: fetches)."""
+        if self.device is not None and (force or self.device.wants(task)):
+            self.device.ensure(task, self._device_urls, ssl=self._ssl,
+                               timeout_s=self.timeouts.attempt_s, force=force)
+
+    def _on_device(self, error: MeshError, req: InferRequest, started: float) -> Result:
+        """The answer when the mesh gave none: the device's, or ``error`` raised (blocking)."""
+        device = self.device
+        if device is None or not error.retryable or not device.wants(req.task):
+            raise error
+        if device.held(req.task) is None:
+            raise type(error)(f"{error.message}; and no device variant of {req.task!r} to "
+                              f"answer with: {device.why_not(req.task)}",
+                              retry_after_s=error.retry_after_s)
+        ran = time.perf_counter()
+        outputs, variant = device.run(req.task, req.tensors)
+        done = time.perf_counter()
+        return _device_result(outputs, variant, error, req, (done - started) * 1000,
+                              (done - ran) * 1000)
+
+
+def _device_result(outputs: list[np.ndarray], variant: DeviceVariant, error: MeshError,
+                   req: InferRequest, latency_ms: float, compute_ms: float) -> Result:
+    served_by = ServedBy(DEVICE, DEVICE, variant.name)
+    plan = Plan(DEVICE, DEVICE, variant.name, variant.accuracy, True, req.slo.policy,
+                f"answered on this device: the mesh did not answer in time ({error.message})")
+    return Result(outputs, served_by, latency_ms, slo_met(req.slo, latency_ms, served_by, plan),
+                  req.slo, req.request_id, {"compute_ms": round(compute_ms, 3)}, plan)
 
 
 class Client(_Entries[BlockingTransport]):
@@ -234,17 +315,39 @@ class Client(_Entries[BlockingTransport]):
     URL to the :class:`~mesh.transport.BlockingTransport` that carries its queries
     (tests pass in-memory ones); the others are made from their URLs. ``ssl``: reach
     the entry nodes over TLS with this context (nodes that serve TLS, ``mesh.certs``).
+    ``retry``: how queries are retried (:class:`~mesh.failover.RetryPolicy`; 3
+    attempts). ``on_device``: task names (or True: every task) to answer on this
+    device when the mesh does not (:mod:`mesh.device`; off by default), its
+    variants kept under ``device_cache_dir`` (default ``~/.cache/tiermesh/device``).
     """
 
     def __init__(self, url: str | Sequence[str], *, timeout_s: float = 30.0,
                  connect_timeout_s: float = 1.0, attempt_timeout_s: float = 5.0,
                  transports: Mapping[str, BlockingTransport] | None = None,
-                 ssl: _ssl.SSLContext | None = None) -> None:
-        super().__init__(url, timeout_s, connect_timeout_s, attempt_timeout_s, transports, ssl)
+                 ssl: _ssl.SSLContext | None = None, retry: RetryPolicy | None = None,
+                 on_device: bool | str | Sequence[str] = False,
+                 device_cache_dir: str | Path | None = None) -> None:
+        super().__init__(url, timeout_s, connect_timeout_s, attempt_timeout_s, transports, ssl,
+                         retry, on_device, device_cache_dir)
         self._open = -1  # the entry whose transport holds an open connection
 
     def __enter__(self) -> Client:
+        if self.device is not None and self.device.tasks is not None:
+            for task in sorted(self.device.tasks):  # ahead, while the mesh is reachable
+                self._ensure_device(task)
         return self
+
+    def fetch_device(self, task: str) -> DeviceVariant:
+        """Fetch (or load from the cache) ``task``'s device variant now, and return it.
+        Raises what stopped it: :class:`~mesh.device.DeviceVariantRefused` for a download
+        that does not hash to its sha256, :class:`MeshConnectionError` when no entry
+        gives it, :class:`ClientError` without ``on_device``."""
+        if self.device is None:
+            raise ClientError("fetch_device needs a client made with on_device=...")
+        self._ensure_device(task, force=True)
+        variant = self.device.held(task)
+        assert variant is not None
+        return variant
 
     def __exit__(self, *exc: object) -> None:
         self.close()
@@ -263,16 +366,18 @@ class Client(_Entries[BlockingTransport]):
         slo = _slo(latency_ms, min_accuracy, max_cost_per_1k, offline, policy, min_confidence,
                    allow_degraded)
         req = _request(task, inputs, slo, request_id)
+        self._ensure_device(task)
         failover, started = self._begin(req, slo)
         while (attempt := failover.next(time.monotonic())) is not None:
+            if attempt.delay_s > 0:
+                time.sleep(attempt.delay_s)
             req.timeout_ms = attempt.timeout_ms
             try:
                 status, data = self._send(attempt, encode_request(req))
-            except ClientError as exc:
+                return _result(status, data, slo, (time.perf_counter() - started) * 1000)
+            except MeshError as exc:
                 self._failed(failover, attempt, exc)
-                continue
-            return _result(status, data, slo, (time.perf_counter() - started) * 1000)
-        raise failover.error()
+        return self._on_device(failover.error(), req, started)
 
     def submit(self, task: str, *inputs: Any, deadline_s: float | None = None,
                chunk_rows: int = 256, min_accuracy: float | None = None,
@@ -282,7 +387,8 @@ class Client(_Entries[BlockingTransport]):
         connection (a Client is not thread-safe), to the same entry nodes."""
         worker = Client(self._urls, timeout_s=self.timeouts.total_s,
                         connect_timeout_s=self.timeouts.connect_s,
-                        attempt_timeout_s=self.timeouts.attempt_s, ssl=self._ssl)
+                        attempt_timeout_s=self.timeouts.attempt_s, ssl=self._ssl,
+                        retry=self.retry)
         return Job(worker, task, inputs, deadline_s=deadline_s, chunk_rows=chunk_rows,
                    slo={"min_accuracy": min_accuracy, "max_cost_per_1k": max_cost_per_1k,
                         "policy": "cheapest"})
@@ -354,14 +460,19 @@ class AsyncClient(_Entries[Transport]):
     may run concurrently. ``transports`` maps an entry URL to the
     :class:`~mesh.transport.Transport` that carries its queries (tests pass
     :class:`~mesh.transport.MemoryTransport`); the others are made from their URLs.
-    ``ssl``: reach the entry nodes over TLS with this context.
+    ``ssl``: reach the entry nodes over TLS with this context. ``retry``, ``on_device``
+    and ``device_cache_dir`` as for :class:`Client` (fetching and device runs go to a
+    worker thread).
     """
 
     def __init__(self, url: str | Sequence[str], *, timeout_s: float = 30.0,
                  connect_timeout_s: float = 1.0, attempt_timeout_s: float = 5.0,
                  transports: Mapping[str, Transport] | None = None,
-                 ssl: _ssl.SSLContext | None = None) -> None:
-        super().__init__(url, timeout_s, connect_timeout_s, attempt_timeout_s, transports, ssl)
+                 ssl: _ssl.SSLContext | None = None, retry: RetryPolicy | None = None,
+                 on_device: bool | str | Sequence[str] = False,
+                 device_cache_dir: str | Path | None = None) -> None:
+        super().__init__(url, timeout_s, connect_timeout_s, attempt_timeout_s, transports, ssl,
+                         retry, on_device, device_cache_dir)
         self._state = "unopened"
         self._current = 0
 
@@ -369,7 +480,19 @@ class AsyncClient(_Entries[Transport]):
         if self._state != "unopened":
             raise ClientError(f"AsyncClient cannot be opened twice (it is {self._state})")
         self._state = "opened"
+        if self.device is not None and self.device.tasks is not None:
+            for task in sorted(self.device.tasks):  # ahead, while the mesh is reachable
+                await asyncio.to_thread(self._ensure_device, task)
         return self
+
+    async def fetch_device(self, task: str) -> DeviceVariant:
+        """As :meth:`Client.fetch_device`."""
+        if self.device is None:
+            raise ClientError("fetch_device needs a client made with on_device=...")
+        await asyncio.to_thread(self._ensure_device, task, force=True)
+        variant = self.device.held(task)
+        assert variant is not None
+        return variant
 
     async def __aexit__(self, *exc: object) -> None:
         await self.aclose()
@@ -389,16 +512,22 @@ class AsyncClient(_Entries[Transport]):
         slo = _slo(latency_ms, min_accuracy, max_cost_per_1k, offline, policy, min_confidence,
                    allow_degraded)
         req = _request(task, inputs, slo, request_id)
+        if self.device is not None and self.device.wants(task) and self.device.held(task) is None:
+            await asyncio.to_thread(self._ensure_device, task)
         failover, started = self._begin(req, slo)
         while (attempt := failover.next(time.monotonic())) is not None:
+            if attempt.delay_s > 0:
+                await asyncio.sleep(attempt.delay_s)
             req.timeout_ms = attempt.timeout_ms
             try:
                 status, data = await self._send(attempt, encode_request(req))
-            except ClientError as exc:
+                return _result(status, data, slo, (time.perf_counter() - started) * 1000)
+            except MeshError as exc:
                 self._failed(failover, attempt, exc)
-                continue
-            return _result(status, data, slo, (time.perf_counter() - started) * 1000)
-        raise failover.error()
+        error = failover.error()
+        if self.device is None:
+            raise error
+        return await asyncio.to_thread(self._on_device, error, req, started)
 
     def submit(self, task: str, *inputs: Any, deadline_s: float | None = None,
                chunk_rows: int = 256, concurrency: int = 2, min_accuracy: float | None = None,

@@ -228,4 +228,5 @@ def make_app(agent: NodeAgent, *, address: str = "", stream_address: str | None 
     app.router.add_get("/livez", livez)
     app.router.add_routes(OipAdapter(agent, limits).routes())
     app.router.add_routes(registry_routes(agent))
+    app.router.add_routes(__import__("nodes.device", fromlist=["routes"]).routes(agent))
     return app

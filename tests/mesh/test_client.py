@@ -16,14 +16,27 @@ import numpy as np
 import pytest
 from aiohttp import web
 
-from mesh import AsyncClient, Client, InvalidInput, MeshConnectionError, MeshTimeout, ServedBy
+from mesh import (
+    AsyncClient,
+    Client,
+    InvalidInput,
+    MeshConnectionError,
+    MeshError,
+    MeshTimeout,
+    Overloaded,
+    RetryPolicy,
+    ServedBy,
+    UnknownTask,
+)
+from mesh.errors import CannotMeetDeadline
 from mesh.plan import Plan
-from mesh.stream import ANSWER, INFER, FrameReader, frame
+from mesh.stream import ANSWER, ERROR, INFER, FrameReader, error_payload, frame
 from mesh.wire import (
     InferRequest,
     InferResponse,
     decode_request,
     encode_response,
+    pack,
 )
 
 IMAGES = np.zeros((1, 64), np.float32)
@@ -47,8 +60,11 @@ class FakeEntry:
     """
 
     def __init__(self, name: str, *, frozen: bool = False,
-                 plan: Callable[[str], dict[str, Any]] | None = None) -> None:
+                 plan: Callable[[str], dict[str, Any]] | None = None,
+                 errors: list[MeshError] | None = None) -> None:
         self.name, self.frozen = name, frozen
+        #: answered, one per query, before any real answer
+        self.errors = list(errors or [])
         self.served_by = ServedBy(name, "edge", "digits-linear")
         self.plan = plan or (lambda node: {"node": node, "tier": "edge",
                                            "variant": "digits-linear", "accuracy": 0.96,
@@ -81,16 +97,19 @@ class FakeEntry:
     def url(self, transport: str) -> str:
         return self.http_url if transport == "http" else self.tcp_url
 
-    async def _reply(self, body: bytes) -> bytes:
+    async def _reply(self, body: bytes) -> tuple[int, bytes]:
         req = decode_request(body)
         self.received.append(req)
         if self.frozen:
             await self._release.wait()
-        return _answer(req, self.served_by, self.plan(self.name))
+        if self.errors:
+            error = self.errors.pop(0)
+            return error.status, pack({"error": error.to_payload()})
+        return 200, _answer(req, self.served_by, self.plan(self.name))
 
     async def _http(self, request: web.Request) -> web.Response:
-        body = await self._reply(await request.read())
-        return web.Response(body=body, content_type="application/msgpack")
+        status, body = await self._reply(await request.read())
+        return web.Response(body=body, status=status, content_type="application/msgpack")
 
     async def _serve_stream(self, reader: asyncio.StreamReader,
                             writer: asyncio.StreamWriter) -> None:
@@ -102,7 +121,9 @@ class FakeEntry:
             while data := await reader.read(65536):
                 for request_id, kind, payload in frames.feed(data):
                     assert kind == INFER
-                    writer.write(frame(request_id, ANSWER, await self._reply(payload)))
+                    status, body = await self._reply(payload)
+                    writer.write(frame(request_id, ANSWER, body) if status == 200 else
+                                 frame(request_id, ERROR, error_payload(status, body)))
         except (asyncio.CancelledError, ConnectionError):
             pass
         finally:
@@ -112,7 +133,8 @@ class FakeEntry:
 
 async def _query(kind: str, urls: list[str], n: int = 1, **options: Any) -> list[Any]:
     """``n`` queries, one after the other, through the blocking or the asyncio client."""
-    timeouts = {k: options.pop(k) for k in ("timeout_s", "attempt_timeout_s") if k in options}
+    timeouts = {k: options.pop(k) for k in ("timeout_s", "attempt_timeout_s", "retry")
+                if k in options}
     if kind == "sync":
         def run() -> list[Any]:
             with Client(urls, **timeouts) as client:
@@ -197,3 +219,45 @@ async def test_a_bad_slo_is_refused_before_anything_is_sent(kind: str) -> None:
             with pytest.raises(InvalidInput, match=match):
                 await _query(kind, [entry.http_url], **bad)
         assert entry.received == []
+
+
+@pytest.mark.parametrize("transport", TRANSPORTS)
+@pytest.mark.parametrize("kind", CLIENTS)
+async def test_busy_answers_are_retried_with_one_request_id_as_the_idempotency_key(
+        kind: str, transport: str) -> None:
+    busy = FakeEntry("edge-1", errors=[Overloaded("edge-1: queue full", retry_after_s=0.01)])
+    other = FakeEntry("edge-2", errors=[CannotMeetDeadline("nothing meets the target now")])
+    async with busy, other:
+        (r,) = await _query(kind, [busy.url(transport), other.url(transport)])
+        # edge-1 said 429, edge-2 503; edge-1, alive, answered the third attempt
+        assert r.served_by.node == "edge-1"
+        ids = [q.request_id for q in (busy.received[0], other.received[0], busy.received[1])]
+        assert ids == [r.request_id] * 3  # every attempt is the same query to the mesh
+        assert len(busy.received) == 2 and len(other.received) == 1
+
+
+@pytest.mark.parametrize("transport", TRANSPORTS)
+@pytest.mark.parametrize("kind", CLIENTS)
+async def test_errors_the_caller_must_fix_are_raised_without_a_retry(kind: str, transport: str
+                                                                     ) -> None:
+    wrong = FakeEntry("edge-1", errors=[UnknownTask("task 'digitz' is not registered")])
+    async with wrong, FakeEntry("edge-2") as other:
+        with pytest.raises(UnknownTask, match="^task 'digitz' is not registered$"):
+            await _query(kind, [wrong.url(transport), other.url(transport)])
+        assert (len(wrong.received), len(other.received)) == (1, 0)
+
+
+@pytest.mark.parametrize("kind", CLIENTS)
+async def test_a_retry_after_past_the_timeout_fails_at_once_saying_so(kind: str) -> None:
+    async with FakeEntry("edge-1", errors=[Overloaded("queue full", retry_after_s=60)] * 2
+                         ) as entry:
+        with pytest.raises(Overloaded) as caught:
+            await _query(kind, [entry.http_url], timeout_s=2)
+        assert caught.value.retry_after_s == 60
+        assert "queue full; not retried: the mesh asked to wait 60 s, longer than the" \
+            in caught.value.message
+        assert len(entry.received) == 1
+        # retries off: the node's answer as it came
+        with pytest.raises(Overloaded, match="^queue full$"):
+            await _query(kind, [entry.http_url], retry=RetryPolicy(max_attempts=1))
+        assert len(entry.received) == 2

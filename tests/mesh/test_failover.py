@@ -1,13 +1,25 @@
-"""The SDK's failover rules (mesh.failover), driven with explicit times: which entry a query
-tries next, how long each attempt may wait, and which error is left when none answered."""
+"""The SDK's failover and retry rules (mesh.failover), driven with explicit times and draws:
+which entry a query tries next, after what pause, how long each attempt may wait, what the
+retry budget allows, and which error is left when none answered."""
 
 from __future__ import annotations
+
+import random
 
 import pytest
 
 from mesh import AsyncClient, Client
-from mesh.errors import ClientError, MeshConnectionError, MeshTimeout
-from mesh.failover import Failover, Timeouts, rotate_past
+from mesh.errors import (
+    CannotMeetDeadline,
+    ClientError,
+    Forbidden,
+    InvalidInput,
+    MeshConnectionError,
+    MeshTimeout,
+    Overloaded,
+    UnknownTask,
+)
+from mesh.failover import Attempt, Failover, RetryBudget, RetryPolicy, Timeouts, rotate_past
 from mesh.wire import SLO
 
 T = Timeouts(total_s=30.0, connect_s=1.0, attempt_s=5.0, min_attempt_s=0.5)
@@ -101,3 +113,146 @@ def test_bad_timeouts_are_refused_when_the_client_is_made(kwargs: dict, named: s
     for cls in (Client, AsyncClient):
         with pytest.raises(ClientError, match=f"^{named}: must be a number of seconds"):
             cls("http://127.0.0.1:1", **kwargs)
+
+
+# --------------------------------------------------------------------------- retries
+
+
+class Draws(random.Random):
+    """A random source whose every draw is ``share`` of the way up: jitter made visible."""
+
+    def __init__(self, share: float) -> None:
+        super().__init__(0)
+        self.share = share
+
+    def random(self) -> float:
+        return self.share
+
+
+BUSY = Overloaded("edge-1: queue full")
+
+
+def _retrying(entries: int = 1, *, share: float = 1.0, total_s: float = 30.0,
+              budget: RetryBudget | None = None, **policy: object) -> Failover:
+    return Failover(entries, 0, SLO(), Timeouts(total_s=total_s), started=0.0,
+                    policy=RetryPolicy(**policy), budget=budget, rng=Draws(share))  # type: ignore[arg-type]
+
+
+def test_a_busy_answer_is_retried_after_exponential_backoff_with_full_jitter() -> None:
+    for share in (1.0, 0.5, 0.0):
+        failover = _retrying(share=share)
+        delays = []
+        while (attempt := failover.next(10.0)) is not None:
+            delays.append(attempt.delay_s)
+            failover.failed(BUSY, 10.0)
+        # the first attempt at once, then uniform in [0, 50 ms], [0, 100 ms]; 3 attempts
+        assert delays == pytest.approx([0.0, 0.05 * share, 0.1 * share])
+        error = failover.error()
+        assert isinstance(error, Overloaded)  # the mesh's own word, so `except Overloaded` works
+        assert error.message == ("edge-1: queue full; edge-1: queue full; edge-1: queue full; "
+                                 "gave up after 3 attempt(s) (retry.max_attempts)")
+    ceilings = RetryPolicy(initial_backoff_s=0.1, multiplier=3, max_backoff_s=0.5)
+    assert [ceilings.backoff_ceiling_s(n) for n in range(4)] == pytest.approx([0.1, 0.3, 0.5, 0.5])
+
+
+def test_another_entry_is_tried_first_and_an_unreachable_one_never_again() -> None:
+    failover = _retrying(3, share=1.0, max_attempts=5)
+    first = failover.next(0.0)
+    assert first is not None and first.index == 0
+    failover.failed(MeshConnectionError("cannot reach entry node http://a"), 0.0)
+    second = failover.next(0.0)
+    # an entry that could not be reached got no load: on to an untried one at once
+    assert second is not None and (second.index, second.delay_s) == (1, 0.0)
+    failover.failed(BUSY, 0.1)
+    third = failover.next(0.1)
+    # after a busy answer: backoff, and still an entry not tried yet
+    assert third is not None and (third.index, third.delay_s) == (2, pytest.approx(0.05))
+    failover.failed(MeshTimeout("no answer from http://c"), 1.0)
+    # the busy one is tried again; the unreachable and the frozen one never are
+    assert [a.index for a in iter(lambda: _fail_busy(failover), None)] == [1, 1]
+    assert failover.attempts == 5
+
+
+def _fail_busy(failover: Failover) -> Attempt | None:
+    attempt = failover.next(2.0)
+    if attempt is not None:
+        failover.failed(BUSY, 2.0)
+    return attempt
+
+
+def test_retry_after_is_honoured_and_a_wait_past_the_deadline_is_not_retried() -> None:
+    failover = _retrying(2, share=0.0)
+    assert failover.next(1.0) is not None
+    failover.failed(Overloaded("queue full", retry_after_s=2.0), 1.0)
+    later = failover.next(1.0)
+    # never sooner than it said, on whichever entry (they all route into one mesh)
+    assert later is not None and later.index == 1 and later.delay_s == pytest.approx(2.0)
+    assert later.timeout_s == pytest.approx(27.0)  # the last entry: all that is left
+
+    short = _retrying(1, total_s=3.0)
+    assert short.next(0.0) is not None
+    short.failed(CannotMeetDeadline("nothing meets 10 ms now", retry_after_s=5.0), 0.5)
+    assert short.next(0.5) is None
+    error = short.error()
+    assert isinstance(error, CannotMeetDeadline) and error.retry_after_s == 5.0
+    assert error.message == ("nothing meets 10 ms now; not retried: the mesh asked to wait 5 s, "
+                             "longer than the 2.5 s left of the query's 3 s timeout")
+
+
+def test_errors_the_caller_must_fix_are_not_retried() -> None:
+    for error in (InvalidInput("tensors[0]: bad"), UnknownTask("task 'x' is not registered"),
+                  Forbidden("no")):
+        failover = _retrying(2)
+        assert failover.next(0.0) is not None
+        failover.failed(error, 0.0)
+        assert failover.next(0.0) is None
+        assert failover.error() is error
+
+
+def test_the_retry_budget_keeps_retries_to_a_fifth_of_queries_plus_a_reserve() -> None:
+    budget = RetryBudget(ratio=0.2, min_retries=3, window_s=10.0)
+    for t in range(10):
+        budget.started(float(t) / 10)
+    allowed = 0
+    while budget.can_retry(1.0):
+        budget.retried(1.0)
+        allowed += 1
+    assert allowed == 5  # 3 + 20% of 10
+    assert budget.counts(9.9) == (10, 5)
+    assert budget.counts(11.05) == (0, 0)  # the window slid past them
+    assert budget.can_retry(11.05)
+
+    spent = RetryBudget(ratio=0.2, min_retries=0, window_s=10.0)
+    failover = _retrying(2, budget=spent)
+    assert failover.next(0.0) is not None  # 1 query: 0.2 retries allowed, so the 1st is
+    failover.failed(BUSY, 0.0)
+    assert failover.next(0.0) is not None
+    failover.failed(BUSY, 0.0)
+    assert failover.next(0.0) is None  # ... and a 2nd is not
+    assert "retry budget is spent (retries are kept to 20% of its queries over 10 s, plus 0)" \
+        in failover.error().message
+
+
+def test_the_same_rules_hold_for_both_clients_policy_errors_named() -> None:
+    for bad, named in (({"max_attempts": 0}, "retry.max_attempts"),
+                       ({"budget_ratio": 2}, "retry.budget_ratio"),
+                       ({"initial_backoff_s": -1}, "retry.initial_backoff_s")):
+        with pytest.raises(ClientError, match=f"^{named}: must be"):
+            RetryPolicy(**bad)  # type: ignore[arg-type]
+    for cls in (Client, AsyncClient):
+        with pytest.raises(ClientError, match="^retry: a mesh.RetryPolicy"):
+            cls("http://127.0.0.1:1", retry=3)  # type: ignore[arg-type]
+        assert cls("http://127.0.0.1:1").retry == RetryPolicy()
+
+
+def test_failing_over_from_an_unreachable_entry_draws_nothing_from_the_budget() -> None:
+    empty = RetryBudget(ratio=0.0, min_retries=0, window_s=10.0)
+    failover = _retrying(3, budget=empty)
+    assert failover.next(0.0) is not None
+    failover.failed(MeshConnectionError("cannot reach entry node http://a: refused"), 0.0)
+    second = failover.next(0.0)
+    assert second is not None and second.index == 1  # it reached nothing: failover is free
+    failover.failed(MeshTimeout("no answer from http://b within 5 s"), 5.0)
+    assert failover.next(5.0) is None  # a timeout's retry may add load: it is rationed
+    assert empty.counts(5.0) == (1, 0)
+    assert "retry budget is spent" in failover.error().message
