@@ -82,10 +82,10 @@ from __future__ import annotations
 
 import math
 import random
-from collections import deque
 from dataclasses import dataclass, field
 
 from mesh.errors import ClientError, MeshConnectionError, MeshError, MeshTimeout
+from mesh.health import RetryBudget
 from mesh.wire import SLO
 
 __all__ = ["Timeouts", "RetryPolicy", "RetryBudget", "Attempt", "Failover", "rotate_past"]
@@ -168,47 +168,6 @@ class RetryPolicy:
     def budget(self) -> RetryBudget:
         """A fresh budget with this policy's numbers (one per client)."""
         return RetryBudget(self.budget_ratio, self.budget_min_retries, self.budget_window_s)
-
-
-class RetryBudget:
-    """How many retries a client may still make: over the last ``window_s``, retries stay
-    below ``ratio`` times the queries started, plus ``min_retries``. Time comes in as ``now``.
-
-    Counts are kept in ten buckets a tenth of the window wide, so memory stays the same
-    whatever the query rate.
-    """
-
-    BUCKETS = 10
-
-    def __init__(self, ratio: float = 0.2, min_retries: int = 3, window_s: float = 10.0) -> None:
-        self.ratio, self.min_retries, self.window_s = ratio, min_retries, window_s
-        self._width = window_s / self.BUCKETS
-        #: [bucket number, queries started, retries made], oldest first
-        self._buckets: deque[list[int]] = deque()
-
-    def _bucket(self, now: float) -> list[int]:
-        number = math.floor(now / self._width)
-        while self._buckets and self._buckets[0][0] <= number - self.BUCKETS:
-            self._buckets.popleft()
-        if not self._buckets or self._buckets[-1][0] != number:
-            self._buckets.append([number, 0, 0])
-        return self._buckets[-1]
-
-    def counts(self, now: float) -> tuple[int, int]:
-        """(queries started, retries made) within the window ending at ``now``."""
-        self._bucket(now)
-        return sum(b[1] for b in self._buckets), sum(b[2] for b in self._buckets)
-
-    def started(self, now: float) -> None:
-        """A query started (its first attempt)."""
-        self._bucket(now)[1] += 1
-
-    def can_retry(self, now: float) -> bool:
-        queries, retries = self.counts(now)
-        return retries < self.min_retries + self.ratio * queries
-
-    def retried(self, now: float) -> None:
-        self._bucket(now)[2] += 1
 
 
 @dataclass(frozen=True, slots=True)

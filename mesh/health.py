@@ -29,6 +29,7 @@ therefore never multiply the load on a mesh that is already failing.
 
 from __future__ import annotations
 
+import math
 from collections import deque
 from dataclasses import dataclass, field
 from typing import Any
@@ -137,49 +138,67 @@ class OutlierDetector:
         return out
 
 
-@dataclass
 class RetryBudget:
-    """Retries allowed over a sliding window: ``ratio`` of the requests, plus ``min_retries``."""
+    """Retries allowed over a sliding ``window_s``: below ``ratio`` times the requests
+    started there, plus ``min_retries``. Nodes (one per node) and the SDK (one per client)
+    keep one each. Time comes in as ``now``.
 
-    ratio: float = 0.2
-    min_retries: int = 10
-    window_s: float = 10.0
-    _requests: deque[float] = field(default_factory=deque)
-    _retries: deque[float] = field(default_factory=deque)
-    refused: int = 0
-    spent: int = 0
+    Counts are kept in ten buckets a tenth of the window wide, so memory stays the same
+    whatever the rate.
+    """
 
-    def __post_init__(self) -> None:
-        if not 0 <= self.ratio <= 1 or self.min_retries < 0 or self.window_s <= 0:
+    BUCKETS = 10
+
+    def __init__(self, ratio: float = 0.2, min_retries: int = 10, window_s: float = 10.0) -> None:
+        if not 0 <= ratio <= 1 or min_retries < 0 or window_s <= 0:
             raise ValueError("need 0 <= ratio <= 1, min_retries >= 0, window_s > 0")
+        self.ratio, self.min_retries, self.window_s = ratio, min_retries, window_s
+        self._width = window_s / self.BUCKETS
+        #: [bucket number, requests started, retries made], oldest first
+        self._buckets: deque[list[int]] = deque()
+        #: retries made, and refused for want of budget, since the start
+        self.spent = 0
+        self.refused = 0
 
-    def _trim(self, now: float) -> None:
-        edge = now - self.window_s
-        for q in (self._requests, self._retries):
-            while q and q[0] < edge:
-                q.popleft()
+    def _bucket(self, now: float) -> list[int]:
+        number = math.floor(now / self._width)
+        while self._buckets and self._buckets[0][0] <= number - self.BUCKETS:
+            self._buckets.popleft()
+        if not self._buckets or self._buckets[-1][0] != number:
+            self._buckets.append([number, 0, 0])
+        return self._buckets[-1]
 
-    def request(self, now: float) -> None:
-        """One request (not a retry) went out."""
-        self._requests.append(now)
-        if len(self._requests) > 100_000:  # bounded whatever the rate
-            self._requests.popleft()
+    def counts(self, now: float) -> tuple[int, int]:
+        """(requests started, retries made) within the window ending at ``now``."""
+        self._bucket(now)
+        return sum(b[1] for b in self._buckets), sum(b[2] for b in self._buckets)
+
+    def started(self, now: float) -> None:
+        """A request started (its first attempt, not a retry)."""
+        self._bucket(now)[1] += 1
 
     def allowance(self, now: float) -> int:
-        self._trim(now)
-        return int(self.ratio * len(self._requests)) + self.min_retries
+        queries, _ = self.counts(now)
+        return int(self.min_retries + self.ratio * queries)
+
+    def can_retry(self, now: float) -> bool:
+        queries, retries = self.counts(now)
+        return retries < self.min_retries + self.ratio * queries
+
+    def retried(self, now: float) -> None:
+        self._bucket(now)[2] += 1
+        self.spent += 1
 
     def try_spend(self, now: float) -> bool:
-        """Take one retry from the budget; False (and counted) when none is left."""
-        if len(self._retries) >= self.allowance(now):
+        """Take one retry from the budget; False (and counted as refused) when none is left."""
+        if not self.can_retry(now):
             self.refused += 1
             return False
-        self._retries.append(now)
-        self.spent += 1
+        self.retried(now)
         return True
 
     def status(self, now: float) -> dict[str, Any]:
-        self._trim(now)
-        return {"window_s": self.window_s, "requests": len(self._requests),
-                "retries": len(self._retries), "allowed": self.allowance(now),
-                "spent_total": self.spent, "refused_total": self.refused}
+        queries, retries = self.counts(now)
+        return {"window_s": self.window_s, "requests": queries, "retries": retries,
+                "allowed": self.allowance(now), "spent_total": self.spent,
+                "refused_total": self.refused}

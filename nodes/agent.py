@@ -598,7 +598,7 @@ class NodeAgent:
                 return self._served_plan(answer, answer.plan or plan, req)
         budget_ms, hops = req.budget_ms, req.hops
         first = req.route
-        self.retries.request(self.clock())
+        self.retries.started(self.clock())
         sent = time.perf_counter()
         try:
             response = await self._dispatch(req, arrived, deadline)
