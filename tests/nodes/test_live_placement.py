@@ -50,27 +50,53 @@ class Clock:
         return self.now
 
 
+class LiveMesh:
+    """Real agents with real membership on loopback HTTP; each node can be restarted."""
+
+    def __init__(self, topology: Any, home: Path, clock: Clock) -> None:
+        self.topology, self.home, self.clock = topology, home, clock
+        self.ports = {n: unused_port() for n in topology.nodes}
+        self.agents: dict[str, NodeAgent] = {}
+        self._stacks: dict[str, contextlib.AsyncExitStack] = {}
+
+    async def start(self, name: str) -> NodeAgent:
+        """Start ``name``: the core from the built home, others from an empty one of their
+        own (they copy the registry and pull the artifacts they host through their parent)."""
+        home = self.home if name == "core-1" else self.home.parent / f"home-{name}"
+        home.mkdir(exist_ok=True)
+        neighbours = {n: f"http://127.0.0.1:{self.ports[n]}"
+                      for n in self.topology.neighbours(name)}
+        config = AgentConfig(node=name, topology=self.topology, home=home,
+                             neighbours=neighbours, mesh_key=b"k" * 32)
+        stack = contextlib.AsyncExitStack()
+        agent = await stack.enter_async_context(NodeAgent(config, placement_clock=self.clock))
+        membership = await stack.enter_async_context(Membership.for_agent(agent))
+        app = make_app(agent, address=f"http://127.0.0.1:{self.ports[name]}")
+        membership.add_routes(app)
+        server = TestServer(app, port=self.ports[name])
+        await server.start_server()
+        stack.push_async_callback(server.close)
+        self._stacks[name], self.agents[name] = stack, agent
+        return agent
+
+    async def stop(self, name: str) -> None:
+        await self._stacks.pop(name).aclose()
+        del self.agents[name]
+
+    async def close(self) -> None:
+        for name in reversed(list(self._stacks)):
+            await self.stop(name)
+
+
 @contextlib.asynccontextmanager
-async def live_mesh(topology: Any, home: Path, clock: Clock
-                    ) -> AsyncIterator[dict[str, NodeAgent]]:
-    ports = {n: unused_port() for n in topology.nodes}
-    agents: dict[str, NodeAgent] = {}
-    async with contextlib.AsyncExitStack() as stack:
+async def live_mesh(topology: Any, home: Path, clock: Clock) -> AsyncIterator[LiveMesh]:
+    mesh = LiveMesh(topology, home, clock)
+    try:
         for name in ("core-1", "edge-1"):  # the parent first: the edge copies its registry
-            (home.parent / f"home-{name}").mkdir(exist_ok=True)
-            neighbours = {n: f"http://127.0.0.1:{ports[n]}" for n in topology.neighbours(name)}
-            config = AgentConfig(node=name, topology=topology, home=home if name == "core-1"
-                                 else home.parent / f"home-{name}", neighbours=neighbours,
-                                 mesh_key=b"k" * 32)
-            agent = await stack.enter_async_context(NodeAgent(config, placement_clock=clock))
-            membership = await stack.enter_async_context(Membership.for_agent(agent))
-            app = make_app(agent, address=f"http://127.0.0.1:{ports[name]}")
-            membership.add_routes(app)
-            server = TestServer(app, port=ports[name])
-            await server.start_server()
-            stack.push_async_callback(server.close)
-            agents[name] = agent
-        yield agents
+            await mesh.start(name)
+        yield mesh
+    finally:
+        await mesh.close()
 
 
 async def until(predicate: Callable[[], Any], what: str, timeout_s: float = 20.0) -> Any:
@@ -110,8 +136,8 @@ async def test_rising_load_adds_workers_on_the_node_and_falling_load_takes_them_
         digits_home: Path, heldout: Any) -> None:
     images = heldout[0].astype(np.float32)
     clock = Clock()
-    async with live_mesh(_topology(), digits_home, clock) as agents:
-        core, edge = agents["core-1"], agents["edge-1"]
+    async with live_mesh(_topology(), digits_home, clock) as mesh:
+        core, edge = mesh.agents["core-1"], mesh.agents["edge-1"]
         # The root's first round publishes the base placement; the edge adopts it.
         await until(lambda: edge.placement.version and
                     edge.placement.version == core.placement.version, "the edge adopts a placement")
@@ -154,3 +180,31 @@ async def test_rising_load_adds_workers_on_the_node_and_falling_load_takes_them_
         status = edge.status()["placement"]["live"]
         assert status["version"] == core.placement.version
         assert status["hosts"][hot] == 1
+
+
+async def test_a_restarted_node_rejoins_and_gets_its_live_placement_back(
+        digits_home: Path, heldout: Any) -> None:
+    images = heldout[0].astype(np.float32)
+    clock = Clock()
+    async with live_mesh(_topology(), digits_home, clock) as mesh:
+        core, edge = mesh.agents["core-1"], mesh.agents["edge-1"]
+        await load(edge, images, 3.0, SLO(latency_ms=50))
+        added = await until(lambda: decisions(core, "add-workers", "edge-1"),
+                            "the root adds workers on the edge")
+        hot, want = added[0]["variant"], added[0]["workers"]
+        await until(lambda: edge.models.workers(hot) == want, "the edge runs the new workers")
+        pulled = sum(edge.artifacts.fetches.values())
+        assert pulled > 0  # it started empty and pulled what it hosts through its parent
+
+        await mesh.stop("edge-1")  # a reboot: nothing kept but its home
+        edge = await mesh.start("edge-1")
+        # It serves at once from its own store (no pull again), under the base placement...
+        assert hot in edge.loaded and sum(edge.artifacts.fetches.values()) == 0
+        # ... heartbeats to its parent again, and is handed the live placement, workers too.
+        await until(lambda: edge.placement.version == core.placement.version,
+                    "the restarted edge adopts the root's placement")
+        await until(lambda: edge.models.workers(hot) == want,
+                    "the restarted edge runs the workers the placement gives it")
+        r = await edge.infer(InferRequest(task="digits", tensors=[images[:1]],
+                                          slo=SLO(latency_ms=50)), from_client=True)
+        assert r.served_by.node == "edge-1"
