@@ -1039,8 +1039,9 @@ class NodeAgent:
     def placement_load(self, now: float) -> tuple[dict[str, VariantLoad], dict[str, float]]:
         """What membership reports up for placement on each heartbeat: per variant served
         here (rate, compute busy, misses, targets) and per task entering here."""
-        depth = {name: e.batcher.depth for name, e in self.models.loaded.items()}
-        return self.meter.report(now, depth)
+        loaded = self.models.loaded
+        return self.meter.report(now, {name: e.batcher.depth for name, e in loaded.items()},
+                                 {name: e.batcher.slowdown for name, e in loaded.items()})
 
     def status(self, address: str = "", stream_address: str | None = None) -> dict[str, Any]:
         lat = sorted(self._latencies)

@@ -86,6 +86,11 @@ class WorkerPool:
     def batches(self) -> int:
         return self._retired_batches + sum(b.batches for b in (*self._active, *self._draining))
 
+    @property
+    def slowdown(self) -> float:
+        """Measured compute time over the profiled one, the worst of its workers."""
+        return max(b.slowdown for b in self._active) if self._active else 1.0
+
     def predicted_wait_s(self, now: float, rows: int = 0) -> float:
         return min(b.predicted_wait_s(now, rows) for b in self._active)
 

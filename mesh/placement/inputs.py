@@ -36,9 +36,12 @@ class VariantLoad:
     slo_miss_frac: float = 0.0
     latency_target_ms: float | None = None
     min_accuracy: float | None = None
+    #: measured compute time over the profiled one (1.0: as profiled; 2.0: the CPU is shared
+    #: with something else and runs it at half speed)
+    slowdown: float = 1.0
 
     def __post_init__(self) -> None:
-        for name in ("rate_qps", "rows_per_query", "slo_miss_frac"):
+        for name in ("rate_qps", "rows_per_query", "slo_miss_frac", "slowdown"):
             value = getattr(self, name)
             if not math.isfinite(value) or value < 0:
                 raise ValueError(f"VariantLoad.{name}: must be a finite number >= 0, got {value!r}")
@@ -118,7 +121,8 @@ class LoadReport:
         return {
             "served": {n: {v: [round(vl.rate_qps, 4), round(vl.busy or 0.0, 5),
                                round(vl.rows_per_query, 3), vl.queue_depth,
-                               round(vl.slo_miss_frac, 4), vl.latency_target_ms, vl.min_accuracy]
+                               round(vl.slo_miss_frac, 4), vl.latency_target_ms, vl.min_accuracy,
+                               round(vl.slowdown, 3)]
                            for v, vl in vs.items()} for n, vs in self.served.items()},
             "demand": {n: {t: round(r, 4) for t, r in ts.items()}
                        for n, ts in self.demand.items()},
@@ -140,15 +144,17 @@ class LoadReport:
                                  "sender's subtree, or its entry is not a map")
             row: dict[str, VariantLoad] = {}
             for variant, v in variants.items():
-                if not isinstance(variant, str) or not isinstance(v, list) or len(v) != 7:
+                if not isinstance(variant, str) or not isinstance(v, list) \
+                        or len(v) not in (7, 8):
                     raise ValueError(f"{where}.served[{node!r}]: each variant maps to a list of "
-                                     "7 numbers")
-                rate, busy, rows, depth, miss, target, floor = v
+                                     "7 or 8 numbers")
+                rate, busy, rows, depth, miss, target, floor = v[:7]
                 try:
                     row[variant] = VariantLoad(
                         float(rate), float(busy), float(rows), int(depth), float(miss),
                         None if target is None else float(target),
-                        None if floor is None else float(floor))
+                        None if floor is None else float(floor),
+                        float(v[7]) if len(v) == 8 else 1.0)
                 except (TypeError, ValueError) as exc:
                     raise ValueError(f"{where}.served[{node!r}][{variant[:64]!r}]: {exc}"
                                      ) from None

@@ -164,6 +164,13 @@ class Ladder:
         if cpu < most:
             most, limits = max(w, cpu), [f"its other variants busy on {other:.1f} of its "
                                          f"{res.slots} worker slot(s)"]
+        contended = m.load.slowdown >= t.contended_slowdown
+        if contended and w < most:
+            # Its batches already run this much slower than profiled: the CPU is shared with
+            # something else and spent; more workers here would add no capacity.
+            most, limits = w, [f"its compute running {m.load.slowdown:.1f}x slower than "
+                               "profiled (the CPU is contended; more workers would add no "
+                               "capacity)"]
         extra = o.memory_bytes * t.worker_memory_frac
         if extra > 0:
             by_memory = w + max(0, math.floor(self.s.free_bytes(node, o, self.catalogue) / extra))
@@ -172,6 +179,9 @@ class Ladder:
         new = max(w, min(need, most))
         verb = "will be" if cause is Cause.FORECAST else "is"
         state = f"{prefix}{variant} on {node} {verb} {busy / w:.0%} busy over {w} worker(s)"
+        if contended:
+            state += (f", its compute running {m.load.slowdown:.1f}x slower than profiled (the "
+                      "CPU is contended)")
         if new > w:
             short = f" (it needs {need}; {node} has {limits[0]})" if new < need else ""
             self._decide(DecisionKind.ADD_WORKERS, pair, new, cause,

@@ -56,6 +56,10 @@ class Tuning:
     slo_compute_frac: float = 0.8
     #: ...and the faster host or variant it gets must compute within this fraction of the target
     slo_fit_frac: float = 0.5
+    #: a variant whose batches run this many times slower than profiled shares a CPU that is
+    #: already spent: more workers on that node would add no capacity, so it gets none
+    #: (replicas elsewhere, or a faster variant, instead)
+    contended_slowdown: float = 1.5
 
     def __post_init__(self) -> None:
         problems = []

@@ -364,3 +364,26 @@ def test_memory_for_a_faster_variant_comes_from_a_cold_one_which_returns_later()
     assert later == [(DecisionKind.EVICT, "vision-b", Cause.IDLE),
                      (DecisionKind.PLACE, "text-x1", Cause.RESTORE)]
     assert scaler.placement == base
+
+
+def test_a_hot_variant_on_a_contended_cpu_gets_a_replica_not_more_workers() -> None:
+    # Its batches run 2.5x slower than profiled: its node's CPU is shared and spent, so more
+    # workers there would add nothing; the load goes to a replica near it instead.
+    topology, registry = shipped("local"), bundled()
+    scaler = Autoscaler(topology)
+    scaler.step(registry, None, 0.0)
+    edge = ("edge-1", "digits-linear")
+    hot = replace(_load(0.95), slowdown=2.5)
+    r = scaler.step(registry, LoadSnapshot(demand={("digits", "edge-1"): 950.0},
+                                           served={edge: hot}), 10.0)
+    assert not [d for d in r.decisions if d.kind is DecisionKind.ADD_WORKERS]
+    assert scaler.placement.workers(*edge) == 1
+    replica = [d for d in r.decisions if d.kind is DecisionKind.REPLICATE]
+    assert replica and replica[0].node == "mid-1"
+    assert "2.5x slower than profiled" in replica[0].reason
+    # The same load at the profiled speed gets workers first.
+    fresh = Autoscaler(topology)
+    fresh.step(registry, None, 0.0)
+    r = fresh.step(registry, LoadSnapshot(demand={("digits", "edge-1"): 950.0},
+                                          served={edge: _load(0.95)}), 10.0)
+    assert [d.kind for d in r.decisions if d.node == "edge-1"] == [DecisionKind.ADD_WORKERS]
