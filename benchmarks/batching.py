@@ -57,6 +57,7 @@ import numpy as np
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from benchmarks._loadgen import (  # noqa: E402
+    BENCH_ID,
     HOST,
     agent_options,
     closed_loop,
@@ -362,7 +363,7 @@ def main(argv: list[str] | None = None) -> int:
         queries = sample_inputs(variant.task, 256, rng)
         slo = SLO(latency_ms=spec["slo_ms"])
         request = http_request("/v1/infer", encode_request(InferRequest(
-            variant.task, queries[0], slo=slo)), "application/msgpack")
+            variant.task, queries[0], slo=slo, request_id=BENCH_ID)), "application/msgpack")
         row: dict[str, Any] = {
             "task": variant.task, "max_batch": variant.max_batch, "slo_ms": spec["slo_ms"],
             "profile_ms": {str(k): round(v, 4) for k, v in sorted(profile.batch_ms.items())},

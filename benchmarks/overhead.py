@@ -55,6 +55,7 @@ import numpy as np
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from benchmarks._loadgen import (  # noqa: E402
+    BENCH_ID,
     HOST,
     closed_loop,
     code_version,
@@ -317,11 +318,11 @@ def requests_for(x: np.ndarray) -> dict[str, tuple[str, bytes]]:
     """The same query in every protocol: kind ('http' or 'stream') -> raw request bytes."""
     from mesh.wire import InferRequest, encode_request
 
-    msgpack_body = encode_request(InferRequest("digits", [x], request_id="bench"))
-    oip_json = json.dumps({"id": "bench", "inputs": [
+    msgpack_body = encode_request(InferRequest("digits", [x], request_id=BENCH_ID))
+    oip_json = json.dumps({"id": BENCH_ID, "inputs": [
         {"name": "input", "shape": [1, 64], "datatype": "FP32",
          "data": x.ravel().tolist()}]}).encode()
-    header = json.dumps({"id": "bench", "inputs": [
+    header = json.dumps({"id": BENCH_ID, "inputs": [
         {"name": "input", "shape": [1, 64], "datatype": "FP32",
          "parameters": {"binary_data_size": x.nbytes}}],
         "parameters": {"binary_data_output": True}}).encode()

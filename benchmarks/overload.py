@@ -47,8 +47,10 @@ import numpy as np
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from benchmarks._loadgen import (  # noqa: E402
+    BENCH_ID,
     HOST,
     ROOT,
+    FreshIds,
     closed_loop,
     free_port,
     http_request,
@@ -76,7 +78,8 @@ def _query(home: Path, slo_ms: float | None) -> bytes:
     tokens = SentenceTokenizer.from_home(home).encode(
         ["the mesh refuses what it cannot serve in time"])
     slo = SLO(latency_ms=slo_ms) if slo_ms is not None else SLO()
-    return encode_request(InferRequest("sentence-embedding", list(tokens), slo=slo))
+    return encode_request(InferRequest("sentence-embedding", list(tokens), slo=slo,
+                                       request_id=BENCH_ID))
 
 
 # --------------------------------------------------------------------------- open loop
@@ -112,6 +115,7 @@ async def _open_loop(port: int, body: bytes, rate: float, seconds: float, connec
         _, conn = await loop.create_connection(Conn, HOST, port)
         conns.append(conn)
     ids = itertools.count(1)
+    fresh = FreshIds(body)  # a request id of its own per query: no cached answers
     interval = 1.0 / rate
     start = time.perf_counter()
     n = 0
@@ -123,7 +127,7 @@ async def _open_loop(port: int, body: bytes, rate: float, seconds: float, connec
         while n < due:  # catch up in bursts when the loop falls behind
             rid = next(ids)
             sent[rid] = time.perf_counter()
-            conns[n % connections].transport.write(frame(rid, INFER, body))
+            conns[n % connections].transport.write(frame(rid, INFER, fresh()))
             n += 1
         await asyncio.sleep(min(interval, 0.001))
     drain_until = time.perf_counter() + 15

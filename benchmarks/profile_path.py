@@ -56,7 +56,14 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from benchmarks._loadgen import RawHttp, agent_process, code_version, free_port, machine  # noqa: E402
+from benchmarks._loadgen import (  # noqa: E402
+    FreshIds,
+    RawHttp,
+    agent_process,
+    code_version,
+    free_port,
+    machine,
+)
 from benchmarks.overhead import (  # noqa: E402
     SERVER,
     VARIANT,
@@ -390,9 +397,10 @@ def main(argv: list[str] | None = None) -> int:
             for name in args.protocols:
                 kind, request = requests[PROTOCOLS[name]]
                 client = RawHttp(stream_port if kind == "stream" else port)
+                fresh = FreshIds(request)
                 try:
-                    def send(c: RawHttp = client, r: bytes = request, what: str = name) -> None:
-                        status, body = c.roundtrip(r)
+                    def send(c: RawHttp = client, r: FreshIds = fresh, what: str = name) -> None:
+                        status, body = c.roundtrip(r())  # an id of its own: no cached answer
                         if status != 200:
                             raise RuntimeError(f"{what}: status {status}: {body[:300]!r}")
 
