@@ -119,8 +119,18 @@ TRIED = (
     "the same design repeated (the figures in this file): confounded the other way, other "
     "processes used 69% of the CPU during the static run and 37% during the managed one; "
     "neither pair is a clean comparison on this shared 2-core machine",
-    "not tried for lack of time: a ladder step that replicates toward the entry when queries "
-    "miss their target for distance (small compute, not hot); this mix has no such misses",
+    "design B (the figures in this file, a quiet machine: other processes 13-14% of the CPU): "
+    "a hot variant whose batches already run 1.5x slower than profiled gets no more workers "
+    "(mesh.placement Tuning.contended_slowdown). Static 944 violations, managed 1,780 "
+    "(violation_ratio 0.53, cost ratio 1.08). The managed mesh still added a second MiniLM "
+    "worker on edge-1 and on mid-1 in each spike (their measured slowdown stayed under 1.5: "
+    "the queue grew, not the per-batch time), and opening a ~100-200 MB session mid-spike on a "
+    "2-core machine costs the very CPU the spike needs: digits-accurate saw 186 "
+    "CannotMeetDeadline refusals at mid-1 during it (static: 0). The hardware classes declare "
+    "4, 16 and 64 cores; the four nodes share 2, so extra workers cannot add capacity here, "
+    "and every other lever (replicas, faster variants) draws on the same 2 cores",
+    "not tried: a ladder step that replicates toward the entry when queries miss their target "
+    "for distance (small compute, not hot); this mix has no such misses",
 )
 #: every class's rate is multiplied by this (sized so that the spikes overload a static
 #: placement while the machine's two cores are not simply saturated: see the JSON's CPU figures)
