@@ -86,6 +86,7 @@ from mesh.errors import (
 from mesh.failover import Attempt, Failover, RetryPolicy, Timeouts, rotate_past
 from mesh.jobs import AsyncJob, Job
 from mesh.plan import Plan
+from mesh.stream import client_hello
 from mesh.transport import (
     BlockingTransport,
     Transport,
@@ -233,9 +234,16 @@ class _Entries(Generic[T]):
     def __init__(self, url: str | Sequence[str], timeout_s: float, connect_timeout_s: float,
                  attempt_timeout_s: float, transports: Mapping[str, T] | None,
                  ssl: _ssl.SSLContext | None, retry: RetryPolicy | None,
-                 on_device: bool | str | Sequence[str], device_cache_dir: str | Path | None
-                 ) -> None:
+                 on_device: bool | str | Sequence[str], device_cache_dir: str | Path | None,
+                 api_key: str | None = None) -> None:
         self._urls = _entry_urls(url, type(self).__name__)
+        if api_key is not None and (not isinstance(api_key, str) or not api_key.strip()
+                                    or any(c in api_key for c in "\r\n ")):
+            raise ClientError("api_key: the key your mesh's operator gave you, a string "
+                              "without spaces")
+        #: what every request to an entry node carries: the API key (on a mesh with tenants)
+        self._auth: dict[str, str] = {"Authorization": f"Bearer {api_key}"} if api_key else {}
+        self._hello = client_hello(self._auth["Authorization"]) if api_key else None
         self._ssl = ssl
         self.timeouts = Timeouts(timeout_s, connect_timeout_s, attempt_timeout_s)
         if retry is not None and not isinstance(retry, RetryPolicy):
@@ -245,7 +253,7 @@ class _Entries(Generic[T]):
         self._rng = random.Random()
         self.device: OnDevice | None = None
         if on_device is not False:
-            self.device = OnDevice(on_device, cache_dir=device_cache_dir)
+            self.device = OnDevice(on_device, cache_dir=device_cache_dir, headers=self._auth)
             self._device_urls = _http_entries(self._urls, "on_device fetches its variants")
         given = dict(transports or {})
         #: per entry, its transport (given, or made from the URL on first use)
@@ -319,6 +327,8 @@ class Client(_Entries[BlockingTransport]):
     attempts). ``on_device``: task names (or True: every task) to answer on this
     device when the mesh does not (:mod:`mesh.device`; off by default), its
     variants kept under ``device_cache_dir`` (default ``~/.cache/tiermesh/device``).
+    ``api_key``: on a mesh with tenants, the key that says who you are (sent as
+    ``Authorization: Bearer``; on the stream, in the HELLO that opens each connection).
     """
 
     def __init__(self, url: str | Sequence[str], *, timeout_s: float = 30.0,
@@ -326,9 +336,10 @@ class Client(_Entries[BlockingTransport]):
                  transports: Mapping[str, BlockingTransport] | None = None,
                  ssl: _ssl.SSLContext | None = None, retry: RetryPolicy | None = None,
                  on_device: bool | str | Sequence[str] = False,
-                 device_cache_dir: str | Path | None = None) -> None:
+                 device_cache_dir: str | Path | None = None,
+                 api_key: str | None = None) -> None:
         super().__init__(url, timeout_s, connect_timeout_s, attempt_timeout_s, transports, ssl,
-                         retry, on_device, device_cache_dir)
+                         retry, on_device, device_cache_dir, api_key)
         self._open = -1  # the entry whose transport holds an open connection
 
     def __enter__(self) -> Client:
@@ -413,7 +424,7 @@ class Client(_Entries[BlockingTransport]):
                                            timeout=self.timeouts.attempt_s))
             try:
                 conn.request("POST", parts.path.rstrip("/") + "/v1/feedback", body=body,
-                             headers={"Content-Type": "application/json"})
+                             headers={"Content-Type": "application/json", **self._auth})
                 resp = conn.getresponse()
                 status, data = resp.status, resp.read()
             except OSError as exc:
@@ -431,8 +442,8 @@ class Client(_Entries[BlockingTransport]):
     def _transport(self, index: int) -> BlockingTransport:
         transport = self._transports[index]
         if transport is None:
-            transport = self._transports[index] = blocking_transport_for(self._urls[index],
-                                                                         ssl=self._ssl)
+            transport = self._transports[index] = blocking_transport_for(
+                self._urls[index], ssl=self._ssl, headers=self._auth, hello=self._hello)
         return transport
 
     def _send(self, attempt: Attempt, body: bytes) -> tuple[int, bytes]:
@@ -460,9 +471,9 @@ class AsyncClient(_Entries[Transport]):
     may run concurrently. ``transports`` maps an entry URL to the
     :class:`~mesh.transport.Transport` that carries its queries (tests pass
     :class:`~mesh.transport.MemoryTransport`); the others are made from their URLs.
-    ``ssl``: reach the entry nodes over TLS with this context. ``retry``, ``on_device``
-    and ``device_cache_dir`` as for :class:`Client` (fetching and device runs go to a
-    worker thread).
+    ``ssl``: reach the entry nodes over TLS with this context. ``retry``, ``on_device``,
+    ``device_cache_dir`` and ``api_key`` as for :class:`Client` (fetching and device runs
+    go to a worker thread).
     """
 
     def __init__(self, url: str | Sequence[str], *, timeout_s: float = 30.0,
@@ -470,9 +481,10 @@ class AsyncClient(_Entries[Transport]):
                  transports: Mapping[str, Transport] | None = None,
                  ssl: _ssl.SSLContext | None = None, retry: RetryPolicy | None = None,
                  on_device: bool | str | Sequence[str] = False,
-                 device_cache_dir: str | Path | None = None) -> None:
+                 device_cache_dir: str | Path | None = None,
+                 api_key: str | None = None) -> None:
         super().__init__(url, timeout_s, connect_timeout_s, attempt_timeout_s, transports, ssl,
-                         retry, on_device, device_cache_dir)
+                         retry, on_device, device_cache_dir, api_key)
         self._state = "unopened"
         self._current = 0
 
@@ -552,7 +564,8 @@ class AsyncClient(_Entries[Transport]):
                 target = url.replace("http://", "https://", 1) if self._ssl is not None else url
                 try:
                     async with session.post(target + "/v1/feedback", data=body,
-                                            headers={"Content-Type": "application/json"},
+                                            headers={"Content-Type": "application/json",
+                                                     **self._auth},
                                             ssl=self._ssl if self._ssl is not None else True
                                             ) as resp:
                         status, data = resp.status, await resp.read()
@@ -572,7 +585,8 @@ class AsyncClient(_Entries[Transport]):
         transport = self._transports[attempt.index]
         if transport is None:
             transport = self._transports[attempt.index] = transport_for(
-                url, connect_timeout_s=self.timeouts.connect_s, ssl=self._ssl)
+                url, connect_timeout_s=self.timeouts.connect_s, ssl=self._ssl,
+                headers=self._auth, hello=self._hello)
         wait = attempt.answer_timeout(time.monotonic())
         try:
             return await transport.send(body, timeout_s=wait, connect_timeout_s=attempt.connect_s)

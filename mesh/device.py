@@ -38,7 +38,7 @@ import threading
 import time
 import urllib.error
 import urllib.request
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -193,7 +193,9 @@ class OnDevice:
 
     def __init__(self, tasks: bool | str | Sequence[str], *, cache_dir: str | Path | None = None,
                  formats: Sequence[str] | None = None, max_bytes: int = MAX_DEVICE_BYTES,
-                 threads: int = 1) -> None:
+                 threads: int = 1, headers: Mapping[str, str] | None = None) -> None:
+        """``headers``: sent with every fetch (the client's ``Authorization``)."""
+        self.headers = dict(headers or {})
         if isinstance(tasks, str):
             tasks = [tasks]
         if not isinstance(tasks, bool) and (not tasks or not all(
@@ -290,7 +292,8 @@ class OnDevice:
     def _describe(self, base: str, task: str, *, ssl: _ssl.SSLContext | None,
                   timeout_s: float) -> DeviceVariant:
         query = urlencode({"formats": ",".join(self.formats), "max_bytes": self.max_bytes})
-        with _get(f"{base}/v1/device/{quote(task, safe='')}?{query}", ssl, timeout_s) as resp:
+        with _get(f"{base}/v1/device/{quote(task, safe='')}?{query}", ssl, timeout_s,
+                  self.headers) as resp:
             variant = DeviceVariant.from_json(json.loads(resp.read()))
         if variant.task != task or variant.format not in self.formats:
             raise ClientError(f"the device variant described for {task!r} is not one this "
@@ -302,7 +305,8 @@ class OnDevice:
         """Stream the artifact in, hashing it; keep it only if it hashes to its name."""
         digest, size = hashlib.sha256(), 0
         url = f"{base}/v1/device/{quote(variant.task, safe='')}/artifacts/{variant.sha256}"
-        with self.store.pending(variant.sha256) as pending, _get(url, ssl, timeout_s) as resp:
+        with self.store.pending(variant.sha256) as pending, \
+                _get(url, ssl, timeout_s, self.headers) as resp:
             while chunk := resp.read(1 << 16):
                 size += len(chunk)
                 if size > min(self.max_bytes, MAX_DEVICE_BYTES):
@@ -372,11 +376,13 @@ def _base(url: str, ssl: _ssl.SSLContext | None) -> str:
     return f"{scheme}://{parts.netloc}{parts.path.rstrip('/')}"
 
 
-def _get(url: str, ssl: _ssl.SSLContext | None, timeout_s: float) -> Any:
+def _get(url: str, ssl: _ssl.SSLContext | None, timeout_s: float,
+         headers: Mapping[str, str] | None = None) -> Any:
     """An open response to ``GET url``; raises :class:`MeshError` (the node's, or a
     :class:`ClientError` when it cannot be reached)."""
     try:
-        return urllib.request.urlopen(url, timeout=timeout_s, context=ssl)  # noqa: S310 - http(s) only
+        request = urllib.request.Request(url, headers=dict(headers or {}))  # noqa: S310 - http(s) only
+        return urllib.request.urlopen(request, timeout=timeout_s, context=ssl)  # noqa: S310
     except urllib.error.HTTPError as exc:
         try:
             body = exc.read()[:4096]

@@ -11,6 +11,7 @@ the only place that turns responses back into errors::
     │   ├── UnknownTask             404  no variant anywhere serves this task
     │   └── InputRejected           422  valid by the task's spec, but the variant could not run it
     ├── Forbidden                   403  a field only mesh nodes may set (a route), or a peer's bad token
+    ├── Unauthorized                401  no API key, or one the mesh does not know (tenants)
     ├── TopologyError               ---  a topology file failed validation (CLI only)
     ├── ArtifactNotFound            404  no artifact with that sha256 here or upstream
     ├── AnswerNotFound              404  feedback for an answer this node does not hold
@@ -39,6 +40,7 @@ __all__ = [
     "UnknownTask",
     "InputRejected",
     "Forbidden",
+    "Unauthorized",
     "TopologyError",
     "ArtifactNotFound",
     "AnswerNotFound",
@@ -98,6 +100,12 @@ class InputRejected(InvalidInput):
 
 class Forbidden(MeshError):
     status = 403
+
+
+class Unauthorized(MeshError):
+    """No API key, or one the mesh does not know (or has revoked)."""
+
+    status = 401
 
 
 class TopologyError(MeshError):
@@ -168,6 +176,7 @@ _BY_NAME: dict[str, type[MeshError]] = {
         InvalidInput,
         PayloadTooLarge,
         UnknownTask,
+        Unauthorized,
         InputRejected,
         Forbidden,
         ArtifactNotFound,
@@ -183,6 +192,7 @@ _BY_NAME: dict[str, type[MeshError]] = {
 
 _BY_STATUS: dict[int, type[MeshError]] = {
     400: InvalidInput,
+    401: Unauthorized,
     403: Forbidden,
     404: UnknownTask,
     422: InputRejected,

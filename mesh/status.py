@@ -12,6 +12,7 @@ from typing import Any
 from rich.table import Table
 
 from mesh.errors import MeshError
+from mesh.peers import PeerKey
 
 __all__ = ["fetch_status", "mesh_status", "status_table", "decisions_table", "failures_table",
            "fmt_ms"]
@@ -21,18 +22,20 @@ def fmt_ms(value: float | None) -> str:
     return "-" if value is None else f"{value:.2f}"
 
 
-async def fetch_status(nodes: dict[str, dict[str, str]], ssl: Any = None
-                       ) -> list[dict[str, Any]]:
+async def fetch_status(nodes: dict[str, dict[str, str]], ssl: Any = None,
+                       headers: dict[str, str] | None = None) -> list[dict[str, Any]]:
     """Every node's status (``up`` False, with what the run file says, for one that is down).
 
     ``ssl``: the context for nodes that serve TLS (:func:`mesh.certs.ca_context`).
+    ``headers``: how the caller proves it may read status on a mesh with tenants (the
+    mesh key's operator token, or ``Authorization: Bearer <operator key>``).
     """
     import aiohttp
 
     async def one(session: aiohttp.ClientSession, name: str, info: dict[str, str]
                   ) -> dict[str, Any]:
         try:
-            async with session.get(info["address"] + "/v1/status",
+            async with session.get(info["address"] + "/v1/status", headers=headers,
                                    ssl=ssl if ssl is not None else True) as resp:
                 body = await resp.json()
                 body["up"] = resp.status == 200
@@ -46,13 +49,19 @@ async def fetch_status(nodes: dict[str, dict[str, str]], ssl: Any = None
 
 
 def mesh_status(home: Path) -> list[dict[str, Any]]:
-    """The status of the mesh running from ``home``; raises :class:`MeshError` when none is."""
+    """The status of the mesh running from ``home``; raises :class:`MeshError` when none is.
+    Signed with the home's mesh key as the operator (status is for operators once the
+    mesh has tenants)."""
+    from mesh.remote import OPERATOR
     from mesh.testbed.local import read_state
 
     state = read_state(home / "run")
     if state is None:
         raise MeshError(f"no mesh is running from {home}; start one with 'mesh up TOPOLOGY'")
-    return asyncio.run(fetch_status(state.nodes, state.client_ssl()))
+    key = home / "mesh.key"
+    headers = PeerKey(bytes.fromhex(key.read_text().strip())).headers(OPERATOR) \
+        if key.is_file() and state.client_ssl() is None else None
+    return asyncio.run(fetch_status(state.nodes, state.client_ssl(), headers))
 
 
 def status_table(rows: list[dict[str, Any]]) -> Table:

@@ -38,9 +38,10 @@ from typing import Any
 from urllib.parse import urlsplit
 
 from mesh.errors import InvalidInput, MeshConnectionError, MeshTimeout, PayloadTooLarge
-from mesh.wire import InferRequest, InferResponse, decode_answer, encode_request
+from mesh.wire import InferRequest, InferResponse, decode_answer, encode_request, pack
 
-__all__ = ["INFER", "ANSWER", "ERROR", "HELLO", "HEADER", "SCHEME", "frame", "error_payload", "frame_answer",
+__all__ = ["INFER", "ANSWER", "ERROR", "HELLO", "HEADER", "SCHEME", "client_hello", "frame",
+           "error_payload", "frame_answer",
            "parse_stream_url",
            "FrameReader", "StreamClient", "BlockingStream"]
 
@@ -368,9 +369,12 @@ class BlockingStream:
 
     def __init__(self, host: str, port: int, *, timeout_s: float,
                  connect_timeout_s: float | None = None,
-                 ssl: _ssl.SSLContext | None = None) -> None:
+                 ssl: _ssl.SSLContext | None = None, hello: bytes | None = None) -> None:
+        """``hello``: the payload of a HELLO frame sent first on every connection (a
+        client's API key, :func:`client_hello`)."""
         self.host, self.port, self.timeout_s = host, port, timeout_s
         self.ssl = ssl
+        self.hello = hello
         self.connect_timeout_s = timeout_s if connect_timeout_s is None else connect_timeout_s
         self._sock: socket.socket | None = None
         self._reader = FrameReader()
@@ -406,6 +410,8 @@ class BlockingStream:
                 raise MeshConnectionError(f"cannot reach {self.host}:{self.port}: TLS: {exc}"
                                           ) from None
         self._sock, self._reader = sock, FrameReader()
+        if self.hello is not None:
+            sock.sendall(frame(0, HELLO, self.hello))
 
     def send(self, body: bytes, *, timeout_s: float | None = None) -> tuple[int, bytes]:
         """Send one encoded ``InferRequest``; returns (status, body) as ``POST /v1/infer`` would.
@@ -450,3 +456,9 @@ class BlockingStream:
             for got_id, kind, payload in frames:
                 if got_id == request_id:
                     return frame_answer(kind, payload)
+
+
+def client_hello(authorization: str) -> bytes:
+    """The HELLO payload a client opens its streams with: its ``Authorization`` (on a mesh
+    with tenants, ``Bearer <API key>``), for every query on the connection."""
+    return pack({"authorization": authorization})

@@ -279,9 +279,10 @@ class BlockingHttpTransport:
 class BlockingStreamTransport:
     """The msgpack stream, blocking: one query at a time on one kept connection."""
 
-    def __init__(self, url: str, *, ssl: _ssl.SSLContext | None = None) -> None:
+    def __init__(self, url: str, *, ssl: _ssl.SSLContext | None = None,
+                 hello: bytes | None = None) -> None:
         _, host, port, _ = parse_url(url)
-        self.stream = BlockingStream(host, port, timeout_s=30.0, ssl=ssl)
+        self.stream = BlockingStream(host, port, timeout_s=30.0, ssl=ssl, hello=hello)
 
     def close(self) -> None:
         self.stream.close()
@@ -312,10 +313,11 @@ class BlockingMemoryTransport:
 
 
 def blocking_transport_for(url: str, *, headers: Mapping[str, str] | None = None,
+                           hello: bytes | None = None,
                            ssl: _ssl.SSLContext | None = None) -> BlockingTransport:
     """The blocking transport a URL names; ``ssl``: over TLS with this context."""
     if parse_url(url)[0] == STREAM_SCHEME:
-        return BlockingStreamTransport(url, ssl=ssl)
+        return BlockingStreamTransport(url, ssl=ssl, hello=hello)
     return BlockingHttpTransport(url, headers=headers, ssl=ssl)
 
 

@@ -278,6 +278,9 @@ class InferRequest:
     #: How long the sender waits for the answer, from when it sent the query. Each hop
     #: forwards what is left of it, so a node gives up on a hop before its caller gives up on it.
     timeout_ms: float | None = None
+    #: The tenant the entry node established from the caller's API key (mesh.tenants); set
+    #: by nodes only, like ``route`` (None: an open mesh).
+    tenant: str | None = None
     #: The decoded ``tensors`` as they came off the wire (None: encode ``tensors``).
     wire_tensors: list[dict[str, Any]] | None = None
 
@@ -343,6 +346,8 @@ def encode_request(req: InferRequest) -> bytes:
         obj["timeout_ms"] = req.timeout_ms
     if req.route is not None:
         obj["route"] = {"node": req.route.node, "variant": req.route.variant}
+    if req.tenant is not None:
+        obj["tenant"] = req.tenant
     return pack(obj)
 
 
@@ -386,6 +391,9 @@ def decode_request(body: bytes, *, max_elements: int = DEFAULT_MAX_ELEMENTS) -> 
         ):
             raise InvalidInput("route: must be a map with string node and variant")
         parsed_route = Route(route["node"], route["variant"])
+    tenant = obj.get("tenant")
+    if tenant is not None and (not isinstance(tenant, str) or not 0 < len(tenant) <= 63):
+        raise InvalidInput("tenant: must be a tenant name (set by mesh nodes only)")
     return InferRequest(
         task=task,
         tensors=decoded,
@@ -395,6 +403,7 @@ def decode_request(body: bytes, *, max_elements: int = DEFAULT_MAX_ELEMENTS) -> 
         hops=hops,
         route=parsed_route,
         timeout_ms=float(timeout) if timeout is not None else None,
+        tenant=tenant,
         wire_tensors=tensors,
     )
 

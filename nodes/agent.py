@@ -56,6 +56,7 @@ from mesh.errors import (
     MeshError,
     Overloaded,
     Unavailable,
+    UnknownTask,
     UpstreamError,
 )
 from mesh.health import Ejection, OutlierDetector, RetryBudget
@@ -67,6 +68,7 @@ from mesh.registry import Registry, TensorSpec
 from mesh.runtimes import runtime_for
 from mesh.state import MeshView
 from mesh.store import ArtifactStore
+from mesh.tenants import Tenancy
 from mesh.topology import Topology
 from mesh.transport import Transport
 from mesh.wire import (
@@ -277,6 +279,8 @@ class NodeAgent:
         self._inputs: dict[str, tuple[TensorSpec, ...]] = {}
         #: (node, variant) routes checked once: -> the variant's task
         self._routes: dict[tuple[str, str], str] = {}
+        #: tenants: API keys, quotas, private tasks, usage (mesh.tenants)
+        self.tenancy = Tenancy.of(config.topology)
         #: peers failing the queries sent to them are ejected for a while (mesh.health)
         self.outliers = OutlierDetector()
         #: retries elsewhere stay within 20% of this node's requests (plus a few)
@@ -439,18 +443,66 @@ class NodeAgent:
     def queue_depth(self) -> int:
         return sum(entry.batcher.depth for entry in self.models.loaded.values())
 
-    async def infer(self, req: InferRequest, *, from_client: bool = False) -> InferResponse:
+    async def infer(self, req: InferRequest, *, from_client: bool = False,
+                    authorization: str | None = None) -> InferResponse:
         """Serve or forward one query. ``from_client``: it came from outside the mesh.
 
         The protocol handlers pass ``from_client=True`` for everything but a
         proven neighbour (:mod:`nodes.peers`); code inside the node may route.
+        ``authorization``: the client's ``Authorization`` (``Bearer <API key>``): on a
+        mesh with tenants it names the tenant (401 without a valid one); a task private
+        to another tenant is then unknown (404); the tenant's quota is enforced (429).
         """
-        fingerprint: tuple[Any, ...] = ()
         if from_client:
-            fingerprint = _fingerprint(req)
-            again = self._repeated(req, fingerprint)
-            if again is not None:
-                return await again
+            self._admit(req, authorization)
+            try:
+                return await self._client_query(req)
+            finally:
+                self.tenancy.done(req.tenant)
+        return await self._query(req, False, ())
+
+    def _admit(self, req: InferRequest, authorization: str | None) -> None:
+        """The entry's checks of a client query: who (tenant), what it may see, how much."""
+        if req.tenant is not None:
+            raise Forbidden("tenant: set by the entry node from your API key; send "
+                            "Authorization: Bearer <key> instead")
+        tenancy = self.tenancy
+        if tenancy.enabled:
+            req.tenant = tenancy.authenticate(authorization)
+        if tenancy.private:
+            self.check_visible(req.task, req.tenant)
+        tenancy.admit(req.tenant, self.clock())
+
+    def check_visible(self, task: str, tenant: str | None) -> None:
+        """Raise :class:`UnknownTask` unless ``task`` exists and ``tenant`` may see it: a task
+        private to another tenant gets the very answer a task that does not exist gets,
+        whose list of known tasks holds only what ``tenant`` may see."""
+        tenancy = self.tenancy
+        if task in self._inputs and tenancy.visible(tenant, task):
+            return
+        try:
+            self.input_specs(task)
+            if tenancy.visible(tenant, task):
+                return
+        except UnknownTask:
+            pass
+        known = ", ".join(tenancy.visible_tasks(tenant, self.registry.tasks())) or "none"
+        raise UnknownTask(f"task {task[:64]!r} is not registered (known tasks: {known})")
+
+    async def _client_query(self, req: InferRequest) -> InferResponse:
+        fingerprint = _fingerprint(req)
+        again = self._repeated(req, fingerprint)
+        if again is not None:
+            return await again
+        response = await self._query(req, True, fingerprint)
+        self.tenancy.account(req.tenant, bytes_in=req.payload_bytes,
+                             bytes_out=sum(o.nbytes for o in response.outputs),
+                             cost=(response.plan.cost_per_1k or 0.0) / 1000.0
+                             if response.plan is not None else 0.0)
+        return response
+
+    async def _query(self, req: InferRequest, from_client: bool,
+                     fingerprint: tuple[Any, ...]) -> InferResponse:
         started = time.perf_counter()
         self._active += 1
         waiting: asyncio.Future[InferResponse] | None = None
@@ -506,13 +558,15 @@ class NodeAgent:
             return done
         return None
 
-    def feedback(self, request_id: str, labels: Any, *, task: str | None = None
-                 ) -> dict[str, Any]:
+    def feedback(self, request_id: str, labels: Any, *, task: str | None = None,
+                 tenant: str | None = None) -> dict[str, Any]:
         """Ground truth for an answer this node gave: record per row whether the class it
         returned was right. Raises :class:`AnswerNotFound` (404) for an answer it does not
         hold (too old, given by another entry node, or, with ``task``, to another task) and
         :class:`InvalidInput` for labels that do not match the answer's rows."""
         kept = self._answered.get(request_id)
+        if kept is not None and kept[2][1] != tenant:
+            kept = None  # another tenant's answer: as if there were none
         if kept is not None and task is not None:
             served = self.registry.variants.get(kept[0])
             kept = kept if served is not None and served.task == task else None
@@ -842,6 +896,7 @@ class NodeAgent:
             response = await self._serve_local(req.request_id, req.route.variant, req.tensors,
                                                left_ms, offline=req.slo.offline)
             t = response.timing
+            self.tenancy.account(req.tenant, compute_s=t["compute_ms"] / 1000.0)
             self.meter.served(req.route.variant, req.rows,
                               budget_ms=left_ms, min_accuracy=req.slo.min_accuracy,
                               spent_ms=t["queue_ms"] + t["compute_ms"] + t.get("cold_start_ms", 0.0))
@@ -1099,6 +1154,9 @@ class NodeAgent:
             "live_accuracy": {v: f.to_json() for v, f in self.live.report(
                 {n: x.accuracy for n, x in self.registry.variants.items()}).items()},
             "latency_ms": {"p50": _percentile(lat, 0.50), "p99": _percentile(lat, 0.99)},
+            #: per tenant, what it used here (queries, compute seconds, bytes, cost): for
+            #: operators only (status needs an operator key once the mesh has tenants)
+            "tenants": {t: u.to_json() for t, u in sorted(self.tenancy.usage.items())},
             #: failures as this node sees them: peers ejected (or on probation) for failing
             #: queries, retries spent against the budget, answers degraded by a failure
             "failures": {"ejected": self.outliers.status(self.clock()),
@@ -1119,7 +1177,7 @@ def _shape_text(shape: tuple[int, ...]) -> str:
 def _fingerprint(req: InferRequest) -> tuple[Any, ...]:
     """What makes two queries with one request id the same query: task, SLO and tensors (a
     repeat gets the first's answer; another client reusing the id does not)."""
-    return (req.task, req.slo, tuple(
+    return (req.task, req.tenant, req.slo, tuple(
         (t.dtype.str, t.shape, hashlib.blake2b(np.ascontiguousarray(t).data,
                                                 digest_size=16).digest())
         for t in req.tensors))

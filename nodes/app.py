@@ -46,7 +46,7 @@ from typing import Any
 
 from aiohttp import web
 
-from mesh.errors import InvalidInput, MeshError, PayloadTooLarge
+from mesh.errors import Forbidden, InvalidInput, MeshError, PayloadTooLarge
 from mesh.wire import decode_request, encode_response, pack
 from nodes.agent import AgentConfig, NodeAgent
 from nodes.answers import as_mesh_error, error_to_wire, retry_after
@@ -144,19 +144,37 @@ async def infer(request: web.Request) -> web.Response:
                          timeout_s=limits.read_timeout_s) as body:
         req = decode_request(body, max_elements=agent.config.max_elements)
     # only a proven node may send a route (nodes.identity); everyone else is a client
-    response = await agent.infer(req, from_client=caller(request) is None)
+    response = await agent.infer(req, from_client=caller(request) is None,
+                                 authorization=request.headers.get("Authorization"))
     return web.Response(body=encode_response(response), content_type=MSGPACK)
 
 
 async def feedback(request: web.Request) -> web.Response:
     """Ground truth for an answer this node gave: ``{"request_id": ..., "label": int | [int]}``
     (JSON or msgpack)."""
+    agent = request.app[AGENT]
+    tenant = agent.tenancy.authenticate(request.headers.get("Authorization"))
     request_id, label = await read_feedback(request, id_key="request_id")
-    return web.json_response(request.app[AGENT].feedback(request_id, label))
+    return web.json_response(agent.feedback(request_id, label, tenant=tenant))
+
+
+def operators_only(request: web.Request) -> None:
+    """Status and metrics on a mesh with tenants: for nodes (certificate or mesh-key token,
+    the operator's ``mesh`` commands included) and operator keys only. A tenant's key gets
+    403 (they hold every tenant's names and figures), no key or a bad one 401."""
+    tenancy = request.app[AGENT].tenancy
+    if not tenancy.enabled or caller(request) is not None:
+        return
+    authorization = request.headers.get("Authorization")
+    if tenancy.is_operator(authorization):
+        return
+    tenancy.authenticate(authorization)  # 401 for a missing, unknown or revoked key
+    raise Forbidden("status and metrics are for operators: use an operator key")
 
 
 
 async def status(request: web.Request) -> web.Response:
+    operators_only(request)
     body = request.app[AGENT].status(request.app[ADDRESS], request.app[STREAM_ADDRESS] or None)
     return web.Response(text=json.dumps(body), content_type="application/json")
 
@@ -171,6 +189,7 @@ async def artifact(request: web.Request) -> web.StreamResponse:
 
 
 async def metrics(request: web.Request) -> web.Response:
+    operators_only(request)
     return web.Response(body=request.app[AGENT].metrics.render(),
                         headers={"Content-Type": CONTENT_TYPE})
 

@@ -58,9 +58,16 @@ def routes(agent: NodeAgent) -> list[web.RouteDef]:
     """The device routes over ``agent``'s registry and store (read at each request: the
     registry is replaced when the mesh's changes)."""
 
-    async def describe(request: web.Request) -> web.Response:
+    def visible_task(request: web.Request) -> str:
+        """The task in the path, as this caller may see it: on a mesh with tenants a key is
+        needed (401) and another tenant's private task does not exist (404)."""
         task = request.match_info["task"]
-        variants = agent.registry.for_task(task)  # UnknownTask (404) naming it
+        agent.check_visible(task, agent.tenancy.authenticate(request.headers.get("Authorization")))
+        return task
+
+    async def describe(request: web.Request) -> web.Response:
+        task = visible_task(request)
+        variants = agent.registry.for_task(task)
         formats, max_bytes = _formats(request), _max_bytes(request)
         chosen = choose(variants, formats=formats, max_bytes=max_bytes)
         if chosen is None:
@@ -70,7 +77,7 @@ def routes(agent: NodeAgent) -> list[web.RouteDef]:
         return web.json_response(DeviceVariant.of(chosen).to_json())
 
     async def artifact(request: web.Request) -> web.FileResponse:
-        task = request.match_info["task"]
+        task = visible_task(request)
         sha256 = check_sha256(request.match_info["sha256"])
         found = [v for v in agent.registry.for_task(task)
                  if v.sha256 == sha256 and eligible(v)]

@@ -304,8 +304,9 @@ class OipAdapter:
     async def feedback(self, request: web.Request) -> web.Response:
         """``client.feedback`` for OIP clients: the ``id`` an infer answer carried and the
         true class per row; the answer must be to this model (task)."""
+        tenant = self.agent.tenancy.authenticate(request.headers.get("Authorization"))
         request_id, label = await read_feedback(request, id_key="id")
-        return web.json_response(self.agent.feedback(request_id, label,
+        return web.json_response(self.agent.feedback(request_id, label, tenant=tenant,
                                                      task=request.match_info["task"]))
 
     async def live(self, request: web.Request) -> web.Response:
@@ -323,6 +324,15 @@ class OipAdapter:
         return web.json_response({"name": "tiermesh", "version": __version__,
                                   "extensions": ["binary_tensor_data"]})
 
+    def _visible(self, request: web.Request) -> str:
+        """The model (task) named in the path, as this caller may see it: on a mesh with
+        tenants, a key is needed, and another tenant's private task does not exist (404)."""
+        task = request.match_info["task"]
+        agent = self.agent
+        tenant = agent.tenancy.authenticate(request.headers.get("Authorization"))
+        agent.check_visible(task, tenant)
+        return task
+
     def _specs(self, task: str) -> tuple[tuple[TensorSpec, ...], tuple[TensorSpec, ...]]:
         specs = self._specs_by_task.get(task)
         if specs is None:
@@ -331,7 +341,7 @@ class OipAdapter:
         return specs
 
     async def model_metadata(self, request: web.Request) -> web.Response:
-        task = request.match_info["task"]
+        task = self._visible(request)
         inputs, outputs = self._specs(task)
         return web.json_response({
             "name": task,
@@ -344,7 +354,7 @@ class OipAdapter:
         })
 
     async def model_ready(self, request: web.Request) -> web.Response:
-        task = request.match_info["task"]
+        task = self._visible(request)
         self._specs(task)
         try:
             self.agent.planner.plan(task, SLO(), self.agent.name, self.agent.view,
@@ -357,7 +367,8 @@ class OipAdapter:
         return web.json_response({"name": task, "ready": True})
 
     async def infer(self, request: web.Request) -> web.Response:
-        task = request.match_info["task"]
+        task = self._visible(request) if self.agent.tenancy.private \
+            else request.match_info["task"]
         inputs, outputs = self._specs(task)
         header = request.headers.get(HEADER_LENGTH)
         try:
@@ -369,7 +380,8 @@ class OipAdapter:
                              timeout_s=limits.read_timeout_s) as body:
             req, choice = parse_infer(task, body, header_length, inputs, outputs,
                                       max_elements=self.agent.config.max_elements)
-        resp = await self.agent.infer(req, from_client=True)
+        resp = await self.agent.infer(req, from_client=True,
+                                      authorization=request.headers.get("Authorization"))
         served = self.agent.registry.variants.get(resp.served_by.variant)
         payload, json_length = encode_infer(task, resp, served.outputs if served else outputs,
                                             choice)

@@ -42,7 +42,7 @@ from typing import Any
 
 from mesh.errors import Forbidden, InvalidInput, MeshError, Overloaded
 from mesh.stream import ANSWER, ERROR, HELLO, INFER, FrameReader, error_payload, frame
-from mesh.wire import decode_request, encode_response, pack
+from mesh.wire import decode_request, encode_response, pack, unpack
 from nodes.agent import NodeAgent
 from nodes.answers import as_mesh_error, error_to_wire
 from nodes.identity import Callers
@@ -77,6 +77,8 @@ class _Connection(asyncio.Protocol):
         #: the mesh node this connection proved to come from (certificate or HELLO); None: a
         #: client
         self.peer: str | None = None
+        #: a client's Authorization, from its HELLO (tenants: its API key)
+        self.authorization: str | None = None
         #: bytes of queries read and not decoded yet
         self.undecoded_bytes = 0
         self.reading_paused = False
@@ -188,6 +190,10 @@ class _Connection(asyncio.Protocol):
             return
         reservation.release()
         if kind == HELLO:
+            authorization = _client_hello(payload)
+            if authorization is not None:  # a client's: its API key, for every query after it
+                self.authorization = authorization
+                return
             if self.server.callers.tls:  # the certificate said who this is; tokens prove less
                 return
             self.peer = self.server.callers.of_hello(payload)
@@ -221,7 +227,8 @@ class _Connection(asyncio.Protocol):
                 del payload
                 self._release(held)
             out = frame(request_id, ANSWER, encode_response(
-                await agent.infer(req, from_client=self.peer is None)))
+                await agent.infer(req, from_client=self.peer is None,
+                                  authorization=self.authorization)))
         except Exception as exc:  # the connection and the node keep serving
             out = _error_frame(request_id, as_mesh_error(exc, "a stream query"))
         self._write(out)
@@ -335,3 +342,16 @@ class StreamServer:
         if self._server is not None:
             await self._server.wait_closed()
             self._server = None
+
+
+def _client_hello(payload: bytes) -> str | None:
+    """A client's HELLO (``{"authorization": "Bearer <key>"}``): the authorization it
+    carries; None for a node's HELLO (or anything else)."""
+    try:
+        obj = unpack(payload)
+    except InvalidInput:
+        return None
+    if not isinstance(obj, dict) or "node" in obj:
+        return None
+    value = obj.get("authorization")
+    return value[:600] if isinstance(value, str) else None

@@ -6,6 +6,7 @@
     mesh up topologies/local.yaml      start every node (own process) with emulated links
     mesh node run TOPOLOGY NODE        run one node here, from its address in the topology
     mesh certs init | issue NODE       a mesh CA and node certificates (mutual TLS between nodes)
+    mesh tenants new-key TENANT        an API key for a tenant, and the hash the topology stores
     mesh deploy render TOPOLOGY        Kubernetes manifests or a systemd unit from the topology
     mesh status [--json]               one row per node: tier, address, variants, queue, p50/p99
     mesh plan --task digits --from edge-1 --latency-ms 10
@@ -36,6 +37,7 @@ from mesh.cli import (  # noqa: F401  (registers the commands)
     models,
     node,
     run,
+    tenants,
     topology,
     variants,
 )

@@ -325,7 +325,8 @@ def parse_topology(data: Any, *, source: str = "topology") -> Topology:
                                              address=node.address))
     return Topology(spec.name, dict(spec.hardware), resolved, links, tenants=list(spec.tenants),
                     membership=spec.membership, energy_cost_per_kwh=spec.energy_cost_per_kwh,
-                    groups=group_sizes, placement=spec.placement)
+                    groups=group_sizes, placement=spec.placement,
+                    operator_keys=spec.operators.keys)
 
 
 def load_topology(path: str | Path) -> Topology:

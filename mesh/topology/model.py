@@ -55,7 +55,8 @@ class Topology:
                  links: list[Link], *, tenants: list[Tenant] | None = None,
                  membership: MembershipSpec | None = None, energy_cost_per_kwh: float = 0.15,
                  groups: dict[str, int] | None = None,
-                 placement: PlacementSpec | None = None) -> None:
+                 placement: PlacementSpec | None = None,
+                 operator_keys: tuple[str, ...] = ()) -> None:
         self.name = name
         self.hardware = dict(hardware)
         self.nodes: dict[str, Node] = {n.name: n for n in nodes}
@@ -63,6 +64,8 @@ class Topology:
         self.tenants: dict[str, Tenant] = {t.name: t for t in tenants or ()}
         self.membership = membership or MembershipSpec()
         self.placement = placement or PlacementSpec()
+        #: hashes of the keys that may read status and metrics (mesh.tenants)
+        self.operator_keys = tuple(operator_keys)
         self.energy_cost_per_kwh = energy_cost_per_kwh
         #: group name -> how many nodes it expanded into (for summaries).
         self.groups = dict(groups or {})

@@ -8,6 +8,7 @@ checked by :mod:`mesh.topology.load`, which also expands ``groups``.
 from __future__ import annotations
 
 import fnmatch
+import re
 from typing import Annotated, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator
@@ -29,6 +30,8 @@ __all__ = [
     "Tenant",
     "MembershipSpec",
     "PlacementSpec",
+    "Quota",
+    "Operators",
     "TopologyFile",
 ]
 
@@ -183,12 +186,42 @@ class Group(_Schema):
     link: GroupLink
 
 
+KEY_HASH_PATTERN = r"^sha256:[0-9a-f]{64}$"
+
+
+class Quota(_Schema):
+    """How much one tenant may ask of the mesh, enforced at the entry node."""
+
+    #: queries a second (a token bucket refilled at this rate)
+    rps: float | None = Field(None, gt=0)
+    #: tokens the bucket holds (a burst allowed above ``rps``); default: ``rps`` (at least 1)
+    burst: float | None = Field(None, ge=1)
+    #: queries in progress at once
+    concurrent: int | None = Field(None, ge=1)
+
+
+def _key_hashes(value: tuple[str, ...]) -> tuple[str, ...]:
+    for i, h in enumerate(value):
+        if not re.match(KEY_HASH_PATTERN, h):
+            raise ValueError(f"[{i}]: store an API key's hash ('sha256:' and 64 hex digits), "
+                             "never the key itself; `mesh tenants new-key` prints both")
+    return value
+
+
 class Tenant(_Schema):
-    """Who may use the mesh and where their queries may run (glob patterns)."""
+    """Who may use the mesh, where their queries may run (glob patterns), and, for
+    applications to authenticate, their API keys (hashed), quota and private tasks."""
 
     name: str = Field(min_length=1, max_length=63, pattern=NAME_PATTERN)
     nodes: tuple[str, ...] = ("*",)
     tasks: tuple[str, ...] = ("*",)
+    #: hashes of its API keys (``sha256:<hex>``)
+    keys: tuple[str, ...] = ()
+    quota: Quota | None = None
+    #: task globs only this tenant may see or call
+    private: tuple[str, ...] = ()
+
+    _check_keys = field_validator("keys")(_key_hashes)
 
     def may_use(self, node: str) -> bool:
         return any(fnmatch.fnmatchcase(node, p) for p in self.nodes)
@@ -248,6 +281,14 @@ class PlacementSpec(_Schema):
         return value
 
 
+class Operators(_Schema):
+    """Who may read status and metrics and run admin commands on a mesh with tenants."""
+
+    keys: tuple[str, ...] = ()
+
+    _check_keys = field_validator("keys")(_key_hashes)
+
+
 class TopologyFile(_Schema):
     name: str = Field(min_length=1)
     tiers: dict[Tier, TierSpec] = {}
@@ -258,5 +299,6 @@ class TopologyFile(_Schema):
     tenants: list[Tenant] = []
     membership: MembershipSpec = MembershipSpec()
     placement: PlacementSpec = PlacementSpec()
+    operators: Operators = Operators()
     #: What a kWh costs (USD); turns energy per inference into money for ``cheapest``.
     energy_cost_per_kwh: float = Field(0.15, ge=0)

@@ -47,3 +47,4 @@ def test_bad_input_gets_one_clear_message_and_a_nonzero_exit(tmp_path: Path) -> 
     code, out = _run("certs", "issue", "edge-1", "--topology", str(tmp_path / "nope.yaml"),
                      "--dir", str(ca))
     assert code != 0 and "nope.yaml" in out and "Traceback" not in out
+

@@ -1,0 +1,235 @@
+"""Tenants: who is calling, what they may see, how much they may ask. Pure, time passed in.
+
+A tenant is declared in the topology's ``tenants`` section (its nodes and tasks,
+as the planner has long used them) with, for applications to authenticate:
+
+* ``keys``: its API keys, stored hashed (``sha256:<hex>``; ``mesh tenants
+  new-key`` makes one and prints the line to paste). A client sends the key
+  itself as ``Authorization: Bearer <key>``; only its hash is ever compared.
+* ``quota``: ``rps`` (a token bucket of ``burst`` tokens, refilled at ``rps``
+  a second) and ``concurrent`` (queries in progress at once), enforced at the
+  entry node: 429 with ``Retry-After`` beyond them.
+* ``private``: task globs only this tenant can see or call. To every other
+  caller a private task does not exist: 404, the very answer a task that
+  does not exist gets.
+
+``operators`` (top level) lists the keys that may read status and metrics and
+run admin commands. A mesh that declares no key at all is open, as before.
+
+:class:`Tenancy` answers for one topology; the agent asks it once per query
+(a dict lookup of the key's hash, a bucket update).
+"""
+
+from __future__ import annotations
+
+import fnmatch
+import hashlib
+import secrets
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+from mesh.errors import Overloaded, Unauthorized
+
+__all__ = ["KEY_PREFIX", "hash_key", "new_key", "TokenBucket", "TenantRules", "Tenancy",
+           "Usage"]
+
+#: what every key this mesh issues starts with (so a key pasted in the wrong place is seen)
+KEY_PREFIX = "tm_"
+_HASH = "sha256:"
+
+
+def hash_key(key: str) -> str:
+    """The stored form of an API key: ``sha256:<hex>``."""
+    return _HASH + hashlib.sha256(key.encode()).hexdigest()
+
+
+def new_key() -> tuple[str, str]:
+    """A new random API key and its stored hash."""
+    key = KEY_PREFIX + secrets.token_urlsafe(32)
+    return key, hash_key(key)
+
+
+@dataclass(slots=True)
+class TokenBucket:
+    """``rate`` tokens a second, at most ``burst`` held; time comes in as ``now``."""
+
+    rate: float
+    burst: float
+    _tokens: float = -1.0
+    _at: float = 0.0
+
+    def take(self, now: float) -> float:
+        """Take one token: 0.0 when it was there, else the seconds until one will be."""
+        if self._tokens < 0:  # first use: a full bucket
+            self._tokens, self._at = self.burst, now
+        elapsed = max(now - self._at, 0.0)
+        self._tokens = min(self.burst, self._tokens + elapsed * self.rate)
+        self._at = now
+        if self._tokens >= 1.0:
+            self._tokens -= 1.0
+            return 0.0
+        return (1.0 - self._tokens) / self.rate if self.rate > 0 else float("inf")
+
+
+@dataclass(frozen=True, slots=True)
+class TenantRules:
+    """One tenant's keys (hashed), quota and private tasks."""
+
+    name: str
+    key_hashes: frozenset[str] = frozenset()
+    rps: float | None = None
+    burst: float | None = None
+    concurrent: int | None = None
+    private: tuple[str, ...] = ()
+
+    def owns(self, task: str) -> bool:
+        return any(fnmatch.fnmatchcase(task, p) for p in self.private)
+
+
+@dataclass
+class Usage:
+    """What one tenant used on one node."""
+
+    queries: int = 0
+    refused: int = 0
+    compute_s: float = 0.0
+    bytes_in: int = 0
+    bytes_out: int = 0
+    cost: float = 0.0
+
+    def to_json(self) -> dict[str, Any]:
+        return {"queries": self.queries, "refused": self.refused,
+                "compute_s": round(self.compute_s, 6), "bytes_in": self.bytes_in,
+                "bytes_out": self.bytes_out, "cost": round(self.cost, 9)}
+
+
+@dataclass
+class Tenancy:
+    """Every tenant of a mesh, and what the entry node checks per query."""
+
+    tenants: Mapping[str, TenantRules] = field(default_factory=dict)
+    operator_hashes: frozenset[str] = frozenset()
+    revoked: frozenset[str] = frozenset()
+
+    def __post_init__(self) -> None:
+        self._by_hash: dict[str, str] = {}
+        for rules in self.tenants.values():
+            for h in rules.key_hashes:
+                self._by_hash[h] = rules.name
+        self._buckets: dict[str, TokenBucket] = {}
+        self._running: dict[str, int] = {}
+        self.usage: dict[str, Usage] = {}
+
+    @classmethod
+    def of(cls, topology: Any, *, revoked: Iterable[str] = ()) -> Tenancy:
+        """From a :class:`~mesh.topology.Topology`'s tenants and operators."""
+        rules = {}
+        for t in topology.tenants.values():
+            quota = t.quota
+            rules[t.name] = TenantRules(
+                t.name, frozenset(t.keys),
+                quota.rps if quota is not None else None,
+                quota.burst if quota is not None else None,
+                quota.concurrent if quota is not None else None,
+                tuple(t.private))
+        return cls(rules, frozenset(topology.operator_keys), frozenset(revoked))
+
+    # ------------------------------------------------------------------ who
+    @property
+    def private(self) -> bool:
+        """Whether any tenant has private tasks (else every task is public)."""
+        return any(rules.private for rules in self.tenants.values())
+
+    @property
+    def enabled(self) -> bool:
+        """Whether callers must present a key (some tenant or operator has one)."""
+        return bool(self._by_hash) or bool(self.operator_hashes)
+
+    def authenticate(self, authorization: str | None) -> str | None:
+        """The tenant an ``Authorization`` header names; None on an open mesh (no keys).
+        Raises :class:`Unauthorized` for a missing, unknown or revoked key."""
+        if not self.enabled:
+            return None
+        hashed = _hashed_bearer(authorization)
+        if hashed is None:
+            raise Unauthorized("Authorization: send 'Bearer <API key>' (this mesh has tenants)")
+        tenant = self._by_hash.get(hashed)
+        if tenant is None or hashed in self.revoked:
+            raise Unauthorized("Authorization: this API key is not valid here (unknown or "
+                               "revoked)")
+        return tenant
+
+    def is_operator(self, authorization: str | None) -> bool:
+        """Whether ``authorization`` carries an operator key (always True on an open mesh)."""
+        if not self.enabled:
+            return True
+        hashed = _hashed_bearer(authorization)
+        return hashed is not None and hashed in self.operator_hashes \
+            and hashed not in self.revoked
+
+    # ------------------------------------------------------------------ what
+    def visible(self, tenant: str | None, task: str) -> bool:
+        """Whether ``tenant`` (None: an open mesh's caller) may see and call ``task``."""
+        for rules in self.tenants.values():
+            if rules.private and rules.owns(task) and rules.name != tenant:
+                return False
+        return True
+
+    def visible_tasks(self, tenant: str | None, tasks: Iterable[str]) -> list[str]:
+        return [t for t in tasks if self.visible(tenant, t)]
+
+    # ------------------------------------------------------------------ how much
+    def admit(self, tenant: str | None, now: float) -> None:
+        """Count one query in; raises :class:`Overloaded` (429, ``Retry-After``) beyond its
+        quota. Pair every admitted query with :meth:`done`."""
+        if tenant is None:
+            return
+        rules = self.tenants.get(tenant)
+        usage = self.usage.setdefault(tenant, Usage())
+        if rules is None:
+            usage.queries += 1
+            self._running[tenant] = self._running.get(tenant, 0) + 1
+            return
+        running = self._running.get(tenant, 0)
+        if rules.concurrent is not None and running >= rules.concurrent:
+            usage.refused += 1
+            raise Overloaded(f"quota: {running} of your queries are in progress, your limit is "
+                             f"{rules.concurrent}; retry shortly", retry_after_s=0.05)
+        if rules.rps is not None:
+            bucket = self._buckets.get(tenant)
+            if bucket is None:
+                bucket = self._buckets[tenant] = TokenBucket(
+                    rules.rps, rules.burst if rules.burst is not None else max(rules.rps, 1.0))
+            wait = bucket.take(now)
+            if wait > 0:
+                usage.refused += 1
+                raise Overloaded(f"quota: over your {rules.rps:g} queries a second; retry "
+                                 f"after {wait:.2f} s", retry_after_s=max(wait, 0.001))
+        usage.queries += 1
+        self._running[tenant] = running + 1
+
+    def done(self, tenant: str | None) -> None:
+        if tenant is not None:
+            self._running[tenant] = max(self._running.get(tenant, 1) - 1, 0)
+
+    def account(self, tenant: str | None, *, compute_s: float = 0.0, bytes_in: int = 0,
+                bytes_out: int = 0, cost: float = 0.0) -> None:
+        """Add to ``tenant``'s usage on this node."""
+        if tenant is None:
+            return
+        usage = self.usage.setdefault(tenant, Usage())
+        usage.compute_s += compute_s
+        usage.bytes_in += bytes_in
+        usage.bytes_out += bytes_out
+        usage.cost += cost
+
+
+def _hashed_bearer(authorization: str | None) -> str | None:
+    if not authorization:
+        return None
+    scheme, _, token = authorization.strip().partition(" ")
+    token = token.strip()
+    if scheme.lower() != "bearer" or not token or len(token) > 512:
+        return None
+    return hash_key(token)

@@ -1,0 +1,214 @@
+"""Tenants on a real node: API keys on every protocol, private tasks that do not exist for
+anyone else, quotas, operator-only status, usage counted where the work is done."""
+
+from __future__ import annotations
+
+import asyncio
+from pathlib import Path
+from typing import Any
+
+import aiohttp
+import numpy as np
+import pytest
+
+from mesh import AsyncClient, Client
+from mesh.errors import Forbidden, Overloaded, Unauthorized, UnknownTask
+from mesh.remote import OPERATOR
+from mesh.tenants import Tenancy, TokenBucket, hash_key, new_key
+from mesh.topology import parse_topology
+from mesh.wire import SLO, InferRequest
+from nodes.agent import AgentConfig
+from nodes.stream import StreamServer
+
+KEYS = {name: new_key() for name in ("clinic", "school", "ops")}
+
+
+def _tenants(quota: dict[str, Any] | None = None) -> list[dict[str, Any]]:
+    return [{"name": "clinic", "keys": [KEYS["clinic"][1]], "private": ["digits"],
+             **({"quota": quota} if quota else {})},
+            {"name": "school", "keys": [KEYS["school"][1]]}]
+
+
+def _solo(home: Path, **tenants: Any) -> AgentConfig:
+    topology = parse_topology({
+        "name": "tenanted",
+        "hardware": {"box": {"kind": "cpu", "threads": 1, "memory_mb": 1024}},
+        "nodes": [{"name": "solo-1", "tier": "edge", "hardware": "box",
+                   "variants": ["digits-linear", "digits-mlp"]}],
+        "tenants": _tenants(**tenants),
+        "operators": {"keys": [KEYS["ops"][1]]},
+    })
+    return AgentConfig(node="solo-1", topology=topology, home=home, mesh_key=b"m" * 32)
+
+
+def bearer(name: str) -> dict[str, str]:
+    return {"Authorization": f"Bearer {KEYS[name][0]}"}
+
+
+# ---------------------------------------------------------------------------- pure
+
+
+def test_keys_are_kept_hashed_and_a_bucket_refills_at_its_rate() -> None:
+    key, stored = new_key()
+    assert stored == hash_key(key) and key not in stored and stored.startswith("sha256:")
+    bucket = TokenBucket(rate=2.0, burst=2.0)
+    assert bucket.take(0.0) == 0.0 and bucket.take(0.0) == 0.0
+    assert bucket.take(0.0) == pytest.approx(0.5)  # empty: one token in half a second
+    assert bucket.take(0.5) == 0.0
+
+
+def test_who_may_call_and_see_what() -> None:
+    tenancy = Tenancy.of(_solo(Path("."), quota={"rps": 1, "concurrent": 1}).topology)
+    assert tenancy.enabled and tenancy.private
+    for header in (None, "", "Basic abc", "Bearer ", "Bearer nope"):
+        with pytest.raises(Unauthorized):
+            tenancy.authenticate(header)
+    assert tenancy.authenticate(bearer("school")["Authorization"]) == "school"
+    assert tenancy.visible("clinic", "digits") and not tenancy.visible("school", "digits")
+    assert tenancy.is_operator(bearer("ops")["Authorization"])
+    assert not tenancy.is_operator(bearer("clinic")["Authorization"])
+    tenancy.admit("clinic", 0.0)
+    with pytest.raises(Overloaded, match="in progress"):  # one at a time
+        tenancy.admit("clinic", 0.0)
+    tenancy.done("clinic")
+    with pytest.raises(Overloaded, match="queries a second") as refused:
+        tenancy.admit("clinic", 0.1)
+    assert refused.value.retry_after_s == pytest.approx(0.9)
+    assert tenancy.usage["clinic"].queries == 1 and tenancy.usage["clinic"].refused == 2
+    assert not Tenancy().enabled and Tenancy().authenticate(None) is None  # an open mesh
+
+
+# ---------------------------------------------------------------------------- on a node
+
+
+async def test_every_protocol_needs_a_key_and_private_tasks_exist_only_for_their_owner(
+        digits_home: Path, serving: Any, heldout: Any) -> None:
+    images, labels = heldout
+    rows = images[:2].astype(np.float32)
+    async with serving(_solo(digits_home)) as (agent, server):
+        url = str(server.make_url("")).rstrip("/")
+        # msgpack over HTTP, through the SDK
+        async with AsyncClient(url, api_key=KEYS["clinic"][0]) as clinic:
+            r = await clinic.infer("digits", rows, min_accuracy=0.95)
+            assert list(r.output.argmax(1)) == list(labels[:2])
+            told = await clinic.feedback(r.request_id, r.output.argmax(1))
+            assert told["correct"] == 2
+        async with AsyncClient(url) as anonymous:
+            with pytest.raises(Unauthorized, match="Bearer"):
+                await anonymous.infer("digits", rows)
+        async with AsyncClient(url, api_key="tm_not-a-key") as stranger:
+            with pytest.raises(Unauthorized, match="not valid"):
+                await stranger.infer("digits", rows)
+        async with AsyncClient(url, api_key=KEYS["school"][0]) as school:
+            with pytest.raises(UnknownTask) as private:
+                await school.infer("digits", rows)
+            with pytest.raises(UnknownTask) as missing:
+                await school.infer("no-such-task", rows)
+            # the very answer a task that does not exist gets, naming nothing of the clinic's
+            assert private.value.message == missing.value.message.replace("no-such-task",
+                                                                          "digits")
+            assert "known tasks: none" in private.value.message
+            with pytest.raises(Exception, match="no recent answer"):  # not its answer
+                await school.feedback(r.request_id, 3)
+
+        body = {"inputs": [{"name": "input", "shape": [2, 64], "datatype": "FP32",
+                            "data": rows.ravel().tolist()}]}
+        async with aiohttp.ClientSession() as http:
+            for headers, path, status in (
+                    ({}, "/v2/models/digits/infer", 401),
+                    (bearer("school"), "/v2/models/digits/infer", 404),
+                    (bearer("clinic"), "/v2/models/digits/infer", 200)):
+                async with http.post(url + path, json=body, headers=headers) as resp:
+                    assert resp.status == status, await resp.text()
+            for headers, status in (({}, 401), (bearer("school"), 404),
+                                    (bearer("clinic"), 200)):
+                async with http.get(url + "/v2/models/digits", headers=headers) as resp:
+                    assert resp.status == status
+            # status and metrics: operators (and nodes) only
+            for path in ("/v1/status", "/metrics"):
+                for headers, status in (({}, 401), (bearer("clinic"), 403),
+                                        (bearer("ops"), 200),
+                                        (agent.peers.headers(OPERATOR), 200)):
+                    async with http.get(url + path, headers=headers) as resp:
+                        assert resp.status == status, (path, headers)
+            async with http.get(url + "/v1/status", headers=bearer("ops")) as resp:
+                usage = (await resp.json())["tenants"]
+        assert usage["clinic"]["queries"] == 2 and usage["clinic"]["compute_s"] > 0
+        assert usage["clinic"]["bytes_in"] == 2 * rows.nbytes
+        assert "school" not in usage or usage["school"]["queries"] == 0
+
+        # a client may not claim a tenant: the entry node sets it from the key
+        claim = InferRequest(task="digits", tensors=[rows], tenant="clinic")
+        with pytest.raises(Forbidden, match="tenant"):
+            await agent.infer(claim, from_client=True, authorization=None)
+
+
+async def test_the_stream_takes_the_key_in_its_hello(digits_home: Path, serving: Any,
+                                                     heldout: Any) -> None:
+    images, labels = heldout
+    async with serving(_solo(digits_home)) as (agent, _server):
+        async with StreamServer(agent, "127.0.0.1", 0) as stream:
+            url = f"tcp://127.0.0.1:{stream.port}"
+
+            def blocking() -> None:  # the blocking client, on a thread (the node's loop runs)
+                with Client(url, api_key=KEYS["clinic"][0]) as clinic:
+                    r = clinic.infer("digits", images[:1].astype(np.float32))
+                    assert int(r.output.argmax()) == labels[0]
+                with Client(url) as anonymous, pytest.raises(Unauthorized):
+                    anonymous.infer("digits", images[:1].astype(np.float32))
+                with Client(url, api_key=KEYS["school"][0]) as school, \
+                        pytest.raises(UnknownTask):
+                    school.infer("digits", images[:1].astype(np.float32))
+
+            await asyncio.to_thread(blocking)
+            async with AsyncClient(url, api_key=KEYS["clinic"][0]) as clinic:
+                r = await clinic.infer("digits", images[1:2].astype(np.float32))
+                assert int(r.output.argmax()) == labels[1]
+
+
+async def test_a_quota_is_enforced_at_the_entry_with_retry_after(
+        digits_home: Path, serving: Any, heldout: Any) -> None:
+    images, _ = heldout
+    config = _solo(digits_home, quota={"rps": 0.5, "burst": 2})
+    async with serving(config) as (agent, _server):
+        def query(i: int) -> InferRequest:
+            return InferRequest(task="digits", tensors=[images[i:i + 1].astype(np.float32)],
+                                slo=SLO(min_accuracy=0.95))
+        auth = bearer("clinic")["Authorization"]
+        for i in range(2):  # the burst
+            await agent.infer(query(i), from_client=True, authorization=auth)
+        with pytest.raises(Overloaded, match="queries a second") as refused:
+            await agent.infer(query(2), from_client=True, authorization=auth)
+        assert 0 < refused.value.retry_after_s <= 2.0
+        # another tenant's quota is its own
+        school = bearer("school")["Authorization"]
+        with pytest.raises(UnknownTask):
+            await agent.infer(query(3), from_client=True, authorization=school)
+        assert agent.status()["tenants"]["clinic"] == {**agent.status()["tenants"]["clinic"],
+                                                       "queries": 2, "refused": 1}
+
+
+async def test_the_tenant_travels_to_the_node_that_serves_and_is_counted_there(
+        digits_home: Path, memory_mesh: Any, heldout: Any) -> None:
+    images, _ = heldout
+    topology = parse_topology({
+        "name": "pair",
+        "hardware": {"box": {"kind": "cpu", "threads": 1, "memory_mb": 512}},
+        "nodes": [{"name": "core-1", "tier": "core", "hardware": "box",
+                   "variants": ["digits-cnn"]},
+                  {"name": "edge-1", "tier": "edge", "hardware": "box",
+                   "variants": ["digits-linear"]}],
+        "links": [{"between": ["edge-1", "core-1"], "latency_ms": 1, "bandwidth_mbps": 1000}],
+        "tenants": _tenants(),
+    })
+    async with memory_mesh(topology, digits_home) as agents:
+        req = InferRequest(task="digits", tensors=[images[:3].astype(np.float32)],
+                           slo=SLO(min_accuracy=0.99))
+        r = await agents["edge-1"].infer(req, from_client=True,
+                                         authorization=bearer("clinic")["Authorization"])
+        assert r.served_by.node == "core-1"
+        core = agents["core-1"].status()["tenants"]["clinic"]
+        edge = agents["edge-1"].status()["tenants"]["clinic"]
+        assert core["compute_s"] > 0 and edge["compute_s"] == 0  # the core did the work
+        assert edge["queries"] == 1 and edge["bytes_in"] == images[:3].astype(
+            np.float32).nbytes
