@@ -299,18 +299,41 @@ class _Entries(Generic[T]):
             raise type(error)(f"{error.message}; and no device variant of {req.task!r} to "
                               f"answer with: {device.why_not(req.task)}",
                               retry_after_s=error.retry_after_s)
+        return self._run_on_device(req, started, f"the mesh did not answer in time "
+                                                 f"({error.message})")
+
+    def _run_on_device(self, req: InferRequest, started: float, why: str) -> Result:
+        assert self.device is not None
         ran = time.perf_counter()
-        outputs, variant = device.run(req.task, req.tensors)
+        outputs, variant = self.device.run(req.task, req.tensors)
         done = time.perf_counter()
-        return _device_result(outputs, variant, error, req, (done - started) * 1000,
+        return _device_result(outputs, variant, why, req, (done - started) * 1000,
                               (done - ran) * 1000)
 
+    def _device_meets_what_the_mesh_did_not(self, result: Result, req: InferRequest) -> bool:
+        """The mesh answered degraded (cut off from the nodes that meet ``min_accuracy``)
+        and the device variant meets it: the device's answer is the better one."""
+        plan, device, floor = result.plan, self.device, req.slo.min_accuracy
+        if device is None or plan is None or plan.degraded is None or floor is None \
+                or (plan.accuracy is not None and plan.accuracy >= floor):
+            return False
+        held = device.held(req.task)
+        return held is not None and held.accuracy is not None and held.accuracy >= floor
 
-def _device_result(outputs: list[np.ndarray], variant: DeviceVariant, error: MeshError,
+    def _from_mesh(self, result: Result, req: InferRequest, started: float) -> Result:
+        """The mesh's answer, or the device's when it meets what a degraded answer did not."""
+        if not self._device_meets_what_the_mesh_did_not(result, req):
+            return result
+        return self._run_on_device(req, started, "the mesh answered degraded "
+                                   f"({result.plan.degraded if result.plan else ''}); this "
+                                   "device's variant meets min_accuracy")
+
+
+def _device_result(outputs: list[np.ndarray], variant: DeviceVariant, why: str,
                    req: InferRequest, latency_ms: float, compute_ms: float) -> Result:
     served_by = ServedBy(DEVICE, DEVICE, variant.name)
     plan = Plan(DEVICE, DEVICE, variant.name, variant.accuracy, True, req.slo.policy,
-                f"answered on this device: the mesh did not answer in time ({error.message})")
+                f"answered on this device: {why}")
     return Result(outputs, served_by, latency_ms, slo_met(req.slo, latency_ms, served_by, plan),
                   req.slo, req.request_id, {"compute_ms": round(compute_ms, 3)}, plan)
 
@@ -385,7 +408,9 @@ class Client(_Entries[BlockingTransport]):
             req.timeout_ms = attempt.timeout_ms
             try:
                 status, data = self._send(attempt, encode_request(req))
-                return _result(status, data, slo, (time.perf_counter() - started) * 1000)
+                return self._from_mesh(_result(status, data, slo,
+                                               (time.perf_counter() - started) * 1000),
+                                       req, started)
             except MeshError as exc:
                 self._failed(failover, attempt, exc)
         return self._on_device(failover.error(), req, started)
@@ -533,7 +558,10 @@ class AsyncClient(_Entries[Transport]):
             req.timeout_ms = attempt.timeout_ms
             try:
                 status, data = await self._send(attempt, encode_request(req))
-                return _result(status, data, slo, (time.perf_counter() - started) * 1000)
+                result = _result(status, data, slo, (time.perf_counter() - started) * 1000)
+                if self._device_meets_what_the_mesh_did_not(result, req):
+                    return await asyncio.to_thread(self._from_mesh, result, req, started)
+                return result
             except MeshError as exc:
                 self._failed(failover, attempt, exc)
         error = failover.error()

@@ -9,8 +9,15 @@ does:
 * **consecutive failures**: ``consecutive_failures`` (5) in a row (a hop that
   did not answer, or answered with a server error; refusals for load are not
   failures: they have their own path, the hand-back);
-* **latency**: ``slow_streak`` (5) answers in a row slower than
-  ``slow_factor`` (5x) their predicted latency plus ``slow_floor_ms`` (50 ms).
+* **latency**: ``slow_streak`` (10) answers in a row slower than
+  ``slow_factor`` (10x) their predicted latency plus ``slow_floor_ms`` (250 ms):
+  far enough out that a mesh merely overloaded (everything slow, a few times
+  its prediction) ejects nobody.
+
+A hop that does not answer within what the query could give it is not
+counted here: the node marks it (and what is behind it) down until a fresh
+report says otherwise, which keeps a frozen node avoided, but a busy node is
+not ejected for a minute for being busy.
 
 Either ejects the peer for ``base_ejection_s`` (2 s) times 2^(times ejected
 before), at most ``max_ejection_s`` (60 s). An ejected peer counts as down in
@@ -63,9 +70,9 @@ class OutlierDetector:
     """Per-peer outcomes -> ejections (see the module docstring)."""
 
     consecutive_failures: int = 5
-    slow_streak: int = 5
-    slow_factor: float = 5.0
-    slow_floor_ms: float = 50.0
+    slow_streak: int = 10
+    slow_factor: float = 10.0
+    slow_floor_ms: float = 250.0
     base_ejection_s: float = 2.0
     max_ejection_s: float = 60.0
     forgive_after_s: float = 60.0

@@ -1044,7 +1044,13 @@ class NodeAgent:
             now = self.clock()
             for node in self.config.topology.behind(self.name, hop):
                 self.view.mark_down(node, now)
-            self._peer_failed(hop, f"forwarding to {hop} failed: {exc.reason}")
+            if exc.timed_out:
+                # Marked down above until a fresh report (a frozen node stays avoided), but
+                # not ejected: a hop slow for the query's budget may only be busy, and an
+                # overload must not eject half the mesh for a minute.
+                self._failed(hop, f"forwarding to {hop}: {exc.reason}")
+            else:
+                self._peer_failed(hop, f"forwarding to {hop} failed: {exc.reason}")
             raise _HopDown(f"forwarding to {hop} failed: {exc.reason}") from None
         rtt_ms = (time.perf_counter() - sent) * 1000
         self.metrics.forwarded(target, hop, self.neighbours.transport(hop))

@@ -33,11 +33,15 @@ __all__ = ["HopFailed", "Neighbours"]
 
 
 class HopFailed(Exception):
-    """The next hop could not be reached, or dropped the query without answering."""
+    """The next hop could not be reached, or dropped the query without answering.
 
-    def __init__(self, reason: str) -> None:
+    ``timed_out``: it did not answer within the time the query could give it (it may be
+    frozen, or only busy: a load signal as much as a failure)."""
+
+    def __init__(self, reason: str, *, timed_out: bool = False) -> None:
         super().__init__(reason)
         self.reason = reason
+        self.timed_out = timed_out
 
 
 class Neighbours:
@@ -114,6 +118,7 @@ class Neighbours:
             return await transport.send(body, timeout_s=timeout_s,
                                         connect_timeout_s=min(timeout_s, 1.0))
         except MeshTimeout:
-            raise HopFailed(f"no answer within {timeout_s * 1000:.0f} ms") from None
+            raise HopFailed(f"no answer within {timeout_s * 1000:.0f} ms",
+                            timed_out=True) from None
         except MeshConnectionError:
             raise HopFailed(f"it could not be reached over {self.transport(hop)}") from None

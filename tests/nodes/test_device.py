@@ -175,3 +175,39 @@ async def test_a_tampered_device_variant_is_refused(serving: Any, solo_config: A
                 "answer with: device variant digits-cnn from .* refused")):
             await client.infer("digits", heldout[0][:2])
     assert DeviceVariant.from_json(real).name == "digits-cnn"
+
+
+async def test_the_device_answers_when_the_mesh_can_only_answer_degraded(
+        serving: Any, digits_home: Path, heldout: Any, edge_and_core: Any,
+        tmp_path: Path) -> None:
+    # edge-1 hosts the linear and MLP digits models (0.961, 0.972); only core-1's CNN meets
+    # min_accuracy 0.99, and core-1 is cut off: the edge can only answer degraded.
+    from mesh.transport import MemoryTransport
+    from nodes.agent import AgentConfig
+
+    never = asyncio.Event()
+
+    async def cut_off(body: bytes) -> tuple[int, bytes]:
+        await never.wait()
+        raise AssertionError("unreachable")
+
+    images, labels = heldout
+    config = AgentConfig(node="edge-1", topology=edge_and_core, home=digits_home,
+                         forward_timeout_s=0.3)
+    async with serving(config, transports={"core-1": MemoryTransport(cut_off)}) as (_, server):
+        url = str(server.make_url("")).rstrip("/")
+        async with AsyncClient(url) as plain:  # without a device variant: the degraded answer
+            r = await plain.infer("digits", images[:1].astype(np.float32), min_accuracy=0.99)
+            assert r.served_by.node == "edge-1" and r.plan.degraded and not r.slo_met
+        async with AsyncClient(url, on_device=["digits"], device_cache_dir=tmp_path) as client:
+            right = 0
+            for i in range(5):
+                r = await client.infer("digits", images[i:i + 1].astype(np.float32),
+                                       min_accuracy=0.99)
+                assert r.served_by.node == "device" and r.served_by.variant == "digits-cnn"
+                assert "answered degraded" in r.plan.reason and r.slo_met
+                right += int(r.outputs[0].argmax()) == labels[i]
+            assert right >= 4
+            # a query the edge meets on its own stays with the mesh
+            r = await client.infer("digits", images[:1].astype(np.float32), min_accuracy=0.95)
+            assert r.served_by.node == "edge-1"
