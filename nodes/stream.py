@@ -181,9 +181,20 @@ class _Connection(asyncio.Protocol):
     def _frame(self, request_id: int, kind: int, payload: bytes, reservation: Reservation) -> None:
         assert self.transport is not None
         if kind == INFER:
+            now = self._loop.time()
+            if self.peer is None and self.server.saturated(now):
+                # The loop is so far behind that a query read now would start late anyway:
+                # refuse it before decoding it (what keeps refusals fast under a flood).
+                reservation.release()
+                self.server.shed += 1
+                self._write(_error_frame(request_id, Overloaded(
+                    f"this node is saturated (its queries wait {self.server.lag_ms(now):.0f} "
+                    "ms to start); retry shortly or at another entry",
+                    retry_after_s=self.server.retry_after_s)))
+                return
             held = _Held(len(payload), reservation)
             self.undecoded_bytes += held.size
-            task = self._loop.create_task(self._serve(request_id, payload, held))
+            task = self._loop.create_task(self._serve(request_id, payload, held, now))
             self.open.add(task)
             self.server.tasks.add(task)
             task.add_done_callback(functools.partial(self._done, held))
@@ -218,7 +229,9 @@ class _Connection(asyncio.Protocol):
         if self.reading_paused and not self.writing_paused:
             self._drain()
 
-    async def _serve(self, request_id: int, payload: bytes, held: _Held) -> None:
+    async def _serve(self, request_id: int, payload: bytes, held: _Held, read_at: float
+                     ) -> None:
+        self.server.started(read_at, self._loop.time())
         agent = self.server.agent
         try:
             try:
@@ -315,7 +328,31 @@ class StreamServer:
         #: how often a connection's reading was paused, and connections closed for being
         #: idle, for a frame not completed in time, or for leaving answers unread
         self.pauses = self.closed_idle = self.closed_slow = self.closed_unread = 0
+        #: client queries refused before decoding because the node was saturated
+        self.shed = 0
+        self._lag_s = 0.0  # how long queries wait for the loop before they start (estimate)
+        self._lag_at = 0.0
         self._server: asyncio.Server | None = None
+
+    #: Load shedding: when client queries wait longer than this for the event loop before
+    #: they even start, new ones are refused at once, undecoded (429, ``retry_after_s``).
+    shed_after_ms: float = 5.0
+    retry_after_s: float = 0.05
+    #: the wait estimate relaxes with this half-life while nothing starts (shedding)
+    lag_half_life_s: float = 0.05
+
+    def lag_ms(self, now: float) -> float:
+        age = max(now - self._lag_at, 0.0)
+        return self._lag_s * 0.5 ** (age / self.lag_half_life_s) * 1000.0
+
+    def saturated(self, now: float) -> bool:
+        return self._lag_s > 0 and self.lag_ms(now) > self.shed_after_ms
+
+    def started(self, read_at: float, now: float) -> None:
+        """A query read at ``read_at`` started now: learn how long queries wait to start."""
+        waited = max(now - read_at, 0.0)
+        relaxed = self.lag_ms(now) / 1000.0
+        self._lag_s, self._lag_at = relaxed + 0.3 * (waited - relaxed), now
 
     @property
     def buffered_bytes(self) -> int:

@@ -47,3 +47,25 @@ async def test_many_queries_share_one_connection_and_errors_come_back_typed(
     with pytest.raises(MeshConnectionError):
         async with StreamClient("127.0.0.1", server.port):
             pass
+
+
+async def test_a_saturated_node_refuses_client_queries_before_decoding_them(
+        solo_config: Any, heldout: Any) -> None:
+    from mesh.errors import Overloaded
+
+    images, labels = heldout
+    async with NodeAgent(solo_config(["digits-*"])) as agent, \
+            StreamServer(agent, "127.0.0.1", 0) as server:
+        async with StreamClient("127.0.0.1", server.port) as client:
+            ok = await client.infer(InferRequest("digits", [images[:1]]))
+            assert int(ok.outputs[0].argmax()) == labels[0]
+            # the loop fell 200 ms behind: queries read now would start late anyway
+            now = asyncio.get_running_loop().time()
+            server.started(now - 0.2, now)
+            with pytest.raises(Overloaded, match="saturated") as refused:
+                await client.infer(InferRequest("digits", [images[:1]]))
+            assert refused.value.retry_after_s == server.retry_after_s and server.shed == 1
+            # the estimate relaxes while nothing starts: the node serves again by itself
+            await asyncio.sleep(20 * server.lag_half_life_s)
+            ok = await client.infer(InferRequest("digits", [images[1:2]]))
+            assert int(ok.outputs[0].argmax()) == labels[1]
