@@ -14,6 +14,7 @@ from typing import Any
 import numpy as np
 from aiohttp.test_utils import TestServer, unused_port
 
+from mesh.errors import CannotMeetDeadline, Overloaded
 from mesh.topology import parse_topology
 from mesh.wire import SLO, InferRequest
 from nodes.agent import AgentConfig, NodeAgent
@@ -111,19 +112,25 @@ async def until(predicate: Callable[[], Any], what: str, timeout_s: float = 20.0
 
 
 async def load(agent: NodeAgent, images: np.ndarray, seconds: float, slo: SLO) -> int:
-    """Queries entering at ``agent`` as a client's would, 8 at a time, for ``seconds``."""
-    sent = 0
+    """Queries entering at ``agent`` as a client's would, 8 at a time, for ``seconds``;
+    returns how many were answered (on a busy test machine admission may refuse a few:
+    the load is what these tests are about, not its latency)."""
+    sent = answered = 0
     stop = time.monotonic() + seconds
 
-    async def one(i: int) -> None:
+    async def one(i: int) -> int:
         req = InferRequest(task="digits", tensors=[images[i % len(images)][None]], slo=slo,
                            request_id=f"q{i}")
-        await agent.infer(req, from_client=True)
+        try:
+            await agent.infer(req, from_client=True)
+        except (CannotMeetDeadline, Overloaded):
+            return 0
+        return 1
 
     while time.monotonic() < stop:
-        await asyncio.gather(*(one(sent + k) for k in range(8)))
+        answered += sum(await asyncio.gather(*(one(sent + k) for k in range(8))))
         sent += 8
-    return sent
+    return answered
 
 
 def decisions(agent: NodeAgent, kind: str, node: str | None = None) -> list[dict[str, Any]]:
@@ -145,8 +152,8 @@ async def test_rising_load_adds_workers_on_the_node_and_falling_load_takes_them_
         assert hosted and all(w == 1 for w in hosted.values())
 
         # Load: digits queries entering at the edge, served there.
-        sent = await load(edge, images, 3.0, SLO(latency_ms=50))
-        assert sent > 100
+        answered = await load(edge, images, 3.0, SLO(latency_ms=50))
+        assert answered > 100
         served = core.placement.load().served.get("edge-1", {})
         hot = max(served, key=lambda v: served[v].busy or 0.0)
         assert served[hot].rate_qps > 10  # the edge's measurements reached the root
