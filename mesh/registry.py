@@ -23,7 +23,7 @@ import json
 from collections.abc import Mapping
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 from mesh.durable import locked, remove_stale_temps, write_atomic
 from mesh.errors import UnknownTask
@@ -214,6 +214,11 @@ class Registry:
                  rejected: dict[str, Rejection] | None = None) -> None:
         self.variants: dict[str, Variant] = {}
         self.rejected: dict[str, Rejection] = {}
+        #: tenants' API keys added on a running mesh: hash (``sha256:...``) -> tenant; and the
+        #: hashes revoked (they win over the topology's keys too). Copied down the tree with
+        #: the variants, so every entry node knows them (mesh.tenants)
+        self.keys: dict[str, str] = {}
+        self.revoked: set[str] = set()
         #: raised by one by every save that changes the file (0: never saved)
         self.version = 0
         #: changes not saved yet, in order: ("add", Variant) / ("reject", Rejection) /
@@ -257,6 +262,16 @@ class Registry:
         self._changes.append(("remove_family", family))
         return gone
 
+    def add_key(self, key_hash: str, tenant: str) -> None:
+        """An API key (its hash) for ``tenant``; a revoked hash stays revoked."""
+        self._apply("add_key", (key_hash, tenant))
+        self._changes.append(("add_key", (key_hash, tenant)))
+
+    def revoke_key(self, key_hash: str) -> None:
+        """Revoke an API key (its hash), wherever it was declared."""
+        self._apply("revoke_key", key_hash)
+        self._changes.append(("revoke_key", key_hash))
+
     def with_accuracy(self, accuracy: Mapping[str, float]) -> Registry:
         """This registry with the accuracies in ``accuracy`` (variant name -> top-1) in
         place of the measured ones, at the same version: what a node plans with once
@@ -265,10 +280,17 @@ class Registry:
         planned.variants = {n: replace(v, accuracy=accuracy.get(n, v.accuracy))
                             for n, v in self.variants.items()}
         planned.rejected = dict(self.rejected)
+        planned.keys, planned.revoked = dict(self.keys), set(self.revoked)
         planned.version = self.version
         return planned
 
     def _apply(self, kind: str, arg: Any) -> list[str]:
+        if kind == "add_key":
+            self.keys[arg[0]] = arg[1]
+            return []
+        if kind == "revoke_key":
+            self.revoked.add(arg)
+            return []
         if kind == "add":
             self.variants[arg.name] = arg
             self.rejected.pop(arg.name, None)
@@ -293,8 +315,12 @@ class Registry:
         missing or of the wrong kind) when the file was damaged by hand.
         """
         registry = cls()
-        registry.variants, registry.rejected, registry.version = _read(Path(home) / REGISTRY_FILE)
+        registry._take(_read(Path(home) / REGISTRY_FILE))
         return registry
+
+    def _take(self, doc: _Doc) -> None:
+        self.variants, self.rejected, self.version = doc.variants, doc.rejected, doc.version
+        self.keys, self.revoked = doc.keys, doc.revoked
 
     def save(self, home: str | Path) -> Path:
         """Apply this registry's changes to the file in ``home`` under its lock; return its path.
@@ -309,7 +335,7 @@ class Registry:
             # Under the lock nobody else writes the registry: leftovers are from dead writers.
             remove_stale_temps(home)
             current = Registry()
-            current.variants, current.rejected, current.version = _read(path)
+            current._take(_read(path))
             for kind, arg in self._changes:
                 current._apply(kind, arg)
             if self._changes or not path.exists():
@@ -317,14 +343,19 @@ class Registry:
                 write_atomic(path, json.dumps(current.to_document(), indent=2))
         self.variants, self.rejected, self.version = (current.variants, current.rejected,
                                                       current.version)
+        self.keys, self.revoked = current.keys, current.revoked
         self._changes.clear()
         return path
 
     def to_document(self) -> dict[str, Any]:
         """The registry as its file holds it (what a parent sends a child)."""
-        return {"schema": SCHEMA_VERSION, "version": self.version,
-                "variants": {n: v.to_json() for n, v in sorted(self.variants.items())},
-                "rejected": {n: r.to_json() for n, r in sorted(self.rejected.items())}}
+        doc = {"schema": SCHEMA_VERSION, "version": self.version,
+               "variants": {n: v.to_json() for n, v in sorted(self.variants.items())},
+               "rejected": {n: r.to_json() for n, r in sorted(self.rejected.items())}}
+        if self.keys or self.revoked:
+            doc["keys"] = dict(sorted(self.keys.items()))
+            doc["revoked"] = sorted(self.revoked)
+        return doc
 
     @classmethod
     def from_document(cls, doc: Any) -> Registry:
@@ -341,6 +372,7 @@ class Registry:
                                  for n, r in (doc.get("rejected") or {}).items()}
         except (KeyError, TypeError, ValueError, AttributeError) as exc:
             raise ValueError(f"registry: a variant entry is malformed ({exc})") from None
+        registry.keys, registry.revoked = _keys(doc)
         registry.version = version
         return registry
 
@@ -352,7 +384,7 @@ class Registry:
         path = home / REGISTRY_FILE
         with locked(home / LOCK_FILE):
             remove_stale_temps(home)
-            _, _, held = _read(path)
+            held = _read(path).version
             if path.exists() and held >= self.version:
                 return False
             write_atomic(path, json.dumps(self.to_document(), indent=2))
@@ -360,11 +392,29 @@ class Registry:
         return True
 
 
-def _read(path: Path) -> tuple[dict[str, Variant], dict[str, Rejection], int]:
+class _Doc(NamedTuple):
+    variants: dict[str, Variant]
+    rejected: dict[str, Rejection]
+    version: int
+    keys: dict[str, str]
+    revoked: set[str]
+
+
+def _keys(data: Mapping[str, Any]) -> tuple[dict[str, str], set[str]]:
+    """The tenants' keys and revocations in a registry document; ``ValueError`` if malformed."""
+    keys, revoked = data.get("keys") or {}, data.get("revoked") or []
+    if not isinstance(keys, dict) or not all(
+            isinstance(h, str) and isinstance(t, str) for h, t in keys.items()) \
+            or not isinstance(revoked, list) or not all(isinstance(h, str) for h in revoked):
+        raise ValueError("registry: keys must map key hashes to tenants, revoked list hashes")
+    return dict(keys), set(revoked)
+
+
+def _read(path: Path) -> _Doc:
     if not path.exists():
-        return {}, {}, 0
+        return _Doc({}, {}, 0, {}, set())
     data = json.loads(path.read_text())
-    return ({name: Variant.from_json(v) for name, v in data.get("variants", {}).items()},
-            {name: Rejection.from_json(r) for name, r in data.get("rejected", {}).items()},
-            # a file from before versions, with variants in it, is the first version
-            int(data.get("version", 1 if data.get("variants") else 0)))
+    return _Doc({name: Variant.from_json(v) for name, v in data.get("variants", {}).items()},
+                {name: Rejection.from_json(r) for name, r in data.get("rejected", {}).items()},
+                # a file from before versions, with variants in it, is the first version
+                int(data.get("version", 1 if data.get("variants") else 0)), *_keys(data))

@@ -28,7 +28,7 @@ from mesh.peers import PeerKey
 from mesh.registry import Variant
 from mesh.store import ArtifactStore
 
-__all__ = ["push_variants", "mesh_variants", "key_from", "tls_from", "OPERATOR"]
+__all__ = ["push_variants", "manage_key", "mesh_variants", "key_from", "tls_from", "OPERATOR"]
 
 #: The name an operator's requests are signed with.
 OPERATOR = "operator"
@@ -88,6 +88,15 @@ def push_variants(url: str, variants: Iterable[Variant], store: ArtifactStore,
                       "Content-Length": str(path.stat().st_size)}, timeout_s=600.0, ssl=ssl)
     body = json.dumps([v.to_json() for v in variants]).encode()
     return _request(url, "POST", "/v1/registry/variants", body,
+                    {**headers, "Content-Type": "application/json"}, ssl=ssl)
+
+
+def manage_key(url: str, body: dict[str, str], key: PeerKey | None, *,
+               ssl: _ssl.SSLContext | None = None) -> dict[str, Any]:
+    """Add (``{"tenant", "key_hash"}``) or revoke (``{"revoke": key_hash}``) an API key at
+    the running node at ``url`` (the core): it reaches every node with the registry."""
+    headers = key.headers(OPERATOR) if key is not None else {}
+    return _request(url, "POST", "/v1/registry/keys", json.dumps(body).encode(),
                     {**headers, "Content-Type": "application/json"}, ssl=ssl)
 
 

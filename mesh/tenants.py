@@ -122,18 +122,31 @@ class Tenancy:
         self.usage: dict[str, Usage] = {}
 
     @classmethod
-    def of(cls, topology: Any, *, revoked: Iterable[str] = ()) -> Tenancy:
-        """From a :class:`~mesh.topology.Topology`'s tenants and operators."""
+    def of(cls, topology: Any, *, keys: Mapping[str, str] | None = None,
+           revoked: Iterable[str] = ()) -> Tenancy:
+        """From a :class:`~mesh.topology.Topology`'s tenants and operators, plus ``keys``
+        (hash -> tenant) added on the running mesh and the hashes ``revoked`` there (the
+        registry's: :attr:`mesh.registry.Registry.keys`). A key for a tenant the topology
+        does not declare is ignored."""
+        added: dict[str, set[str]] = {}
+        for key_hash, tenant in (keys or {}).items():
+            added.setdefault(tenant, set()).add(key_hash)
         rules = {}
         for t in topology.tenants.values():
             quota = t.quota
             rules[t.name] = TenantRules(
-                t.name, frozenset(t.keys),
+                t.name, frozenset(t.keys) | frozenset(added.get(t.name, ())),
                 quota.rps if quota is not None else None,
                 quota.burst if quota is not None else None,
                 quota.concurrent if quota is not None else None,
                 tuple(t.private))
         return cls(rules, frozenset(topology.operator_keys), frozenset(revoked))
+
+    def carry_over(self, before: Tenancy) -> Tenancy:
+        """This tenancy, keeping what ``before`` counted (usage, quota buckets, queries in
+        progress): for a registry that added or revoked keys on a running node."""
+        self.usage, self._buckets, self._running = before.usage, before._buckets, before._running
+        return self
 
     # ------------------------------------------------------------------ who
     @property

@@ -280,7 +280,8 @@ class NodeAgent:
         #: (node, variant) routes checked once: -> the variant's task
         self._routes: dict[tuple[str, str], str] = {}
         #: tenants: API keys, quotas, private tasks, usage (mesh.tenants)
-        self.tenancy = Tenancy.of(config.topology)
+        self.tenancy = Tenancy.of(config.topology, keys=self.registry.keys,
+                                  revoked=self.registry.revoked)
         #: peers failing the queries sent to them are ejected for a while (mesh.health)
         self.outliers = OutlierDetector()
         #: retries elsewhere stay within 20% of this node's requests (plus a few)
@@ -347,6 +348,9 @@ class NodeAgent:
                 registry.variants[name] = replace(variant, profiles={**variant.profiles,
                                                                      key: mine.profiles[key]})
         self.registry = registry
+        # keys added or revoked on the running mesh take effect here now
+        self.tenancy = Tenancy.of(self.config.topology, keys=registry.keys,
+                                  revoked=registry.revoked).carry_over(self.tenancy)
         hosting = self.planner.hosting
         live = hosting.placement if self.placement.version else None
         self.planner = Planner(self.config.topology, registry, tls=self.config.tls is not None,

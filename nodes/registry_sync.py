@@ -22,6 +22,7 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
+import re
 from collections.abc import Callable
 from typing import Any
 
@@ -30,6 +31,7 @@ from aiohttp import web
 
 from mesh.errors import Forbidden, InvalidInput, Unavailable
 from mesh.registry import Registry, Variant
+from mesh.topology.schema import KEY_HASH_PATTERN
 from nodes.tasks import cancel_all
 
 #: the node agent (nodes.agent.NodeAgent), which owns a RegistrySync: typed loosely so
@@ -183,6 +185,35 @@ def routes(agent: NodeAgent) -> list[web.RouteDef]:
         return web.json_response({"version": registry.version,
                                   "registered": [v.name for v in variants]})
 
+    async def keys(request: web.Request) -> web.Response:
+        """Add a tenant's API key (its hash) or revoke one, on the running mesh: at the core,
+        and from there down the tree with the registry. For nodes and operators only."""
+        if agent.callers.of_request(request.transport, request.headers) is None \
+                and not agent.tenancy.is_operator(request.headers.get("Authorization")):
+            raise Forbidden("API keys are managed by operators (an operator key, the mesh key, "
+                            "or a node certificate)")
+        try:
+            body = json.loads(await request.read())
+        except ValueError:
+            raise InvalidInput("body: JSON {tenant, key_hash} or {revoke: key_hash}") from None
+        if not isinstance(body, dict):
+            raise InvalidInput("body: JSON {tenant, key_hash} or {revoke: key_hash}")
+        registry = Registry.load(agent.config.home)
+        if "revoke" in body:
+            registry.revoke_key(_key_hash(body["revoke"], "revoke"))
+            done = "revoked"
+        else:
+            tenant = body.get("tenant")
+            known = sorted(agent.config.topology.tenants)
+            if tenant not in known:
+                raise InvalidInput(f"tenant: {str(tenant)[:64]!r} is not a tenant of this "
+                                   f"mesh's topology ({', '.join(known) or 'none declared'})")
+            registry.add_key(_key_hash(body.get("key_hash"), "key_hash"), tenant)
+            done = "added"
+        registry.save(agent.config.home)
+        await agent.adopt_registry(registry)
+        return web.json_response({"version": registry.version, "key": done})
+
     async def upload(request: web.Request) -> web.Response:
         _require_node(request, agent)
         sha256 = request.match_info["sha256"]
@@ -190,7 +221,15 @@ def routes(agent: NodeAgent) -> list[web.RouteDef]:
         return web.json_response({"sha256": sha256, "bytes": stored})
 
     return [web.get(REGISTRY_PATH, read), web.post(REGISTRY_PATH + "/variants", register),
+            web.post(REGISTRY_PATH + "/keys", keys),
             web.put("/v1/artifacts/{sha256}", upload)]
+
+
+def _key_hash(value: Any, field: str) -> str:
+    if not isinstance(value, str) or not re.fullmatch(KEY_HASH_PATTERN, value):
+        raise InvalidInput(f"{field}: an API key's hash ('sha256:' and 64 hex digits; "
+                           "`mesh tenants new-key` prints one), never the key itself")
+    return value
 
 
 def registry_version_of(reply: dict[str, Any]) -> int | None:

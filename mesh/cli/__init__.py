@@ -7,6 +7,7 @@
     mesh node run TOPOLOGY NODE        run one node here, from its address in the topology
     mesh certs init | issue NODE       a mesh CA and node certificates (mutual TLS between nodes)
     mesh tenants new-key TENANT        an API key for a tenant, and the hash the topology stores
+    mesh tenants key add|revoke ...    add or revoke an API key on a running mesh (at the core)
     mesh deploy render TOPOLOGY        Kubernetes manifests or a systemd unit from the topology
     mesh status [--json]               one row per node: tier, address, variants, queue, p50/p99
     mesh plan --task digits --from edge-1 --latency-ms 10

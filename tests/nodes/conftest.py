@@ -5,13 +5,14 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import threading
+import time
 from collections.abc import AsyncIterator, Callable
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import pytest
-from aiohttp.test_utils import TestServer
+from aiohttp.test_utils import TestServer, unused_port
 
 from mesh.registry import Registry
 from mesh.runtimes import runtime_for
@@ -22,6 +23,7 @@ from mesh.transport import MemoryTransport
 from nodes.agent import AgentConfig, NodeAgent
 from nodes.answers import answer
 from nodes.app import make_app
+from nodes.membership import Membership
 
 
 class ProbeOnnx(OnnxRuntime):
@@ -173,5 +175,62 @@ def memory_mesh() -> Callable[..., contextlib.AbstractAsyncContextManager[dict[s
                                   runtimes=(runtimes or {}).get(name, runtime_for))
                 agents[name] = await stack.enter_async_context(agent)
             yield agents
+
+    return run
+
+
+class LiveMesh:
+    """Real agents with real membership on loopback HTTP; each node can be restarted."""
+
+    def __init__(self, topology: Any, home: Path, clock: Callable[[], float]) -> None:
+        self.topology, self.home, self.clock = topology, home, clock
+        self.ports = {n: unused_port() for n in topology.nodes}
+        self.agents: dict[str, NodeAgent] = {}
+        self._stacks: dict[str, contextlib.AsyncExitStack] = {}
+
+    async def start(self, name: str) -> NodeAgent:
+        """Start ``name``: the core from the built home, others from an empty one of their
+        own (they copy the registry and pull the artifacts they host through their parent)."""
+        home = self.home if name == "core-1" else self.home.parent / f"home-{name}"
+        home.mkdir(exist_ok=True)
+        neighbours = {n: f"http://127.0.0.1:{self.ports[n]}"
+                      for n in self.topology.neighbours(name)}
+        config = AgentConfig(node=name, topology=self.topology, home=home,
+                             neighbours=neighbours, mesh_key=b"k" * 32)
+        stack = contextlib.AsyncExitStack()
+        agent = await stack.enter_async_context(NodeAgent(config, placement_clock=self.clock))
+        membership = await stack.enter_async_context(Membership.for_agent(agent))
+        app = make_app(agent, address=f"http://127.0.0.1:{self.ports[name]}")
+        membership.add_routes(app)
+        server = TestServer(app, port=self.ports[name])
+        await server.start_server()
+        stack.push_async_callback(server.close)
+        self._stacks[name], self.agents[name] = stack, agent
+        return agent
+
+    async def stop(self, name: str) -> None:
+        await self._stacks.pop(name).aclose()
+        del self.agents[name]
+
+    async def close(self) -> None:
+        for name in reversed(list(self._stacks)):
+            await self.stop(name)
+
+
+@pytest.fixture
+def live_mesh() -> Callable[..., contextlib.AbstractAsyncContextManager[LiveMesh]]:
+    """``async with live_mesh(topology, home, clock) as mesh``: core-1, then edge-1, as
+    real agents with membership on loopback HTTP (``clock``: the placement's time)."""
+
+    @contextlib.asynccontextmanager
+    async def run(topology: Any, home: Path, clock: Callable[[], float] = time.time
+                  ) -> AsyncIterator[LiveMesh]:
+        mesh = LiveMesh(topology, home, clock)
+        try:
+            for name in ("core-1", "edge-1"):  # the parent first: the edge copies its registry
+                await mesh.start(name)
+            yield mesh
+        finally:
+            await mesh.close()
 
     return run

@@ -5,21 +5,17 @@ clock is the test's, so an hour of cool-down takes no time."""
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import time
-from collections.abc import AsyncIterator, Callable
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import numpy as np
-from aiohttp.test_utils import TestServer, unused_port
 
 from mesh.errors import CannotMeetDeadline, Overloaded
 from mesh.topology import parse_topology
 from mesh.wire import SLO, InferRequest
-from nodes.agent import AgentConfig, NodeAgent
-from nodes.app import make_app
-from nodes.membership import Membership
+from nodes.agent import NodeAgent
 
 #: thresholds low enough that a few hundred real digits queries a second make a variant hot
 TUNING = {"scale_up_util": 0.004, "target_util": 0.002, "scale_down_util": 0.0005,
@@ -49,55 +45,6 @@ class Clock:
 
     def __call__(self) -> float:
         return self.now
-
-
-class LiveMesh:
-    """Real agents with real membership on loopback HTTP; each node can be restarted."""
-
-    def __init__(self, topology: Any, home: Path, clock: Clock) -> None:
-        self.topology, self.home, self.clock = topology, home, clock
-        self.ports = {n: unused_port() for n in topology.nodes}
-        self.agents: dict[str, NodeAgent] = {}
-        self._stacks: dict[str, contextlib.AsyncExitStack] = {}
-
-    async def start(self, name: str) -> NodeAgent:
-        """Start ``name``: the core from the built home, others from an empty one of their
-        own (they copy the registry and pull the artifacts they host through their parent)."""
-        home = self.home if name == "core-1" else self.home.parent / f"home-{name}"
-        home.mkdir(exist_ok=True)
-        neighbours = {n: f"http://127.0.0.1:{self.ports[n]}"
-                      for n in self.topology.neighbours(name)}
-        config = AgentConfig(node=name, topology=self.topology, home=home,
-                             neighbours=neighbours, mesh_key=b"k" * 32)
-        stack = contextlib.AsyncExitStack()
-        agent = await stack.enter_async_context(NodeAgent(config, placement_clock=self.clock))
-        membership = await stack.enter_async_context(Membership.for_agent(agent))
-        app = make_app(agent, address=f"http://127.0.0.1:{self.ports[name]}")
-        membership.add_routes(app)
-        server = TestServer(app, port=self.ports[name])
-        await server.start_server()
-        stack.push_async_callback(server.close)
-        self._stacks[name], self.agents[name] = stack, agent
-        return agent
-
-    async def stop(self, name: str) -> None:
-        await self._stacks.pop(name).aclose()
-        del self.agents[name]
-
-    async def close(self) -> None:
-        for name in reversed(list(self._stacks)):
-            await self.stop(name)
-
-
-@contextlib.asynccontextmanager
-async def live_mesh(topology: Any, home: Path, clock: Clock) -> AsyncIterator[LiveMesh]:
-    mesh = LiveMesh(topology, home, clock)
-    try:
-        for name in ("core-1", "edge-1"):  # the parent first: the edge copies its registry
-            await mesh.start(name)
-        yield mesh
-    finally:
-        await mesh.close()
 
 
 async def until(predicate: Callable[[], Any], what: str, timeout_s: float = 20.0) -> Any:
@@ -140,7 +87,7 @@ def decisions(agent: NodeAgent, kind: str, node: str | None = None) -> list[dict
 
 
 async def test_rising_load_adds_workers_on_the_node_and_falling_load_takes_them_back(
-        digits_home: Path, heldout: Any) -> None:
+        digits_home: Path, heldout: Any, live_mesh: Any) -> None:
     images = heldout[0].astype(np.float32)
     clock = Clock()
     async with live_mesh(_topology(), digits_home, clock) as mesh:
@@ -190,7 +137,7 @@ async def test_rising_load_adds_workers_on_the_node_and_falling_load_takes_them_
 
 
 async def test_a_restarted_node_rejoins_and_gets_its_live_placement_back(
-        digits_home: Path, heldout: Any) -> None:
+        digits_home: Path, heldout: Any, live_mesh: Any) -> None:
     images = heldout[0].astype(np.float32)
     clock = Clock()
     async with live_mesh(_topology(), digits_home, clock) as mesh:

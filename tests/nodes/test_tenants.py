@@ -212,3 +212,66 @@ async def test_the_tenant_travels_to_the_node_that_serves_and_is_counted_there(
         assert core["compute_s"] > 0 and edge["compute_s"] == 0  # the core did the work
         assert edge["queries"] == 1 and edge["bytes_in"] == images[:3].astype(
             np.float32).nbytes
+
+
+async def test_keys_added_and_revoked_at_the_core_hold_everywhere_without_a_restart(
+        digits_home: Path, live_mesh: Any, heldout: Any) -> None:
+    import time
+
+    from mesh.remote import OPERATOR
+
+    images, _ = heldout
+    topology = parse_topology({
+        "name": "pair",
+        "hardware": {"box": {"kind": "cpu", "threads": 1, "memory_mb": 512}},
+        "nodes": [{"name": "core-1", "tier": "core", "hardware": "box"},
+                  {"name": "edge-1", "tier": "edge", "hardware": "box"}],
+        "links": [{"between": ["edge-1", "core-1"], "latency_ms": 1, "bandwidth_mbps": 1000}],
+        "membership": {"heartbeat_interval_s": 0.05, "missed_heartbeats": 10,
+                       "stale_after_s": 2.0, "startup_grace_s": 1.0},
+        "tenants": _tenants(),
+        "operators": {"keys": [KEYS["ops"][1]]},
+    })
+    async with live_mesh(topology, digits_home) as mesh:
+        core, edge = mesh.agents["core-1"], mesh.agents["edge-1"]
+        fresh, fresh_hash = new_key()
+        query = InferRequest(task="digits", tensors=[images[:1].astype(np.float32)])
+
+        async def accepted(key: str) -> bool:
+            try:
+                await edge.infer(InferRequest(task="digits", tensors=query.tensors),
+                                 from_client=True, authorization=f"Bearer {key}")
+            except Unauthorized:
+                return False
+            return True
+
+        assert not await accepted(fresh)
+        core_url = f"http://127.0.0.1:{mesh.ports['core-1']}"
+        async with aiohttp.ClientSession() as http:
+            async def post(body: dict[str, str], headers: dict[str, str]) -> int:
+                async with http.post(core_url + "/v1/registry/keys", json=body,
+                                     headers=headers) as resp:
+                    return resp.status
+
+            # only operators (an operator key, the mesh key) manage keys
+            assert await post({"tenant": "school", "key_hash": fresh_hash},
+                              bearer("school")) == 403
+            assert await post({"tenant": "nobody", "key_hash": fresh_hash},
+                              bearer("ops")) == 400
+            assert await post({"tenant": "clinic", "key_hash": fresh}, bearer("ops")) == 400
+            assert await post({"tenant": "clinic", "key_hash": fresh_hash},
+                              core.peers.headers(OPERATOR)) == 200
+            started = time.monotonic()
+            while not await accepted(fresh):  # copied down with the registry
+                assert time.monotonic() - started < 10, "the edge never took the new key"
+                await asyncio.sleep(0.02)
+            # revoked at the core: refused at the edge within a few heartbeats
+            assert await post({"revoke": KEYS["clinic"][1]}, bearer("ops")) == 200
+            started = time.monotonic()
+            while await accepted(KEYS["clinic"][0]):
+                assert time.monotonic() - started < 10, "the revoked key still works"
+                await asyncio.sleep(0.02)
+
+        assert await accepted(fresh)  # the tenant's other key still works
+        assert edge.registry.keys[fresh_hash] == "clinic"
+        assert KEYS["clinic"][1] in edge.registry.revoked
