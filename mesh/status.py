@@ -15,7 +15,7 @@ from mesh.errors import MeshError
 from mesh.peers import PeerKey
 
 __all__ = ["fetch_status", "mesh_status", "status_table", "decisions_table", "failures_table",
-           "fmt_ms"]
+           "tenant_table", "fmt_ms"]
 
 
 def fmt_ms(value: float | None) -> str:
@@ -147,3 +147,27 @@ def failures_table(rows: list[dict[str, Any]]) -> Table | None:
         table.add_row(row["node"], peers, spent, str(f.get("degraded_answers", 0)),
                       f"{last['peer']}: {last['reason']}" if last else "-")
     return table if shown else None
+
+
+def tenant_table(rows: list[dict[str, Any]], tenant: str) -> Table:
+    """One tenant's usage on every node (and in all): what ``mesh status --tenant`` shows."""
+    table = Table(title=f"tenant {tenant}: usage per node")
+    cols = ("queries", "refused", "compute_s", "bytes_in", "bytes_out", "cost")
+    table.add_column("node")
+    for col in cols:
+        table.add_column(col.replace("_", " "), justify="right")
+    total = dict.fromkeys(cols, 0.0)
+    for row in sorted(rows, key=lambda r: r["node"]):
+        usage = (row.get("tenants") or {}).get(tenant) if row.get("up") else None
+        if not usage:
+            continue
+        for col in cols:
+            total[col] += usage.get(col, 0)
+        table.add_row(row["node"], *(_fmt(usage.get(col, 0)) for col in cols))
+    table.add_row("[bold]all[/bold]", *(_fmt(total[col]) for col in cols))
+    return table
+
+
+def _fmt(value: float) -> str:
+    return f"{value:.4g}" if isinstance(value, float) and not value.is_integer() else \
+        str(int(value))

@@ -9,7 +9,13 @@ import click
 from rich.table import Table
 
 from mesh.cli.app import cli, console, home_of
-from mesh.status import decisions_table, failures_table, mesh_status, status_table
+from mesh.status import (
+    decisions_table,
+    failures_table,
+    mesh_status,
+    status_table,
+    tenant_table,
+)
 
 __all__: list[str] = []  # commands register themselves on the cli group
 
@@ -74,11 +80,18 @@ def down(ctx: click.Context) -> None:
 # ---------------------------------------------------------------------- status
 @cli.command()
 @click.option("--json", "as_json", is_flag=True, help="Print JSON instead of a table.")
+@click.option("--tenant", default=None, help="Show this tenant's usage on every node instead.")
 @click.pass_context
-def status(ctx: click.Context, as_json: bool) -> None:
+def status(ctx: click.Context, as_json: bool, tenant: str | None) -> None:
     """Show every node of the running mesh."""
     rows = mesh_status(home_of(ctx))
-    if as_json:
+    if tenant is not None:
+        if as_json:
+            click.echo(json.dumps({r["node"]: (r.get("tenants") or {}).get(tenant)
+                                   for r in rows if r.get("up")}, indent=2))
+        else:
+            console.print(tenant_table(rows, tenant))
+    elif as_json:
         click.echo(json.dumps({"nodes": rows, "links": _links(home_of(ctx))}, indent=2))
     else:
         console.print(status_table(rows))

@@ -64,3 +64,21 @@ def test_failures_show_ejected_peers_retries_and_degraded_answers() -> None:
     text = _text(table)
     assert "mid-1 (out 3.5 s, x2)" in text and "4 of 12 (refused 1)" in text
     assert "7" in text and "forwarding to mid-1 failed" in text and "core-1" not in text
+
+
+def test_one_tenants_usage_on_every_node_and_in_all() -> None:
+    from mesh.status import tenant_table
+
+    edge = _row("edge-1", "edge", "v")
+    edge["tenants"] = {"clinic": {"queries": 5, "refused": 1, "compute_s": 0.0, "bytes_in": 1280,
+                                  "bytes_out": 200, "cost": 0.002},
+                       "school": {"queries": 99, "refused": 0, "compute_s": 0.5,
+                                  "bytes_in": 1, "bytes_out": 1, "cost": 0.5}}
+    core = _row("core-1", "core", "v")
+    core["tenants"] = {"clinic": {"queries": 0, "refused": 0, "compute_s": 0.25, "bytes_in": 0,
+                                  "bytes_out": 0, "cost": 0.0}}
+    text = _text(tenant_table([edge, core], "clinic"))
+    assert "tenant clinic" in text and "1280" in text and "0.25" in text
+    assert "99" not in text  # nothing of another tenant
+    total = next(line for line in text.splitlines() if "all" in line)
+    assert "5" in total and "0.25" in total and "0.002" in total
