@@ -77,6 +77,13 @@ class PeerKey:
             return False
         return hmac.compare_digest(self.token(node), token)
 
+    def sign(self, message: bytes) -> str:
+        """An HMAC of ``message`` under the mesh key (what a node signs a claim with)."""
+        return hmac.new(self._key, b"tiermesh-claim:" + message, hashlib.sha256).hexdigest()
+
+    def signed(self, message: bytes, signature: Any) -> bool:
+        return isinstance(signature, str) and hmac.compare_digest(self.sign(message), signature)
+
     def headers(self, node: str) -> dict[str, str]:
         """What ``node`` adds to every HTTP request it forwards."""
         return {PEER_HEADER: node, TOKEN_HEADER: self.token(node)}

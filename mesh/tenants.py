@@ -29,10 +29,10 @@ from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
-from mesh.errors import Overloaded, Unauthorized
+from mesh.errors import Forbidden, InvalidInput, Overloaded, Unauthorized
 
 __all__ = ["KEY_PREFIX", "hash_key", "new_key", "TokenBucket", "TenantRules", "Tenancy",
-           "Usage"]
+           "Usage", "Identity", "ReplayGuard"]
 
 #: what every key this mesh issues starts with (so a key pasted in the wrong place is seen)
 KEY_PREFIX = "tm_"
@@ -246,3 +246,87 @@ def _hashed_bearer(authorization: str | None) -> str | None:
     if scheme.lower() != "bearer" or not token or len(token) > 512:
         return None
     return hash_key(token)
+
+
+# --------------------------------------------------------------------------- identity on the wire
+
+
+@dataclass(frozen=True, slots=True)
+class Identity:
+    """The tenant an entry node established, as it travels with a forwarded query: signed
+    by the forwarding node (HMAC under the mesh key, :meth:`mesh.peers.PeerKey.sign`) over
+    the tenant, the request id, an expiry and a nonce of its own, so that a node further
+    along trusts it without ever seeing the tenant's key, and refuses it replayed."""
+
+    tenant: str
+    expires: float
+    nonce: str
+    signature: str
+
+    #: how long a signed identity is good for (a hop never takes longer)
+    TTL_S = 30.0
+
+    @staticmethod
+    def message(tenant: str, request_id: str, expires: float, nonce: str) -> bytes:
+        return f"{tenant}|{request_id}|{expires:.3f}|{nonce}".encode()
+
+    @classmethod
+    def sign(cls, key: Any, tenant: str, request_id: str, now: float) -> Identity:
+        """``key``: a :class:`~mesh.peers.PeerKey`; ``now``: wall-clock seconds."""
+        expires = round(now + cls.TTL_S, 3)
+        nonce = secrets.token_hex(8)
+        return cls(tenant, expires, nonce,
+                   key.sign(cls.message(tenant, request_id, expires, nonce)))
+
+    def to_wire(self) -> dict[str, Any]:
+        return {"tenant": self.tenant, "exp": self.expires, "nonce": self.nonce,
+                "sig": self.signature}
+
+    @classmethod
+    def from_wire(cls, obj: Any) -> Identity:
+        """Raises :class:`InvalidInput` naming what is malformed."""
+        if not isinstance(obj, dict):
+            raise InvalidInput("identity: must be a map with tenant, exp, nonce and sig")
+        tenant, exp, nonce, sig = obj.get("tenant"), obj.get("exp"), obj.get("nonce"), \
+            obj.get("sig")
+        if not isinstance(tenant, str) or not 0 < len(tenant) <= 63 \
+                or isinstance(exp, bool) or not isinstance(exp, int | float) \
+                or not isinstance(nonce, str) or not 0 < len(nonce) <= 64 \
+                or not isinstance(sig, str) or len(sig) > 128:
+            raise InvalidInput("identity: tenant, exp (seconds), nonce and sig (set by mesh "
+                               "nodes only)")
+        return cls(tenant, float(exp), nonce, sig)
+
+    def check(self, key: Any, request_id: str, now: float, guard: ReplayGuard) -> None:
+        """Raise :class:`Forbidden` unless this identity is signed by the mesh (``key``;
+        None where certificates already vouch for the hop), unexpired and seen here for
+        the first time."""
+        if key is not None and not key.signed(
+                self.message(self.tenant, request_id, self.expires, self.nonce), self.signature):
+            raise Forbidden("identity: not signed by a node of this mesh")
+        if now > self.expires:
+            raise Forbidden("identity: expired; the entry node signs a query's tenant for "
+                            f"{self.TTL_S:g} s")
+        guard.first_use(self.nonce, self.expires, now)
+
+
+class ReplayGuard:
+    """The nonces of the signed identities a node has seen, until they expire: a query
+    replayed with a signed identity already used here is refused."""
+
+    def __init__(self, *, max_entries: int = 200_000) -> None:
+        self._seen: dict[str, float] = {}
+        self.max_entries = max_entries
+        self.refused = 0
+
+    def first_use(self, nonce: str, expires: float, now: float) -> None:
+        if nonce in self._seen:
+            self.refused += 1
+            raise Forbidden("identity: replayed (this signed identity was used here already)")
+        if len(self._seen) >= self.max_entries:
+            self._seen = {n: e for n, e in self._seen.items() if e >= now}
+            if len(self._seen) >= self.max_entries:  # still full of live ones: refuse, safely
+                raise Overloaded("identity: too many queries in flight to check for replays",
+                                 retry_after_s=1.0)
+        self._seen[nonce] = expires
+

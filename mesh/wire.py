@@ -38,6 +38,7 @@ import numpy as np
 from mesh.errors import InvalidInput, PayloadTooLarge, error_from_payload
 from mesh.plan import Plan
 from mesh.planner.policy import POLICIES
+from mesh.tenants import Identity
 
 __all__ = [
     "ALLOWED_DTYPES",
@@ -281,6 +282,9 @@ class InferRequest:
     #: The tenant the entry node established from the caller's API key (mesh.tenants); set
     #: by nodes only, like ``route`` (None: an open mesh).
     tenant: str | None = None
+    #: How ``tenant`` travels between nodes: signed, with an expiry and a nonce
+    #: (:class:`mesh.tenants.Identity`); the forwarding node signs it for each hop.
+    identity: Any = None
     #: The decoded ``tensors`` as they came off the wire (None: encode ``tensors``).
     wire_tensors: list[dict[str, Any]] | None = None
 
@@ -346,8 +350,8 @@ def encode_request(req: InferRequest) -> bytes:
         obj["timeout_ms"] = req.timeout_ms
     if req.route is not None:
         obj["route"] = {"node": req.route.node, "variant": req.route.variant}
-    if req.tenant is not None:
-        obj["tenant"] = req.tenant
+    if req.identity is not None:
+        obj["identity"] = req.identity.to_wire()
     return pack(obj)
 
 
@@ -391,9 +395,9 @@ def decode_request(body: bytes, *, max_elements: int = DEFAULT_MAX_ELEMENTS) -> 
         ):
             raise InvalidInput("route: must be a map with string node and variant")
         parsed_route = Route(route["node"], route["variant"])
-    tenant = obj.get("tenant")
-    if tenant is not None and (not isinstance(tenant, str) or not 0 < len(tenant) <= 63):
-        raise InvalidInput("tenant: must be a tenant name (set by mesh nodes only)")
+    identity = obj.get("identity")
+    if identity is not None:
+        identity = Identity.from_wire(identity)
     return InferRequest(
         task=task,
         tensors=decoded,
@@ -403,7 +407,8 @@ def decode_request(body: bytes, *, max_elements: int = DEFAULT_MAX_ELEMENTS) -> 
         hops=hops,
         route=parsed_route,
         timeout_ms=float(timeout) if timeout is not None else None,
-        tenant=tenant,
+        tenant=identity.tenant if identity is not None else None,
+        identity=identity,
         wire_tensors=tensors,
     )
 

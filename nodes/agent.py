@@ -68,7 +68,7 @@ from mesh.registry import Registry, TensorSpec
 from mesh.runtimes import runtime_for
 from mesh.state import MeshView
 from mesh.store import ArtifactStore
-from mesh.tenants import Tenancy
+from mesh.tenants import Identity, ReplayGuard, Tenancy
 from mesh.topology import Topology
 from mesh.transport import Transport
 from mesh.wire import (
@@ -282,6 +282,8 @@ class NodeAgent:
         #: tenants: API keys, quotas, private tasks, usage (mesh.tenants)
         self.tenancy = Tenancy.of(config.topology, keys=self.registry.keys,
                                   revoked=self.registry.revoked)
+        #: signed identities already seen here (a replayed forwarded query is refused)
+        self.replays = ReplayGuard()
         #: peers failing the queries sent to them are ejected for a while (mesh.health)
         self.outliers = OutlierDetector()
         #: retries elsewhere stay within 20% of this node's requests (plus a few)
@@ -463,12 +465,15 @@ class NodeAgent:
                 return await self._client_query(req)
             finally:
                 self.tenancy.done(req.tenant)
+        if req.identity is not None:  # the tenant, as the previous node signed it
+            req.identity.check(None if self.callers.tls else self.peers, req.request_id,
+                               time.time(), self.replays)
         return await self._query(req, False, ())
 
     def _admit(self, req: InferRequest, authorization: str | None) -> None:
         """The entry's checks of a client query: who (tenant), what it may see, how much."""
-        if req.tenant is not None:
-            raise Forbidden("tenant: set by the entry node from your API key; send "
+        if req.tenant is not None or req.identity is not None:
+            raise Forbidden("identity: set by the entry node from your API key; send "
                             "Authorization: Bearer <key> instead")
         tenancy = self.tenancy
         if tenancy.enabled:
@@ -1038,6 +1043,8 @@ class NodeAgent:
             # what the next node gets: what is left once the link's round trip is paid
             req.budget_ms = left_ms - 2 * link_ms
         timeout_s = self._hop_timeout_s(req, deadline, sent)
+        if req.tenant is not None:  # signed afresh for each hop: a replayed copy is refused
+            req.identity = Identity.sign(self.peers, req.tenant, req.request_id, time.time())
         # the next node must give up on its own next hop before this one gives up on it
         req.timeout_ms = max(timeout_s * 1000 - 2 * link_ms, 1.0)
         try:

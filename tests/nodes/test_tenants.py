@@ -139,7 +139,7 @@ async def test_every_protocol_needs_a_key_and_private_tasks_exist_only_for_their
 
         # a client may not claim a tenant: the entry node sets it from the key
         claim = InferRequest(task="digits", tensors=[rows], tenant="clinic")
-        with pytest.raises(Forbidden, match="tenant"):
+        with pytest.raises(Forbidden, match="identity: set by the entry node"):
             await agent.infer(claim, from_client=True, authorization=None)
 
 
@@ -275,3 +275,38 @@ async def test_keys_added_and_revoked_at_the_core_hold_everywhere_without_a_rest
         assert await accepted(fresh)  # the tenant's other key still works
         assert edge.registry.keys[fresh_hash] == "clinic"
         assert KEYS["clinic"][1] in edge.registry.revoked
+
+
+async def test_a_forwarded_tenant_is_signed_and_a_replayed_or_forged_one_refused(
+        digits_home: Path, memory_mesh: Any, heldout: Any) -> None:
+    import dataclasses
+    import time
+
+    from mesh.tenants import Identity
+    from mesh.wire import decode_request, encode_request
+
+    images, _ = heldout
+    topology = _solo(digits_home).topology
+    async with memory_mesh(topology, digits_home) as agents:
+        node = agents["solo-1"]
+
+        def forwarded(identity: Identity) -> InferRequest:
+            """A query as a node sends it on: through the wire, identity and all."""
+            req = InferRequest(task="digits", tensors=[images[:1].astype(np.float32)],
+                               request_id="q-1", identity=identity, tenant=identity.tenant)
+            return decode_request(encode_request(req))
+
+        signed = Identity.sign(node.peers, "clinic", "q-1", time.time())
+        r = await node.infer(forwarded(signed), from_client=False)  # trusted: signed by a node
+        assert r.served_by.node == "solo-1"
+        assert node.status()["tenants"]["clinic"]["compute_s"] > 0
+        with pytest.raises(Forbidden, match="replayed"):  # the same signed identity again
+            await node.infer(forwarded(signed), from_client=False)
+        forged = dataclasses.replace(Identity.sign(node.peers, "clinic", "q-1", time.time()),
+                                     tenant="school")  # a claim the signature does not cover
+        with pytest.raises(Forbidden, match="not signed"):
+            await node.infer(forwarded(forged), from_client=False)
+        stale = Identity.sign(node.peers, "clinic", "q-1", time.time() - 60)
+        with pytest.raises(Forbidden, match="expired"):
+            await node.infer(forwarded(stale), from_client=False)
+        assert node.replays.refused == 1
