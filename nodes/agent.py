@@ -213,7 +213,7 @@ class NodeAgent:
         self.clock = clock
         self.registry = Registry.load(config.home)
         self.store = ArtifactStore(config.home / "store")
-        self.planner = Planner(config.topology, self.registry, tls=config.tls is not None)
+        self.planner = self._planner(self.registry, None)
         self.view = MeshView()
         self.metrics = NodeMetrics()
         # One compute worker per `threads` of the class's cores (at least one): batches of
@@ -355,10 +355,8 @@ class NodeAgent:
                                   revoked=registry.revoked).carry_over(self.tenancy)
         hosting = self.planner.hosting
         live = hosting.placement if self.placement.version else None
-        self.planner = Planner(self.config.topology, registry, tls=self.config.tls is not None,
-                               hosting=None if live is None else Hosting(
-                                   self.config.topology, registry, live=live,
-                                   decisions=hosting.decisions))
+        self.planner = self._planner(registry, None if live is None else Hosting(
+            self.config.topology, registry, live=live, decisions=hosting.decisions))
         self._planned_accuracy.clear()
         self._apply_live_accuracy()
         self._inputs.clear()
@@ -370,12 +368,10 @@ class NodeAgent:
                               decisions: tuple[PlacementDecision, ...]) -> None:
         """Host what the root's placement says, with its workers (:mod:`nodes.placement`)."""
         before = set(self.models.variants)
-        self.planner = Planner(self.config.topology,
-                               self.registry.with_accuracy(self._planned_accuracy)
-                               if self._planned_accuracy else self.registry,
-                               tls=self.config.tls is not None,
-                               hosting=Hosting(self.config.topology, self.registry, live=placement,
-                                               decisions=decisions))
+        planned = self.registry.with_accuracy(self._planned_accuracy) \
+            if self._planned_accuracy else self.registry
+        self.planner = self._planner(planned, Hosting(self.config.topology, self.registry,
+                                                      live=placement, decisions=decisions))
         self._routes.clear()
         await self._rehost(before)
 
@@ -425,9 +421,13 @@ class NodeAgent:
             variant = self.registry.variants[name]
             self.registry.add(replace(variant, profiles={**variant.profiles,
                                                          self.hardware.profile_key: profile}))
-        self.planner = Planner(self.config.topology, self.registry,
-                               tls=self.config.tls is not None,
-                               hosting=self.planner.hosting if self.placement.version else None)
+        self.planner = self._planner(self.registry,
+                                     self.planner.hosting if self.placement.version else None)
+
+    def _planner(self, registry: Registry, hosting: Hosting | None) -> Planner:
+        """A planner for this node's mesh: its TLS, and its tenants' signed hops, priced in."""
+        return Planner(self.config.topology, registry, tls=self.config.tls is not None,
+                       signed_hops=bool(self.config.topology.tenants), hosting=hosting)
 
     @property
     def loaded(self) -> Mapping[str, Any]:
@@ -606,10 +606,8 @@ class NodeAgent:
         if not changed:
             return
         self._planned_accuracy.update(changed)
-        self.planner = Planner(self.config.topology,
-                               self.registry.with_accuracy(self._planned_accuracy),
-                               tls=self.config.tls is not None,
-                               hosting=self.planner.hosting)  # what is hosted stays put
+        self.planner = self._planner(self.registry.with_accuracy(self._planned_accuracy),
+                                     self.planner.hosting)  # what is hosted stays put
         log.info("%s: planning with live accuracy %s", self.name,
                  {v: round(a, 4) for v, a in changed.items()})
 

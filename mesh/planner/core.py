@@ -64,6 +64,10 @@ class Planner:
     #: The larger figure is used. Added to per_hop_ms when the mesh runs on TLS; handshakes
     #: are not per query, since nodes keep their connections open.
     tls_hop_ms: float = 0.11
+    #: What signing a query's tenant for a hop and checking it at the next node cost
+    #: (HMAC, expiry, nonce; mesh.tenants.Identity): benchmarks/security.py, in-process.
+    #: Added to per_hop_ms on a mesh with tenants.
+    identity_hop_ms: float = 0.01
     #: Hosts kept per (variant, hardware class, tier) in a table: the nearest ones.
     per_group: int = 4
 
@@ -71,8 +75,10 @@ class Planner:
                  margin_frac: float | None = None, margin_ms: float | None = None,
                  margin_ms_by_tier: Mapping[str, float] | None = None,
                  per_group: int | None = None, seed: int = 0, tls: bool = False,
-                 hosting: Hosting | None = None) -> None:
+                 signed_hops: bool = False, hosting: Hosting | None = None) -> None:
         """``tls``: hops run over mutual TLS, which costs ``tls_hop_ms`` more each.
+        ``signed_hops``: the mesh has tenants, whose identity every hop signs and checks
+        (``identity_hop_ms`` more each).
         ``hosting``: what each node hosts (default: the computed placement, within each
         node's allow/deny globs)."""
         self.topology = topology
@@ -80,6 +86,8 @@ class Planner:
         self.hosting = hosting if hosting is not None else Hosting(topology, registry)
         if tls:
             self.per_hop_ms = self.per_hop_ms + self.tls_hop_ms
+        if signed_hops:
+            self.per_hop_ms = self.per_hop_ms + self.identity_hop_ms
         if margin_frac is not None:
             self.margin_frac = margin_frac
         if margin_ms is not None:  # one flat margin replaces the calibrated ones

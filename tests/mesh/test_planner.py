@@ -494,6 +494,11 @@ def test_a_mesh_on_tls_pays_the_measured_tls_cost_on_every_hop_it_predicts() -> 
     # one hop each way
     assert tls.prediction.network_ms - plain.prediction.network_ms == pytest.approx(
         2 * Planner.tls_hop_ms)
+    # a mesh with tenants signs and checks the tenant on every hop: that is priced in too
+    both = Planner(_topology(), REGISTRY, tls=True, signed_hops=True).plan(
+        "digits", slo, "edge-1", MeshView(), now=0.0)
+    assert both.prediction.network_ms - plain.prediction.network_ms == pytest.approx(
+        2 * (Planner.tls_hop_ms + Planner.identity_hop_ms))
 
 
 def test_under_load_the_accuracy_slack_is_used_before_the_latency_target_is_missed() -> None:
