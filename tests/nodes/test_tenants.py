@@ -310,3 +310,30 @@ async def test_a_forwarded_tenant_is_signed_and_a_replayed_or_forged_one_refused
         with pytest.raises(Forbidden, match="expired"):
             await node.infer(forwarded(stale), from_client=False)
         assert node.replays.refused == 1
+
+
+async def test_an_unmodified_triton_client_passes_its_key_as_a_header(
+        digits_home: Path, serving: Any, heldout: Any) -> None:
+    import tritonclient.http as tritonhttp
+    from tritonclient.utils import InferenceServerException
+
+    images, labels = heldout
+    x = images[:2].astype(np.float32)
+    async with serving(_solo(digits_home)) as (_agent, server):
+        url = f"{server.host}:{server.port}"
+
+        def infer(headers: dict[str, str]) -> np.ndarray:
+            client = tritonhttp.InferenceServerClient(url)
+            try:
+                inp = tritonhttp.InferInput("input", list(x.shape), "FP32")
+                inp.set_data_from_numpy(x)
+                return client.infer("digits", [inp], headers=headers).as_numpy("probs")
+            finally:
+                client.close()
+
+        probs = await asyncio.to_thread(infer, bearer("clinic"))
+        assert list(probs.argmax(1)) == list(labels[:2])
+        for headers, status in (({}, "401"), (bearer("school"), "404")):
+            with pytest.raises(InferenceServerException) as refused:
+                await asyncio.to_thread(infer, headers)
+            assert status in str(refused.value.status()) or status in str(refused.value)
