@@ -1111,7 +1111,8 @@ class NodeAgent:
         here (rate, compute busy, misses, targets) and per task entering here."""
         loaded = self.models.loaded
         return self.meter.report(now, {name: e.batcher.depth for name, e in loaded.items()},
-                                 {name: e.batcher.slowdown for name, e in loaded.items()})
+                                 {name: e.batcher.slowdown for name, e in loaded.items()},
+                                 {name: e.batcher.cpu_share for name, e in loaded.items()})
 
     def status(self, address: str = "", stream_address: str | None = None) -> dict[str, Any]:
         lat = sorted(self._latencies)

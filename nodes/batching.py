@@ -238,6 +238,10 @@ class Batcher:
     slowdown_half_life_s: float = 2.0
     #: Weight of the newest observation in the running event-loop lag estimate.
     lag_alpha: float = 0.2
+    #: Runs shorter than this do not update the CPU share (too short to measure), and the
+    #: weight of the newest run in its running estimate.
+    cpu_share_min_s: float = 0.001
+    cpu_share_alpha: float = 0.2
 
     def __init__(self, name: str, run: RunFn, executor: Executor, *, max_batch: int,
                  max_queue: int, policy: BatchPolicy | None = None,
@@ -277,6 +281,10 @@ class Batcher:
         self.in_flight = 0
         self.batches = 0
         self.served = 0
+        #: the share of its runs' time the compute thread had a CPU (1.0: never waited for
+        #: one; 0.5: the machine's CPUs were busy elsewhere half the time). Only runs on the
+        #: executor measure it: a session with one intra-op thread computes on that thread.
+        self.cpu_share = 1.0
 
     @property
     def depth(self) -> int:
@@ -559,8 +567,15 @@ class Batcher:
         return outputs
 
     def _timed_run(self, joined: list[np.ndarray]) -> tuple[list[np.ndarray], float]:
-        """On the compute thread: the outputs, and when they were ready."""
-        return self._run(joined), self._clock()
+        """On the compute thread: the outputs, and when they were ready. Also learns what
+        share of the run's time the thread actually had a CPU (:attr:`cpu_share`)."""
+        wall0, cpu0 = time.perf_counter(), time.thread_time()
+        outputs = self._run(joined)
+        wall = time.perf_counter() - wall0
+        if wall >= self.cpu_share_min_s:
+            share = min((time.thread_time() - cpu0) / wall, 1.0)
+            self.cpu_share += self.cpu_share_alpha * (share - self.cpu_share)
+        return outputs, self._clock()
 
     def _learn_lag(self, lag_s: float) -> None:
         """How long finished work waits for the event loop (busy answering others)."""

@@ -87,6 +87,11 @@ class WorkerPool:
         return self._retired_batches + sum(b.batches for b in (*self._active, *self._draining))
 
     @property
+    def cpu_share(self) -> float:
+        """The least CPU share of its workers' runs (:attr:`Batcher.cpu_share`)."""
+        return min(b.cpu_share for b in self._active) if self._active else 1.0
+
+    @property
     def slowdown(self) -> float:
         """Measured compute time over the profiled one, the worst of its workers."""
         return max(b.slowdown for b in self._active) if self._active else 1.0

@@ -39,9 +39,11 @@ class VariantLoad:
     #: measured compute time over the profiled one (1.0: as profiled; 2.0: the CPU is shared
     #: with something else and runs it at half speed)
     slowdown: float = 1.0
+    #: the share of its runs' time its compute thread had a CPU (1.0: never waited for one)
+    cpu_share: float = 1.0
 
     def __post_init__(self) -> None:
-        for name in ("rate_qps", "rows_per_query", "slo_miss_frac", "slowdown"):
+        for name in ("rate_qps", "rows_per_query", "slo_miss_frac", "slowdown", "cpu_share"):
             value = getattr(self, name)
             if not math.isfinite(value) or value < 0:
                 raise ValueError(f"VariantLoad.{name}: must be a finite number >= 0, got {value!r}")
@@ -122,7 +124,7 @@ class LoadReport:
             "served": {n: {v: [round(vl.rate_qps, 4), round(vl.busy or 0.0, 5),
                                round(vl.rows_per_query, 3), vl.queue_depth,
                                round(vl.slo_miss_frac, 4), vl.latency_target_ms, vl.min_accuracy,
-                               round(vl.slowdown, 3)]
+                               round(vl.slowdown, 3), round(vl.cpu_share, 3)]
                            for v, vl in vs.items()} for n, vs in self.served.items()},
             "demand": {n: {t: round(r, 4) for t, r in ts.items()}
                        for n, ts in self.demand.items()},
@@ -145,16 +147,17 @@ class LoadReport:
             row: dict[str, VariantLoad] = {}
             for variant, v in variants.items():
                 if not isinstance(variant, str) or not isinstance(v, list) \
-                        or len(v) not in (7, 8):
+                        or not 7 <= len(v) <= 9:
                     raise ValueError(f"{where}.served[{node!r}]: each variant maps to a list of "
-                                     "7 or 8 numbers")
+                                     "7 to 9 numbers")
                 rate, busy, rows, depth, miss, target, floor = v[:7]
                 try:
                     row[variant] = VariantLoad(
                         float(rate), float(busy), float(rows), int(depth), float(miss),
                         None if target is None else float(target),
                         None if floor is None else float(floor),
-                        float(v[7]) if len(v) == 8 else 1.0)
+                        float(v[7]) if len(v) > 7 else 1.0,
+                        float(v[8]) if len(v) > 8 else 1.0)
                 except (TypeError, ValueError) as exc:
                     raise ValueError(f"{where}.served[{node!r}][{variant[:64]!r}]: {exc}"
                                      ) from None

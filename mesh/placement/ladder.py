@@ -164,12 +164,15 @@ class Ladder:
         if cpu < most:
             most, limits = max(w, cpu), [f"its other variants busy on {other:.1f} of its "
                                          f"{res.slots} worker slot(s)"]
-        contended = m.load.slowdown >= t.contended_slowdown
+        slow = m.load.slowdown >= t.contended_slowdown
+        starved = m.load.cpu_share < t.contended_cpu_share
+        contended = slow or starved
+        why = (f"its compute running {m.load.slowdown:.1f}x slower than profiled" if slow
+               else f"its compute thread getting a CPU {m.load.cpu_share:.0%} of the time")
         if contended and w < most:
-            # Its batches already run this much slower than profiled: the CPU is shared with
-            # something else and spent; more workers here would add no capacity.
-            most, limits = w, [f"its compute running {m.load.slowdown:.1f}x slower than "
-                               "profiled (the CPU is contended; more workers would add no "
+            # The CPU is shared with something else and spent: more workers here would add
+            # no capacity, only more to share it.
+            most, limits = w, [f"{why} (the CPU is contended; more workers would add no "
                                "capacity)"]
         extra = o.memory_bytes * t.worker_memory_frac
         if extra > 0:
@@ -180,8 +183,7 @@ class Ladder:
         verb = "will be" if cause is Cause.FORECAST else "is"
         state = f"{prefix}{variant} on {node} {verb} {busy / w:.0%} busy over {w} worker(s)"
         if contended:
-            state += (f", its compute running {m.load.slowdown:.1f}x slower than profiled (the "
-                      "CPU is contended)")
+            state += f", {why} (the CPU is contended)"
         if new > w:
             short = f" (it needs {need}; {node} has {limits[0]})" if new < need else ""
             self._decide(DecisionKind.ADD_WORKERS, pair, new, cause,

@@ -90,15 +90,16 @@ class LoadMeter:
 
     # ------------------------------------------------------------------ reporting
     def report(self, now: float, depth: dict[str, int] | None = None,
-               slowdown: dict[str, float] | None = None
+               slowdown: dict[str, float] | None = None,
+               cpu_share: dict[str, float] | None = None
                ) -> tuple[dict[str, VariantLoad], dict[str, float]]:
         """Rates since the previous report, smoothed: (variant -> load, task -> arrivals/s).
 
         ``depth``: each variant's queue now; ``slowdown``: its compute time over the
-        profiled one now. Variants and tasks whose smoothed rates fell to nothing are left
-        out.
+        profiled one now; ``cpu_share``: the share of its runs' time its compute thread had a
+        CPU. Variants and tasks whose smoothed rates fell to nothing are left out.
         """
-        slowdown = slowdown or {}
+        slowdown, cpu_share = slowdown or {}, cpu_share or {}
         dt = 0.0 if self._last is None else now - self._last
         self._last = now
         weight = 1.0 if dt <= 0 else 1.0 - 0.5 ** (dt / self.half_life_s)
@@ -133,7 +134,8 @@ class LoadMeter:
                 slo_miss_frac=min(s.missed / s.with_target, 1.0) if s.with_target > 1e-9 else 0.0,
                 latency_target_ms=None if tightest == math.inf else tightest,
                 min_accuracy=None if floor == -math.inf else floor,
-                slowdown=max(slowdown.get(variant, 1.0), 0.0))
+                slowdown=max(slowdown.get(variant, 1.0), 0.0),
+                cpu_share=min(max(cpu_share.get(variant, 1.0), 0.0), 1.0))
         for task in set(self._demand) | set(arrived):
             old = self._demand.get(task, 0.0)
             rate = old + weight * (arrived.get(task, 0) / span - old) if dt > 0 else old

@@ -60,6 +60,9 @@ class Tuning:
     #: already spent: more workers on that node would add no capacity, so it gets none
     #: (replicas elsewhere, or a faster variant, instead)
     contended_slowdown: float = 1.5
+    #: ...and so does one whose compute thread had a CPU for less than this share of its runs
+    #: (the machine's CPUs were busy elsewhere: nodes sharing a machine, a noisy neighbour)
+    contended_cpu_share: float = 0.7
 
     def __post_init__(self) -> None:
         problems = []

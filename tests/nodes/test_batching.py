@@ -298,3 +298,29 @@ async def test_a_burst_that_made_admission_strict_does_not_refuse_everything_for
             batcher.slowdown_half_life_s = 0.01
             await asyncio.sleep(0.3)  # nothing admitted, nothing measured: it relaxes
             await batcher.submit([np.ones((1, 1), np.float32)], budget_ms=20)
+
+
+async def test_a_compute_thread_starved_of_cpu_is_measured() -> None:
+    """A run that waits (sleeps: no CPU) most of its time has a low CPU share; one that
+    computes throughout has a share near 1."""
+    import concurrent.futures
+    import time as _time
+
+    def waits(inputs: list[np.ndarray]) -> list[np.ndarray]:
+        _time.sleep(0.01)  # off the CPU, as a thread the OS does not schedule
+        return [inputs[0] * 2]
+
+    def computes(inputs: list[np.ndarray]) -> list[np.ndarray]:
+        end = _time.thread_time() + 0.01
+        while _time.thread_time() < end:
+            pass
+        return [inputs[0] * 2]
+
+    with concurrent.futures.ThreadPoolExecutor(1) as pool:
+        for run, low in ((waits, True), (computes, False)):
+            batcher = Batcher("v", run, pool, max_batch=4, max_queue=16,
+                              policy=BatchPolicy(4, settings=BatchSettings(inline_max_ms=0.0)))
+            async with batcher:
+                for _ in range(10):
+                    await batcher.submit([np.ones((1, 2), np.float32)])
+            assert (batcher.cpu_share < 0.5) if low else (batcher.cpu_share > 0.6)

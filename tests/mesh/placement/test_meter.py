@@ -18,7 +18,8 @@ def test_counts_become_smoothed_rates_busy_time_and_misses() -> None:
                          spent_ms=25.0 if i % 5 == 0 else 5.0, min_accuracy=0.95)
             meter.computed("digits-mlp", 0.004)
         now += 1.0
-        served, demand = meter.report(now, {"digits-mlp": 3}, {"digits-mlp": 1.8})
+        served, demand = meter.report(now, {"digits-mlp": 3}, {"digits-mlp": 1.8},
+                                      {"digits-mlp": 0.6})
     load = served["digits-mlp"]
     assert load.rate_qps == pytest.approx(50, rel=0.01)
     assert load.busy == pytest.approx(0.2, rel=0.01)  # 50 q/s x 4 ms
@@ -28,6 +29,7 @@ def test_counts_become_smoothed_rates_busy_time_and_misses() -> None:
     assert load.min_accuracy == 0.95
     assert load.queue_depth == 3
     assert load.slowdown == 1.8  # its batches run 1.8x slower than profiled
+    assert load.cpu_share == 0.6  # ... and its thread had a CPU 60% of the time
     assert demand["digits"] == pytest.approx(50, rel=0.01)
 
 
@@ -64,7 +66,7 @@ def test_a_subtree_report_sums_demand_upwards_and_keeps_each_nodes_served_load()
 def test_a_report_survives_the_wire_and_a_child_speaks_only_for_its_subtree() -> None:
     report = LoadReport.of_subtree("edge-1", {"digits-mlp": VariantLoad(
         rate_qps=12.5, busy=0.3, rows_per_query=2, queue_depth=4, slo_miss_frac=0.1,
-        latency_target_ms=15.0, min_accuracy=0.97, slowdown=2.0)}, {"digits": 12.5}, [], [])
+        latency_target_ms=15.0, min_accuracy=0.97, slowdown=2.0, cpu_share=0.5)}, {"digits": 12.5}, [], [])
     back = LoadReport.from_wire(report.to_wire(), nodes={"edge-1"})
     assert back == report
     with pytest.raises(ValueError, match="not a node of the sender's subtree"):
@@ -74,7 +76,7 @@ def test_a_report_survives_the_wire_and_a_child_speaks_only_for_its_subtree() ->
 @pytest.mark.parametrize("bad, match", [
     ([1, 2], "must be a map"),
     ({"served": []}, "must be maps"),
-    ({"served": {"edge-1": {"digits-mlp": [1, 2]}}}, "list of 7 or 8 numbers"),
+    ({"served": {"edge-1": {"digits-mlp": [1, 2]}}}, "list of 7 to 9 numbers"),
     ({"served": {"edge-1": {"digits-mlp": [-1, 0, 1, 0, 0, None, None]}}}, "rate_qps"),
     ({"served": {"edge-1": {"digits-mlp": ["x", 0, 1, 0, 0, None, None]}}}, "digits-mlp"),
     ({"demand": {"edge-1": {"digits": float("nan")}}}, "finite rate"),

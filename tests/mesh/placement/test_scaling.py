@@ -387,3 +387,18 @@ def test_a_hot_variant_on_a_contended_cpu_gets_a_replica_not_more_workers() -> N
     r = fresh.step(registry, LoadSnapshot(demand={("digits", "edge-1"): 950.0},
                                           served={edge: _load(0.95)}), 10.0)
     assert [d.kind for d in r.decisions if d.node == "edge-1"] == [DecisionKind.ADD_WORKERS]
+
+
+def test_a_hot_variant_whose_thread_waits_for_a_cpu_gets_no_more_workers() -> None:
+    # Its batches run as profiled, but its compute thread had a CPU only 40% of the time:
+    # the machine is shared, so more workers would only share the same cores.
+    topology, registry = shipped("local"), bundled()
+    scaler = Autoscaler(topology)
+    scaler.step(registry, None, 0.0)
+    edge = ("edge-1", "digits-linear")
+    starved = replace(_load(0.95), cpu_share=0.4)
+    r = scaler.step(registry, LoadSnapshot(demand={("digits", "edge-1"): 950.0},
+                                           served={edge: starved}), 10.0)
+    assert not [d for d in r.decisions if d.kind is DecisionKind.ADD_WORKERS]
+    replica = [d for d in r.decisions if d.kind is DecisionKind.REPLICATE]
+    assert replica and "getting a CPU 40% of the time" in replica[0].reason
