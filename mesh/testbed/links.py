@@ -720,6 +720,15 @@ class LinkSet:
         for emulator in emulators:
             emulator.configure(**settings.given())
 
+    def configure_from(self, link: str, raw: Any) -> None:
+        """:meth:`configure` from a command's ``settings`` object; raises ``ValueError``
+        naming what is wrong (nothing changes then) and :class:`UnknownLink`."""
+        settings = LinkSettings.parse(raw)
+        if not settings.given():
+            raise ValueError("settings: give at least one of latency_ms, bandwidth_mbps, "
+                             "loss, jitter_ms")
+        self.configure(link, settings)
+
     def describe(self, link: str) -> dict[str, Any]:
         """One link as its emulators share it: settings, cut or not, and summed counters."""
         emulators = self.group(link)
