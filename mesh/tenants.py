@@ -120,6 +120,8 @@ class Tenancy:
         self._buckets: dict[str, TokenBucket] = {}
         self._running: dict[str, int] = {}
         self.usage: dict[str, Usage] = {}
+        #: whether any tenant has private tasks (else every task is public): read per query
+        self.private = any(rules.private for rules in self.tenants.values())
 
     @classmethod
     def of(cls, topology: Any, *, keys: Mapping[str, str] | None = None,
@@ -149,10 +151,6 @@ class Tenancy:
         return self
 
     # ------------------------------------------------------------------ who
-    @property
-    def private(self) -> bool:
-        """Whether any tenant has private tasks (else every task is public)."""
-        return any(rules.private for rules in self.tenants.values())
 
     @property
     def enabled(self) -> bool:

@@ -504,10 +504,11 @@ class NodeAgent:
         if again is not None:
             return await again
         response = await self._query(req, True, fingerprint)
-        self.tenancy.account(req.tenant, bytes_in=req.payload_bytes,
-                             bytes_out=sum(o.nbytes for o in response.outputs),
-                             cost=(response.plan.cost_per_1k or 0.0) / 1000.0
-                             if response.plan is not None else 0.0)
+        if req.tenant is not None:
+            self.tenancy.account(req.tenant, bytes_in=req.payload_bytes,
+                                 bytes_out=sum(o.nbytes for o in response.outputs),
+                                 cost=(response.plan.cost_per_1k or 0.0) / 1000.0
+                                 if response.plan is not None else 0.0)
         return response
 
     async def _query(self, req: InferRequest, from_client: bool,
