@@ -26,8 +26,9 @@ Who may do what (:mod:`nodes.identity`): a query's ``route`` is honoured and
 an artifact served only for a node of the mesh: with TLS, one whose verified
 certificate names it (a certificate of the mesh CA naming anything else gets
 403 on every route); without TLS, one that sends the mesh-key token.
-Everyone else is a client (anonymous today; client authentication slots in
-as another kind of caller in :class:`~nodes.identity.Callers`).
+Everyone else is a client: on a mesh with tenants, one that names itself with
+an API key (``Authorization: Bearer``; :mod:`mesh.tenants`, checked by the
+agent), and status and metrics are then for operators and nodes only.
 
 The error middleware is the only place where errors become responses: a
 :class:`~mesh.errors.MeshError` keeps its status (and ``Retry-After`` when it

@@ -15,8 +15,9 @@ Every handler that does something only nodes may do (honour a query's
 * **TLS off** (loopback, the testbed): the mesh-key token of
   :mod:`nodes.peers` (HTTP headers, the stream's HELLO frame).
 
-``None`` means a client: today clients are anonymous; their own
-authentication (tenants, API keys) slots in here, as another kind of caller.
+``None`` means a client. Clients authenticate as tenants with API keys, which
+the agent checks (:mod:`mesh.tenants`), not this module: a node never needs a
+key, and a client never passes for a node.
 """
 
 from __future__ import annotations
