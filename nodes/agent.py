@@ -387,6 +387,8 @@ class NodeAgent:
         self.models.variants.update(hosted)
         gone = sorted(before - set(hosted))
         for name in gone:  # no longer hosted here (placed elsewhere, or removed)
+            if name in self.models.unavailable and name in registry.variants:
+                continue  # placed elsewhere because it failed here: status keeps saying why
             if await self.models.unload(name) or name not in self.models.loaded:
                 self.models.variants.pop(name, None)
             # one still busy stays until idle; the planner no longer sends it queries

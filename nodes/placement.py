@@ -94,19 +94,19 @@ class PlacementControl:
         self._kick.set()
 
     async def _run(self) -> None:
-        while True:
+        while True:  # a round at once (the placement is published from the start), then
+            try:      # one every interval, or sooner when the registry changes
+                await self.step()
+            except asyncio.CancelledError:
+                raise
+            except Exception:  # one bad round must not end placement
+                log.exception("%s: placement round failed", self.agent.name)
             kicked = asyncio.ensure_future(self._kick.wait())
             try:
                 await asyncio.wait([kicked], timeout=self.spec.interval_s)
             finally:
                 kicked.cancel()
             self._kick.clear()
-            try:
-                await self.step()
-            except asyncio.CancelledError:
-                raise
-            except Exception:  # one bad round must not end placement
-                log.exception("%s: placement round failed", self.agent.name)
 
     # ------------------------------------------------------------------ the root
     async def step(self, now: float | None = None) -> Round:
