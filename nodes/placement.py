@@ -7,8 +7,9 @@ The pure half is :mod:`mesh.placement`. Here:
   each node, and the demand per task entering each subtree), measured by each
   node's :class:`~mesh.placement.meter.LoadMeter` (:mod:`nodes.membership`).
 * **The root decides.** The node without a parent runs an
-  :class:`~mesh.placement.Autoscaler` round every ``placement.interval_s``
-  (the topology's), and at once when its registry changes (a model added),
+  :class:`~mesh.placement.Autoscaler` round when it starts, then every
+  ``placement.interval_s`` (the topology's), and at once when its registry
+  changes (a model added),
   from the whole tree's report and what its view says is down or failed.
 * **Decisions go down.** A round that changes the placement gives it a new
   version; heartbeat answers carry it to every child whose copy is older,
