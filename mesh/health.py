@@ -130,10 +130,6 @@ class OutlierDetector:
         p.reason = reason
         return Ejection(peer, p.ejected_until, reason, p.ejections)
 
-    def ejected(self, peer: str, now: float) -> bool:
-        p = self._peers.get(peer)
-        return p is not None and now < p.ejected_until
-
     def status(self, now: float) -> dict[str, dict[str, Any]]:
         """Peers ejected now or on probation, for status pages."""
         out = {}

@@ -96,9 +96,6 @@ class WorkerPool:
         """Measured compute time over the profiled one, the worst of its workers."""
         return max(b.slowdown for b in self._active) if self._active else 1.0
 
-    def predicted_wait_s(self, now: float, rows: int = 0) -> float:
-        return min(b.predicted_wait_s(now, rows) for b in self._active)
-
     # ------------------------------------------------------------------ serving
     async def submit(self, inputs: list[np.ndarray], *, budget_ms: float | None = None,
                      offline: bool = False, alone: bool = False) -> BatchResult:

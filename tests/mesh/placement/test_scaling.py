@@ -7,6 +7,8 @@ import math
 from collections.abc import Callable
 from dataclasses import replace
 
+import pytest
+
 from mesh.placement import (
     Autoscaler,
     Cause,
@@ -366,39 +368,31 @@ def test_memory_for_a_faster_variant_comes_from_a_cold_one_which_returns_later()
     assert scaler.placement == base
 
 
-def test_a_hot_variant_on_a_contended_cpu_gets_a_replica_not_more_workers() -> None:
-    # Its batches run 2.5x slower than profiled: its node's CPU is shared and spent, so more
-    # workers there would add nothing; the load goes to a replica near it instead.
+@pytest.mark.parametrize("measured, said", [
+    # its batches run 2.5x slower than profiled
+    ({"slowdown": 2.5}, "2.5x slower than profiled"),
+    # its batches run as profiled, but its compute thread had a CPU only 40% of the time
+    ({"cpu_share": 0.4}, "getting a CPU 40% of the time"),
+])
+def test_a_hot_variant_on_a_contended_cpu_gets_a_replica_not_more_workers(
+        measured: dict[str, float], said: str) -> None:
+    # The node's CPU is shared and spent: more workers there would only share the same
+    # cores, so the load goes to a replica near it instead.
     topology, registry = shipped("local"), bundled()
     scaler = Autoscaler(topology)
     scaler.step(registry, None, 0.0)
     edge = ("edge-1", "digits-linear")
-    hot = replace(_load(0.95), slowdown=2.5)
+    hot = replace(_load(0.95), **measured)
     r = scaler.step(registry, LoadSnapshot(demand={("digits", "edge-1"): 950.0},
                                            served={edge: hot}), 10.0)
     assert not [d for d in r.decisions if d.kind is DecisionKind.ADD_WORKERS]
     assert scaler.placement.workers(*edge) == 1
     replica = [d for d in r.decisions if d.kind is DecisionKind.REPLICATE]
     assert replica and replica[0].node == "mid-1"
-    assert "2.5x slower than profiled" in replica[0].reason
-    # The same load at the profiled speed gets workers first.
+    assert said in replica[0].reason
+    # The same load on a CPU of its own gets workers first.
     fresh = Autoscaler(topology)
     fresh.step(registry, None, 0.0)
     r = fresh.step(registry, LoadSnapshot(demand={("digits", "edge-1"): 950.0},
                                           served={edge: _load(0.95)}), 10.0)
     assert [d.kind for d in r.decisions if d.node == "edge-1"] == [DecisionKind.ADD_WORKERS]
-
-
-def test_a_hot_variant_whose_thread_waits_for_a_cpu_gets_no_more_workers() -> None:
-    # Its batches run as profiled, but its compute thread had a CPU only 40% of the time:
-    # the machine is shared, so more workers would only share the same cores.
-    topology, registry = shipped("local"), bundled()
-    scaler = Autoscaler(topology)
-    scaler.step(registry, None, 0.0)
-    edge = ("edge-1", "digits-linear")
-    starved = replace(_load(0.95), cpu_share=0.4)
-    r = scaler.step(registry, LoadSnapshot(demand={("digits", "edge-1"): 950.0},
-                                           served={edge: starved}), 10.0)
-    assert not [d for d in r.decisions if d.kind is DecisionKind.ADD_WORKERS]
-    replica = [d for d in r.decisions if d.kind is DecisionKind.REPLICATE]
-    assert replica and "getting a CPU 40% of the time" in replica[0].reason
