@@ -12,7 +12,7 @@ from typing import Any
 from rich.table import Table
 
 from mesh.errors import MeshError
-from mesh.peers import PeerKey
+from mesh.peers import KEY_FILE
 
 __all__ = ["fetch_status", "mesh_status", "status_table", "decisions_table", "failures_table",
            "tenant_table", "fmt_ms"]
@@ -52,15 +52,14 @@ def mesh_status(home: Path) -> list[dict[str, Any]]:
     """The status of the mesh running from ``home``; raises :class:`MeshError` when none is.
     Signed with the home's mesh key as the operator (status is for operators once the
     mesh has tenants)."""
-    from mesh.remote import OPERATOR
+    from mesh.remote import OPERATOR, key_from
     from mesh.testbed.local import read_state
 
     state = read_state(home / "run")
     if state is None:
         raise MeshError(f"no mesh is running from {home}; start one with 'mesh up TOPOLOGY'")
-    key = home / "mesh.key"
-    headers = PeerKey(bytes.fromhex(key.read_text().strip())).headers(OPERATOR) \
-        if key.is_file() and state.client_ssl() is None else None
+    headers = key_from(home, None).headers(OPERATOR) \
+        if (home / KEY_FILE).is_file() and state.client_ssl() is None else None
     return asyncio.run(fetch_status(state.nodes, state.client_ssl(), headers))
 
 
