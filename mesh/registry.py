@@ -28,7 +28,8 @@ from typing import Any, NamedTuple
 from mesh.durable import locked, remove_stale_temps, write_atomic
 from mesh.errors import UnknownTask
 
-__all__ = ["TensorSpec", "LatencyFit", "Profile", "Variant", "Rejection", "Registry"]
+__all__ = ["TensorSpec", "LatencyFit", "Profile", "compose_profile", "Variant", "Rejection",
+           "Registry"]
 
 REGISTRY_FILE = "registry.json"
 LOCK_FILE = "registry.lock"
@@ -116,6 +117,15 @@ class Profile:
                    LatencyFit.from_json(fit) if fit else None)
 
 
+def compose_profile(base: Profile, head: Profile) -> Profile:
+    """What a query on a base and a private head pays: their latencies added at the base's
+    batch sizes, and the memory of both (what placement must find on a node that has
+    neither loaded)."""
+    batch_ms = {b: ms + head.latency_ms(b) for b, ms in base.batch_ms.items()}
+    return Profile(batch_ms=batch_ms, cold_start_ms=base.cold_start_ms + head.cold_start_ms,
+                   peak_memory_bytes=base.peak_memory_bytes + head.peak_memory_bytes)
+
+
 @dataclass(frozen=True, slots=True)
 class Variant:
     """One runnable artifact of a model family.
@@ -126,6 +136,9 @@ class Variant:
     runs ("cpu" or "cuda"), ``agreement`` holds its measured agreement with
     the original on the validation set, and ``assets`` maps the name of a
     file a client needs (a tokenizer) to its sha256 in the artifact store.
+    A private head (``base`` set) has the head's artifact as ``sha256`` and
+    runs on the features of the named base variant, loaded once per node for
+    every head that shares it.
     """
 
     name: str
@@ -149,6 +162,14 @@ class Variant:
     device: str = "cpu"
     agreement: dict[str, float] = field(default_factory=dict)
     assets: dict[str, str] = field(default_factory=dict)
+    #: a private head on a shared base (mesh.variants.heads): the base variant whose output
+    #: feeds this head's artifact ("" for a whole model); ``inputs`` are the base's
+    base: str = ""
+    #: the tenant that owns this variant: its task is private to that tenant ("" public)
+    tenant: str = ""
+    #: the head alone (``base`` set): latency at the factory's hardware class and the
+    #: memory it adds to a loaded base; ``profiles`` hold base + head, what a query pays
+    head_profile: Profile | None = None
 
     def profile_for(self, profile_key: str) -> Profile | None:
         """The profile for a hardware class; falls back on one of the same kind."""
@@ -163,6 +184,13 @@ class Variant:
         out["inputs"] = [asdict(t) | {"shape": list(t.shape)} for t in self.inputs]
         out["outputs"] = [asdict(t) | {"shape": list(t.shape)} for t in self.outputs]
         out["profiles"] = {k: p.to_json() for k, p in sorted(self.profiles.items())}
+        for name in ("base", "tenant"):
+            if not out[name]:
+                del out[name]  # whole public models: their entries stay as they were
+        if self.head_profile is None:
+            del out["head_profile"]
+        else:
+            out["head_profile"] = self.head_profile.to_json()
         return out
 
     @classmethod
@@ -171,6 +199,8 @@ class Variant:
         data["inputs"] = tuple(TensorSpec.from_json(t) for t in obj["inputs"])
         data["outputs"] = tuple(TensorSpec.from_json(t) for t in obj["outputs"])
         data["profiles"] = {k: Profile.from_json(p) for k, p in obj.get("profiles", {}).items()}
+        head = obj.get("head_profile")
+        data["head_profile"] = Profile.from_json(head) if head else None
         return cls(**data)
 
 
@@ -232,6 +262,15 @@ class Registry:
     # ---------------------------------------------------------------- queries
     def tasks(self) -> list[str]:
         return sorted({v.task for v in self.variants.values()})
+
+    def owners(self) -> dict[str, str]:
+        """Task -> the tenant that owns it, for the tasks of tenants' private variants."""
+        return {v.task: v.tenant for v in self.variants.values() if v.tenant}
+
+    def heads_of(self, base: str) -> list[Variant]:
+        """The private heads registered on base variant ``base``."""
+        return sorted((v for v in self.variants.values() if v.base == base),
+                      key=lambda v: v.name)
 
     def for_task(self, task: str) -> list[Variant]:
         found = [v for v in self.variants.values() if v.task == task]

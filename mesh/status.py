@@ -78,7 +78,12 @@ def status_table(rows: list[dict[str, Any]]) -> Table:
                           "[red]down[/red]", "", "", "", "", "", "")
             continue
         loaded = [v["name"] + (f" x{v['workers']}" if v.get("workers", 1) > 1 else "")
+                  + (f" (on {v['base']})" if v.get("base") else "")
                   for v in row["variants"] if v.get("loaded")]
+        # the bases loaded for private heads: once for all who share, once per isolated owner
+        loaded += [f"{b['base']} [dim](base of {len(b['heads'])} head(s)"
+                   + (f", {b['owner']}'s own" if b["owner"] else ", shared") + ")[/dim]"
+                   for b in row.get("shared_bases") or []]
         broken = [v["name"] for v in row["variants"] if v.get("state") == "unavailable"]
         variants = ", ".join(loaded) + (f" [red](failed: {', '.join(broken)})[/red]" if broken else "")
         short = [f"{v} live {f['live']:.3f} < {f['promised']:.3f}"

@@ -11,7 +11,9 @@ as the planner has long used them) with, for applications to authenticate:
   entry node: 429 with ``Retry-After`` beyond them.
 * ``private``: task globs only this tenant can see or call. To every other
   caller a private task does not exist: 404, the very answer a task that
-  does not exist gets.
+  does not exist gets. The tasks of a tenant's private heads
+  (``mesh models add --base ... --tenant T``) are private to it as well: the
+  registry names their owner.
 
 ``operators`` (top level) lists the keys that may read status and metrics and
 run admin commands. A mesh that declares no key at all is open, as before.
@@ -111,6 +113,8 @@ class Tenancy:
     tenants: Mapping[str, TenantRules] = field(default_factory=dict)
     operator_hashes: frozenset[str] = frozenset()
     revoked: frozenset[str] = frozenset()
+    #: task -> the tenant that owns it (its private heads, as the registry says)
+    owners: Mapping[str, str] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         self._by_hash: dict[str, str] = {}
@@ -121,15 +125,16 @@ class Tenancy:
         self._running: dict[str, int] = {}
         self.usage: dict[str, Usage] = {}
         #: whether any tenant has private tasks (else every task is public): read per query
-        self.private = any(rules.private for rules in self.tenants.values())
+        self.private = bool(self.owners) or any(rules.private for rules in self.tenants.values())
 
     @classmethod
     def of(cls, topology: Any, *, keys: Mapping[str, str] | None = None,
-           revoked: Iterable[str] = ()) -> Tenancy:
+           revoked: Iterable[str] = (), owners: Mapping[str, str] | None = None) -> Tenancy:
         """From a :class:`~mesh.topology.Topology`'s tenants and operators, plus ``keys``
         (hash -> tenant) added on the running mesh and the hashes ``revoked`` there (the
         registry's: :attr:`mesh.registry.Registry.keys`). A key for a tenant the topology
-        does not declare is ignored."""
+        does not declare is ignored. ``owners``: task -> tenant for the tenants' private
+        heads (:meth:`mesh.registry.Registry.owners`)."""
         added: dict[str, set[str]] = {}
         for key_hash, tenant in (keys or {}).items():
             added.setdefault(tenant, set()).add(key_hash)
@@ -142,7 +147,8 @@ class Tenancy:
                 quota.burst if quota is not None else None,
                 quota.concurrent if quota is not None else None,
                 tuple(t.private))
-        return cls(rules, frozenset(topology.operator_keys), frozenset(revoked))
+        return cls(rules, frozenset(topology.operator_keys), frozenset(revoked),
+                   dict(owners or {}))
 
     def carry_over(self, before: Tenancy) -> Tenancy:
         """This tenancy, keeping what ``before`` counted (usage, quota buckets, queries in
@@ -182,6 +188,9 @@ class Tenancy:
     # ------------------------------------------------------------------ what
     def visible(self, tenant: str | None, task: str) -> bool:
         """Whether ``tenant`` (None: an open mesh's caller) may see and call ``task``."""
+        owner = self.owners.get(task)
+        if owner is not None:
+            return owner == tenant
         for rules in self.tenants.values():
             if rules.private and rules.owns(task) and rules.name != tenant:
                 return False

@@ -251,11 +251,15 @@ class NodeAgent:
                         threads=self.hardware.threads, profile_key=self.hardware.profile_key,
                         max_queue=self.spec.max_queue, size_factor=config.memory_size_factor,
                         batching=config.batching,
-                        profile_cache=config.home / "profiles"),
+                        profile_cache=config.home / "profiles",
+                        isolated_tenants=frozenset(
+                            t.name for t in config.topology.tenants.values() if not t.share_base)),
             {v.name: v for v in self.registry.variants.values()
              if self.planner.hosting.allows(self.name, v.name)},
             self.artifacts, self._executor, metrics=self.metrics, on_change=self._report_self,
-            clock=clock, runtimes=runtimes, on_batch=self.meter.computed)
+            clock=clock, runtimes=runtimes, on_batch=self.meter.computed,
+            bases=lambda name: self.registry.variants.get(name),
+            heads_on=lambda name: any(v.base == name for v in self.registry.variants.values()))
         self.metrics.watch(self.models.gauges, lambda: self.models.config.budget_bytes)
         self.registry_sync = RegistrySync(
             self, parent_url=self.artifacts.parent_url,  # https:// with TLS
@@ -281,7 +285,7 @@ class NodeAgent:
         self._routes: dict[tuple[str, str], str] = {}
         #: tenants: API keys, quotas, private tasks, usage (mesh.tenants)
         self.tenancy = Tenancy.of(config.topology, keys=self.registry.keys,
-                                  revoked=self.registry.revoked)
+                                  revoked=self.registry.revoked, owners=self.registry.owners())
         #: signed identities already seen here (a replayed forwarded query is refused)
         self.replays = ReplayGuard()
         #: peers failing the queries sent to them are ejected for a while (mesh.health)
@@ -352,7 +356,8 @@ class NodeAgent:
         self.registry = registry
         # keys added or revoked on the running mesh take effect here now
         self.tenancy = Tenancy.of(self.config.topology, keys=registry.keys,
-                                  revoked=registry.revoked).carry_over(self.tenancy)
+                                  revoked=registry.revoked,
+                                  owners=registry.owners()).carry_over(self.tenancy)
         hosting = self.planner.hosting
         live = hosting.placement if self.placement.version else None
         self.planner = self._planner(registry, None if live is None else Hosting(
@@ -414,7 +419,8 @@ class NodeAgent:
     async def _sync_workers(self) -> None:
         hosting = self.planner.hosting
         for name in sorted(self.models.loaded):
-            want = hosting.workers(self.name, name)
+            # variants on one base instance share its workers: the most any of them wants
+            want = max(hosting.workers(self.name, n) for n in self.models.sharing(name))
             if self.models.workers(name) != want:
                 await self.models.set_workers(name, want)
 
@@ -1130,6 +1136,8 @@ class NodeAgent:
                            workers=entry.batcher.workers)
             if state == "unavailable":
                 row["error"] = self.models.unavailable[name]
+            if self.models.variants[name].base:
+                row["base"] = self.models.variants[name].base
             variants.append(row)
         totals = self.metrics.totals()
         return {
@@ -1137,6 +1145,11 @@ class NodeAgent:
             "tier": self.spec.tier,
             "hardware": self.spec.hardware,
             "compute_workers": self.compute_workers,
+            #: base instances loaded for private heads: one per (base, owner); "" shared
+            "shared_bases": [{"base": key[0], "owner": key[1], "heads": sb.heads,
+                              "memory_bytes": sb.memory_bytes, "batches": sb.batches,
+                              "mixed_batches": sb.mixed}
+                             for key, sb in sorted(self.models.shared.items())],
             "address": address,
             "stream_address": stream_address,
             "topology": self.config.topology.name,

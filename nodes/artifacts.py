@@ -85,10 +85,18 @@ class PullPolicy:
         what each node's allow/deny lists let in."""
         self.topology = topology
         self.node = node
-        self._hosts = hosts or (lambda n, v: topology.nodes[n].allows(v))
+        self._hosts = hosts or (lambda n, v: topology.nodes[n].allows(v, bases.get(v, "")))
+        #: artifact -> the variants that need it: its own, and the private heads whose base
+        #: it is (a node hosting a head loads the base's artifact too)
         self._names: dict[str, list[str]] = {}
+        variants = list(variants)
+        by_name = {v.name: v for v in variants}
+        bases = {v.name: v.base for v in variants if v.base}
         for variant in variants:
             self._names.setdefault(variant.sha256, []).append(variant.name)
+            base = by_name.get(variant.base) if variant.base else None
+            if base is not None:
+                self._names.setdefault(base.sha256, []).append(variant.name)
         self._parents: dict[str, str | None] = {}
         self._pullers: dict[str, frozenset[str]] = {}
 

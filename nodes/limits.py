@@ -96,7 +96,7 @@ def body_caps(registry: Registry, topology: Topology, *, max_rows: int, ceiling_
     seen: set[str] = set()
     for variant in registry.variants.values():
         # placement may put a variant on any node whose allow/deny lists let it in
-        if variant.task in seen or not any(n.allows(variant.name)
+        if variant.task in seen or not any(n.allows(variant.name, variant.base)
                                            for n in topology.nodes.values()):
             continue
         seen.add(variant.task)

@@ -23,6 +23,10 @@ within the node's budget (its hardware class's ``memory_mb``).
 - **Profiling**: a variant with no profile for this node's hardware class
   is profiled here before the node advertises it (cached per hardware class
   and artifact under ``<home>/profiles``).
+- **Private heads** (``Variant.base`` set) load onto one shared instance of
+  their base (:mod:`nodes.heads`): the base is loaded with the first head
+  and unloaded with the last, and counts once against the budget; each
+  head adds only its own session.
 """
 
 from __future__ import annotations
@@ -42,10 +46,11 @@ import numpy as np
 from mesh.durable import write_atomic
 from mesh.errors import ArtifactNotFound, MeshError, Overloaded, RuntimeMissing, Unavailable
 from mesh.placement.resources import variant_memory_bytes
-from mesh.registry import Profile, TensorSpec, Variant
+from mesh.registry import Profile, TensorSpec, Variant, compose_profile
 from mesh.runtimes import ModelRuntime, runtime_for
 from nodes.artifacts import ArtifactSource
 from nodes.batching import Batcher, BatchPolicy, BatchSettings
+from nodes.heads import HeadPool, SharedBase, instance_key
 from nodes.metrics import NodeMetrics, VariantGauge
 from nodes.tasks import cancel_all
 from nodes.workers import WorkerPool
@@ -75,6 +80,8 @@ class ModelConfig:
     batching: BatchSettings = BatchSettings()
     #: where profiles made on this node are cached; None: not cached
     profile_cache: Path | None = None
+    #: tenants whose private heads get a base instance of their own (``share_base: false``)
+    isolated_tenants: frozenset[str] = frozenset()
 
     def __post_init__(self) -> None:
         if self.budget_bytes <= 0:
@@ -106,8 +113,9 @@ def sample_inputs(specs: Iterable[TensorSpec], batch: int, seed: int = 0) -> lis
 @dataclass(eq=False)
 class LoadedVariant:
     variant: Variant
-    #: its compute workers (one batcher and session each; placement may add more)
-    batcher: WorkerPool
+    #: its compute workers (one batcher and session each; placement may add more); a
+    #: private head's is its view of the shared base's workers
+    batcher: WorkerPool | HeadPool
     memory_bytes: int
     heat: float = 0.0
     last_used: float = 0.0
@@ -132,9 +140,14 @@ class ModelManager:
                  on_change: Callable[[], None] = lambda: None,
                  clock: Callable[[], float] = time.monotonic,
                  runtimes: RuntimeLookup = runtime_for,
-                 on_batch: Callable[[str, float], None] | None = None) -> None:
+                 on_batch: Callable[[str, float], None] | None = None,
+                 bases: Callable[[str], Variant | None] = lambda name: None,
+                 heads_on: Callable[[str], bool] = lambda name: False) -> None:
         """``on_batch``: told (variant, compute seconds) after every batch (placement's
-        measure of how busy each variant's workers are)."""
+        measure of how busy each variant's workers are). ``bases``: looks up the base
+        variant of a private head (the registry's; the base need not be hosted here);
+        ``heads_on``: whether a variant has private heads registered on it (then it loads
+        as a shared base instance, which its heads here will use too)."""
         self.config = config
         self._on_batch = on_batch
         #: format -> the runtime that loads and runs it (injected: tests wrap the real ones)
@@ -153,6 +166,11 @@ class ModelManager:
         self._waiting: dict[str, int] = {}
         self._reserved = 0
         self._loader: ThreadPoolExecutor | None = None
+        self._bases = bases
+        self._heads_on = heads_on
+        #: loaded base instances of private heads, by (base variant, owner)
+        self.shared: dict[tuple[str, str], SharedBase] = {}
+        self._shared_loading: dict[tuple[str, str], asyncio.Task[SharedBase]] = {}
 
     # ------------------------------------------------------------------ lifecycle
     async def __aenter__(self) -> ModelManager:
@@ -160,9 +178,11 @@ class ModelManager:
         return self
 
     async def __aexit__(self, *exc: object) -> None:
-        await cancel_all(list(self._loading.values()))
+        await cancel_all([*self._loading.values(), *self._shared_loading.values()])
         for name in list(self.loaded):
             await self._unload(name)
+        for shared in list(self.shared.values()):
+            await self._close_shared(shared)
         if self._loader is not None:
             self._loader.shutdown(wait=True, cancel_futures=True)
             self._loader = None
@@ -170,10 +190,25 @@ class ModelManager:
     # ------------------------------------------------------------------ queries
     @property
     def memory_used(self) -> int:
-        return sum(e.memory_bytes for e in self.loaded.values()) + self._reserved
+        return sum(e.memory_bytes for e in self.loaded.values()) + self._reserved + sum(
+            s.memory_bytes for s in self.shared.values())
 
     def need_bytes(self, name: str) -> int:
-        return estimate_bytes(self.variants[name], self.config.profile_key, self.config.size_factor)
+        """Memory loading ``name`` takes now: for a private head, the head's own, plus its
+        base's while no instance of that base it may use is loaded."""
+        variant = self.variants[name]
+        if not variant.base:
+            if (name, "") in self.shared:  # loaded for heads already: served from there
+                return 0
+            return estimate_bytes(variant, self.config.profile_key, self.config.size_factor)
+        head = variant_memory_bytes(variant, variant.head_profile, self.config.size_factor)
+        base = self._base_of(variant)
+        if base is None or instance_key(variant, self.config.isolated_tenants) in self.shared:
+            return head
+        return head + estimate_bytes(base, self.config.profile_key, self.config.size_factor)
+
+    def _base_of(self, head: Variant) -> Variant | None:
+        return self.variants.get(head.base) or self._bases(head.base)
 
     def gauges(self) -> dict[str, VariantGauge]:
         out = {}
@@ -265,6 +300,35 @@ class ModelManager:
         if need > self.config.budget_bytes:
             self._mark(name, self._too_big(name))
             raise Unavailable(f"variant {name} is unavailable here: {self.unavailable[name]}")
+        if variant.base:
+            return await self._load_head(name, variant)
+        if len(variant.outputs) == 1 and self._heads_on(name):
+            return await self._load_head(name, variant, base=variant)
+        runtime, path, session = await self._open_session(name, variant, need)
+        batcher = self._batcher(variant, runtime, session)
+        await batcher.__aenter__()
+        entry = LoadedVariant(variant, WorkerPool(name, batcher), need,
+                              opener=(runtime, str(path)))
+        self._loaded(entry)
+        return entry
+
+    def _loaded(self, entry: LoadedVariant) -> None:
+        name, need = entry.variant.name, entry.memory_bytes
+        entry.touch(self._clock(), self.config.heat_half_life_s)
+        self.loaded[name] = entry
+        if self._metrics is not None:
+            self._metrics.loaded(name, "loaded")
+        log.info("loaded %s (~%.1f MB, %.1f of %.1f MB used)", name, need / _MB,
+                 self.memory_used / _MB, self.config.budget_bytes / _MB)
+        self._on_change()
+
+    async def _open_session(self, name: str, variant: Variant, need: int,
+                            warm: tuple[TensorSpec, ...] | None = None
+                            ) -> tuple[ModelRuntime, Any, Any]:
+        """Pull ``variant``'s artifact, make room for ``need`` bytes and open a warmed-up
+        session (with ``warm``'s shapes; default: the variant's inputs). What fails marks
+        ``name`` unavailable with the reason (``name`` is the variant being loaded: a
+        head, when this opens its base)."""
         try:
             runtime = self._runtime_for(variant.format)
             path = await self.artifacts.ensure(variant.sha256)
@@ -278,14 +342,14 @@ class ModelManager:
         self._reserved += need
         loop = asyncio.get_running_loop()
         try:
-            session = await loop.run_in_executor(self._loader, _open, runtime, str(path), variant,
-                                                 self.config.threads)
+            session = await loop.run_in_executor(self._loader, _open, runtime, str(path),
+                                                 warm or variant.inputs, self.config.threads)
         except MemoryError:
             self._mark(name, "out of memory while loading")
             raise Unavailable(f"variant {name} is unavailable here: out of memory while loading"
                               ) from None
         except Exception as exc:  # a corrupt model must not take the node down
-            detail = str(exc).replace(str(path), f"<{name} artifact>")[:300]
+            detail = str(exc).replace(str(path), f"<{variant.name} artifact>")[:300]
             # the runtime's words go to the node's status (operators), never to clients
             public = "failed to load (the node's status says why)"
             self._mark(name, f"failed to load: {type(exc).__name__}: {detail}", public=public)
@@ -293,18 +357,95 @@ class ModelManager:
             raise Unavailable(f"variant {name} is unavailable here: {public}") from None
         finally:
             self._reserved -= need
-        batcher = self._batcher(variant, runtime, session)
-        await batcher.__aenter__()
-        entry = LoadedVariant(variant, WorkerPool(name, batcher), need,
-                              opener=(runtime, str(path)))
-        entry.touch(self._clock(), self.config.heat_half_life_s)
-        self.loaded[name] = entry
-        if self._metrics is not None:
-            self._metrics.loaded(name, "loaded")
-        log.info("loaded %s (~%.1f MB, %.1f of %.1f MB used)", name, need / _MB,
-                 self.memory_used / _MB, self.config.budget_bytes / _MB)
-        self._on_change()
+        return runtime, path, session
+
+    # ------------------------------------------------------------------ private heads
+    async def _load_head(self, name: str, variant: Variant, base: Variant | None = None
+                         ) -> LoadedVariant:
+        """Load a private head onto its base's instance (loading that first if needed).
+        ``base`` given: ``variant`` is that base itself, served from the shared instance as
+        it is (its features are its answer), so that heads and the base's own queries share
+        one copy and its batches."""
+        identity = base is not None
+        base = base or self._base_of(variant)
+        if base is None:
+            self._mark(name, f"its base variant {variant.base} is not registered")
+            raise Unavailable(f"variant {name} is unavailable here: {self.unavailable[name]}")
+        key = (base.name, "") if identity else instance_key(variant,
+                                                             self.config.isolated_tenants)
+        shared = await self._shared_instance(name, key, base)
+        need = 0 if identity else variant_memory_bytes(variant, variant.head_profile,
+                                                       self.config.size_factor)
+        runtime: ModelRuntime | None = None
+        session: Any = None
+        if not identity:
+            shared.pending += 1
+            try:
+                features = TensorSpec("features", "float32", base.outputs[0].shape)
+                runtime, _path, session = await self._open_session(name, variant, need,
+                                                                   warm=(features,))
+            except BaseException:
+                shared.pending -= 1
+                if shared.remove_head(name):
+                    await self._close_shared(shared)
+                raise
+            shared.pending -= 1
+        width = variant.outputs[0].shape[-1]
+        index = shared.add_head(name, runtime, session, width)
+        entry = LoadedVariant(variant, HeadPool(shared, name, index, width), need)
+        self._loaded(entry)
         return entry
+
+    async def _shared_instance(self, name: str, key: tuple[str, str], base: Variant
+                               ) -> SharedBase:
+        """The loaded instance ``key`` of ``base`` (one load however many heads ask)."""
+        shared = self.shared.get(key)
+        if shared is not None:
+            return shared
+        task = self._shared_loading.get(key)
+        if task is None:
+            task = asyncio.create_task(self._open_shared(name, key, base),
+                                       name=f"load-base:{key[0]}")
+            self._shared_loading[key] = task
+            task.add_done_callback(lambda _t: self._shared_loading.pop(key, None))
+        return await asyncio.shield(task)
+
+    async def _open_shared(self, name: str, key: tuple[str, str], base: Variant) -> SharedBase:
+        need = estimate_bytes(base, self.config.profile_key, self.config.size_factor)
+        runtime, path, session = await self._open_session(name, base, need)
+        shared = SharedBase(key, base, need)
+        shared.opener = (runtime, str(path))
+        shared.pool = WorkerPool(base.name, await self._shared_batcher(shared, runtime, session))
+        self.shared[key] = shared
+        log.info("loaded base %s%s for private heads (~%.1f MB)", base.name,
+                 f" (tenant {key[1]}'s own)" if key[1] else "", need / _MB)
+        return shared
+
+    async def _shared_batcher(self, shared: SharedBase, runtime: ModelRuntime,
+                              session: Any) -> Batcher:
+        cfg = self.config
+        base = shared.base
+        max_batch = min(base.max_batch, cfg.batching.max_batch or base.max_batch)
+        policy = BatchPolicy(max_batch, base.profile_for(cfg.profile_key), cfg.batching)
+        run, observer = shared.make_run(runtime, session, self._head_batch)
+        batcher = Batcher(f"{base.name}+heads", run, self._compute, max_batch=max_batch,
+                          max_queue=cfg.max_queue, policy=policy, observer=observer)
+        await batcher.__aenter__()
+        return batcher
+
+    def _head_batch(self, name: str, rows: int, compute_ms: float) -> None:
+        """A head's share of a shared batch, told to whoever watches batches."""
+        if self._metrics is not None:
+            self._metrics.batch_observer(name)(rows, compute_ms)
+        if self._on_batch is not None:
+            self._on_batch(name, compute_ms / 1000.0)
+
+    async def _close_shared(self, shared: SharedBase) -> None:
+        if self.shared.get(shared.key) is shared:
+            del self.shared[shared.key]
+        if shared.pool is not None:
+            await shared.pool.__aexit__(None, None, None)
+        log.info("unloaded base %s (no private head left on it)", shared.base.name)
 
     def _batcher(self, variant: Variant, runtime: ModelRuntime, session: Any) -> Batcher:
         cfg = self.config
@@ -352,42 +493,72 @@ class ModelManager:
         """Run ``name`` with ``workers`` compute workers (placement's decision), each on a
         session of its own; returns how many it has now. Workers beyond the first take the
         memory of another session, made room for by evicting idle variants; when there is
-        none, it stops short (and says so in the log). Not loaded: nothing happens (0)."""
+        none, it stops short (and says so in the log). Not loaded: nothing happens (0).
+        A private head (or a base with heads) sets the workers of the base instance it runs
+        on, which every head on it shares (:meth:`sharing`)."""
         workers = max(int(workers), 1)
         entry = self.loaded.get(name)
-        if entry is None or entry.opener is None:
+        if entry is None:
             return 0
-        pool = entry.batcher
+        if isinstance(entry.batcher, HeadPool):
+            shared = entry.batcher.shared
+            holder: LoadedVariant | SharedBase = shared
+            pool, opener, base = shared.pool, shared.opener, shared.base
+            per_worker = estimate_bytes(base, self.config.profile_key, self.config.size_factor)
+
+            def alive() -> bool:
+                return self.shared.get(shared.key) is shared and name in self.loaded
+
+            async def worker(runtime: ModelRuntime, session: Any) -> Batcher:
+                return await self._shared_batcher(shared, runtime, session)
+        else:
+            holder, pool, opener, base = entry, entry.batcher, entry.opener, entry.variant
+            per_worker = self.need_bytes(name)
+
+            def alive() -> bool:
+                return self.loaded.get(name) is entry
+
+            async def worker(runtime: ModelRuntime, session: Any) -> Batcher:
+                batcher = self._batcher(entry.variant, runtime, session)
+                await batcher.__aenter__()
+                return batcher
+        if opener is None or not isinstance(pool, WorkerPool):
+            return 0
         while pool.workers > workers and pool.retire():
-            entry.memory_bytes -= self.need_bytes(name)
-        runtime, path = entry.opener
+            holder.memory_bytes -= per_worker
+        runtime, path = opener
         loop = asyncio.get_running_loop()
-        while pool.workers < workers and self.loaded.get(name) is entry:
-            need = self.need_bytes(name)
+        while pool.workers < workers and alive():
             try:
-                await self._make_room(need, for_variant=name, keep=name)
+                await self._make_room(per_worker, for_variant=name, keep=name)
             except Overloaded:
                 log.info("%s stays at %d worker(s): no memory for another session", name,
                          pool.workers)
                 break
-            self._reserved += need
+            self._reserved += per_worker
             try:
                 session = await loop.run_in_executor(self._loader, _open, runtime, path,
-                                                     entry.variant, self.config.threads)
+                                                     base.inputs, self.config.threads)
             except Exception as exc:  # noqa: BLE001 - the variant keeps the workers it has
                 log.warning("%s: another worker could not open a session: %s", name, exc)
                 break
             finally:
-                self._reserved -= need
-            if self.loaded.get(name) is not entry:  # unloaded meanwhile
+                self._reserved -= per_worker
+            if not alive():  # unloaded meanwhile
                 break
-            batcher = self._batcher(entry.variant, runtime, session)
-            await batcher.__aenter__()
-            pool.add(batcher)
-            entry.memory_bytes += need
+            pool.add(await worker(runtime, session))
+            holder.memory_bytes += per_worker
             log.info("%s: %d compute worker(s)", name, pool.workers)
         self._on_change()
         return pool.workers
+
+    def sharing(self, name: str) -> list[str]:
+        """The loaded variants whose compute workers are ``name``'s: the variants on its
+        base instance when it runs on one, else ``name`` alone."""
+        entry = self.loaded.get(name)
+        if entry is not None and isinstance(entry.batcher, HeadPool):
+            return [n for n in entry.batcher.shared.heads if n in self.loaded]
+        return [name]
 
     def workers(self, name: str) -> int:
         entry = self.loaded.get(name)
@@ -398,6 +569,10 @@ class ModelManager:
         if entry is None:
             return
         await entry.batcher.__aexit__(None, None, None)
+        if isinstance(entry.batcher, HeadPool):
+            shared = entry.batcher.shared
+            if shared.remove_head(name):
+                await self._close_shared(shared)
         self._on_change()
 
     # ------------------------------------------------------------------ profiling
@@ -409,29 +584,56 @@ class ModelManager:
         """
         key = self.config.profile_key
         made: dict[str, Profile] = {}
-        loop = asyncio.get_running_loop()
-        for name, variant in sorted(self.variants.items()):
+        # whole models first: a private head's profile is its base's plus its own
+        for name, variant in sorted(self.variants.items(), key=lambda kv: (bool(kv[1].base),
+                                                                         kv[0])):
             if key in variant.profiles or name in self.unavailable:
                 continue
-            profile = self._cached_profile(variant)
+            if variant.base:
+                profile = await self._head_profile(name, variant, made)
+            else:
+                profile = await self._measured(name, variant)
             if profile is None:
-                try:
-                    self._runtime_for(variant.format)  # a missing backend fails here, clearly
-                    path = await self.artifacts.ensure(variant.sha256)
-                    log.info("profiling %s on %s (no profile for this hardware class)", name, key)
-                    profile = await loop.run_in_executor(self._loader, _profile, variant, str(path),
-                                                         self.config.threads)
-                except (ArtifactNotFound, Unavailable) as exc:
-                    self._mark(name, f"cannot be profiled here: {exc.message}")
-                    continue
-                except Exception as exc:  # noqa: BLE001 - same as a failed load
-                    self._mark(name, f"cannot be profiled here: {type(exc).__name__}: {exc}"[:300],
-                               public="cannot be profiled here (the node's status says why)")
-                    continue
-                self._store_profile(variant, profile)
+                continue
             made[name] = profile
             self.variants[name] = replace(variant, profiles={**variant.profiles, key: profile})
         return made
+
+    async def _measured(self, name: str, variant: Variant) -> Profile | None:
+        """``variant``'s profile here (cached, else measured); None with ``name`` marked
+        unavailable when it cannot be profiled."""
+        profile = self._cached_profile(variant)
+        if profile is not None:
+            return profile
+        try:
+            self._runtime_for(variant.format)  # a missing backend fails here, clearly
+            path = await self.artifacts.ensure(variant.sha256)
+            log.info("profiling %s on %s (no profile for this hardware class)", variant.name,
+                     self.config.profile_key)
+            profile = await asyncio.get_running_loop().run_in_executor(
+                self._loader, _profile, variant, str(path), self.config.threads)
+        except (ArtifactNotFound, Unavailable) as exc:
+            self._mark(name, f"cannot be profiled here: {exc.message}")
+            return None
+        except Exception as exc:  # noqa: BLE001 - same as a failed load
+            self._mark(name, f"cannot be profiled here: {type(exc).__name__}: {exc}"[:300],
+                       public="cannot be profiled here (the node's status says why)")
+            return None
+        self._store_profile(variant, profile)
+        return profile
+
+    async def _head_profile(self, name: str, head: Variant, made: dict[str, Profile]
+                            ) -> Profile | None:
+        """A private head's profile here: its base's (measured here when it has none for
+        this class) plus the head's own, which the factory measured."""
+        base = self._base_of(head)
+        if base is None or head.head_profile is None:
+            self._mark(name, f"cannot be profiled here: its base {head.base} is not registered"
+                       if base is None else "cannot be profiled here: it has no head profile")
+            return None
+        base_profile = base.profiles.get(self.config.profile_key) or made.get(base.name) \
+            or await self._measured(name, base)
+        return None if base_profile is None else compose_profile(base_profile, head.head_profile)
 
     def _profile_path(self, variant: Variant) -> Path | None:
         root = self.config.profile_cache
@@ -463,10 +665,10 @@ def _also_tell(observer: Callable[[int, float], None] | None,
     return observe
 
 
-def _open(runtime: ModelRuntime, path: str, variant: Variant, threads: int) -> Any:
-    """Open a session and warm it up with one batch-1 run (loader thread)."""
+def _open(runtime: ModelRuntime, path: str, inputs: tuple[TensorSpec, ...], threads: int) -> Any:
+    """Open a session and warm it up with one batch-1 run of ``inputs`` (loader thread)."""
     session = runtime.load(path, threads=threads)
-    runtime.run(session, sample_inputs(variant.inputs, 1))
+    runtime.run(session, sample_inputs(inputs, 1))
     return session
 
 

@@ -19,8 +19,16 @@ def models() -> None:
 @models.command("add")
 @click.argument("name")
 @click.option("--task", required=True, help="Task the family serves, e.g. 'digits'.")
-@click.option("--model", "model", required=True,
+@click.option("--model", "model", default=None,
               help="ONNX file, torch.export .pt2, TorchScript file, or package.module:factory.")
+@click.option("--base", default=None,
+              help="A private head instead of a whole model: the public family (or one "
+                   "variant) whose output features the head takes, e.g. 'minilm'.")
+@click.option("--head", "head", type=click.Path(dir_okay=False, exists=True), default=None,
+              help="With --base: the head, an ONNX model from the base's features "
+                   "[batch, D] to float32 [batch, K].")
+@click.option("--tenant", default="",
+              help="The tenant that owns this model: its task is private to that tenant.")
 @click.option("--weights", type=click.Path(dir_okay=False, exists=True), default=None,
               help="State dict for a module:factory model (torch.save(model.state_dict())).")
 @click.option("--validation", required=True, type=click.Path(dir_okay=False, exists=True),
@@ -42,23 +50,45 @@ def models() -> None:
 @click.option("--tls-dir", default=None, type=click.Path(file_okay=False),
               help="For a mesh on TLS: a node's ca.pem, node.pem, node-key.pem (the core's).")
 @click.pass_context
-def models_add(ctx: click.Context, name: str, task: str, model: str, weights: str | None,
+def models_add(ctx: click.Context, name: str, task: str, model: str | None, base: str | None,
+               head: str | None, tenant: str, weights: str | None,
                validation: str, train: str | None, kind: str, formats: str | None,
                max_batch: int, replace: bool, mesh_url: str | None, mesh_key: str | None,
                tls_dir: str | None) -> None:
-    """Register model NAME: generate, check, measure and store its variants."""
+    """Register model NAME: generate, check, measure and store its variants.
+
+    With --base and --head, NAME is a private head on a shared base: one variant per
+    variant of the base, each measured end to end; nodes load the base once for every
+    tenant's head on it (a tenant with share_base: false gets its own).
+    """
     from mesh.remote import key_from, tls_from
+
+    if (base is None) != (head is None):
+        raise click.UsageError("--base and --head go together (a head on a shared base)")
+    if (model is None) == (head is None):
+        raise click.UsageError("give --model (a whole model) or --base with --head "
+                               "(a private head on a shared base)")
+    if head is not None and (weights or train or formats):
+        raise click.UsageError("--weights, --train and --formats are for whole models; a "
+                               "head gets one variant per variant of its base")
 
     # what --mesh needs is checked before anything is built
     tls = tls_from(tls_dir) if mesh_url and tls_dir else None
     key = key_from(home_of(ctx), mesh_key) if mesh_url and tls is None else None
     from mesh.variants.factory import register_model
+    from mesh.variants.heads import register_head
 
     wanted = [f.strip() for f in formats.split(",") if f.strip()] if formats else None
     try:
-        report = register_model(home_of(ctx), name, task=task, model=model, weights=weights,
-                                validation=validation, train=train, kind=kind, formats=wanted,
-                                max_batch=max_batch, replace=replace)
+        if head is not None and base is not None:
+            report = register_head(home_of(ctx), name, task=task, base=base, head=head,
+                                   validation=validation, tenant=tenant, kind=kind,
+                                   replace=replace)
+        else:
+            report = register_model(home_of(ctx), name, task=task, model=model,
+                                    weights=weights, validation=validation, train=train,
+                                    kind=kind, formats=wanted, max_batch=max_batch,
+                                    replace=replace, tenant=tenant)
     except (ValueError, FileNotFoundError) as exc:
         raise click.ClickException(str(exc)) from None
     except ModuleNotFoundError as exc:

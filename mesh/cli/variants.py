@@ -66,7 +66,10 @@ def variants_table(found: list[Variant], title: str) -> None:
     table.add_column("cold\nstart ms", justify="right")
     table.add_column("peak\nmem MB", justify="right")
     for v in found:
-        cells = [v.name] + ([v.task] if len(tasks) > 1 else [])
+        cells = [v.name + (f"\n[dim]head on {v.base}"
+                           + (f", {v.tenant}'s" if v.tenant else "") + "[/dim]" if v.base
+                           else (f"\n[dim]{v.tenant}'s[/dim]" if v.tenant else ""))]
+        cells += [v.task] if len(tasks) > 1 else []
         cells += [v.format + ("" if v.device == "cpu" else f" ({v.device})"),
                   v.precision + (f" {v.quantization}" if v.quantization else ""),
                   _size(v.size_bytes),

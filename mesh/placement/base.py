@@ -97,7 +97,8 @@ def _usable(task: str, key: str, res: NodeResources, rule: HostRule, failed: fro
     """The variants of ``task`` a node may host: its rule permits them, its hardware runs
     them and it has not failed to load them."""
     return frozenset(o.name for o in catalogue.options(task, key)
-                     if rule.permits(o.name) and res.can_run(o.variant) and o.name not in failed)
+                     if rule.permits(o.name, o.variant.base) and res.can_run(o.variant)
+                     and o.name not in failed)
 
 
 def _dominator_barred(o: Option, in_front: set[str]) -> str:
@@ -332,7 +333,7 @@ def _unplaced(topology: Topology, catalogue: Catalogue, constraints: Constraints
         options = [o for _, o in keyed]
         if not options:
             out[name] = f"no latency profile for this mesh's hardware ({', '.join(keys)})"
-        elif not any(r.permits(name) for r in rules):
+        elif not any(r.permits(name, options[0].variant.base) for r in rules):
             out[name] = "no node's allow/deny lists let it in"
         elif all(o.dominated_by for o in options):
             key, o = keyed[0]

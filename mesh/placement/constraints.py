@@ -6,7 +6,9 @@ with no allow list anywhere may host any variant, and an empty one none.
 ``deny_variants`` (resolved the same way) are never hosted there, whatever
 the allow list says: deny wins. Both are constraints, not the placement:
 what a node hosts is what placement computes within them
-(:mod:`mesh.placement.base`).
+(:mod:`mesh.placement.base`). A tenant's private head on a shared base
+(:mod:`mesh.variants.heads`) may go wherever its own name or its base's is
+let in, and nowhere either is denied.
 
 Nodes of one group share one :class:`HostRule`, and each rule remembers its
 answers, so checking every variant on every node of a 10,000-node mesh
@@ -29,22 +31,25 @@ class HostRule:
 
     allow: tuple[str, ...] | None = None
     deny: tuple[str, ...] = ()
-    _memo: dict[str, bool] = field(default_factory=dict, compare=False, hash=False, repr=False)
+    _memo: dict[tuple[str, str], bool] = field(default_factory=dict, compare=False, hash=False,
+                                               repr=False)
 
-    def permits(self, variant: str) -> bool:
-        answer = self._memo.get(variant)
+    def permits(self, variant: str, base: str = "") -> bool:
+        """``base``: a private head's base variant (its globs decide for the head too)."""
+        answer = self._memo.get((variant, base))
         if answer is None:
-            answer = self.refusal(variant) is None
-            self._memo[variant] = answer
+            answer = self.refusal(variant, base) is None
+            self._memo[(variant, base)] = answer
         return answer
 
-    def refusal(self, variant: str) -> str | None:
+    def refusal(self, variant: str, base: str = "") -> str | None:
         """Why ``variant`` may not be hosted under this rule; None when it may."""
-        denied = next((p for p in self.deny if fnmatch.fnmatchcase(variant, p)), None)
+        names = (variant, base) if base else (variant,)
+        denied = next((p for p in self.deny for n in names if fnmatch.fnmatchcase(n, p)), None)
         if denied is not None:
             return f"denied by {denied!r}"
-        if self.allow is not None and not any(fnmatch.fnmatchcase(variant, p)
-                                              for p in self.allow):
+        if self.allow is not None and not any(fnmatch.fnmatchcase(n, p)
+                                              for p in self.allow for n in names):
             return f"not in the allow list {list(self.allow)}"
         return None
 
@@ -79,5 +84,5 @@ class Constraints:
     def rule(self, node: str) -> HostRule:
         return self.rules[node]
 
-    def permits(self, node: str, variant: str) -> bool:
-        return self.rules[node].permits(variant)
+    def permits(self, node: str, variant: str, base: str = "") -> bool:
+        return self.rules[node].permits(variant, base)

@@ -147,7 +147,7 @@ class Ladder:
         res = self.s.resources[node]
         o = self.catalogue.option(option_of, res.profile_key)
         if (o is None or node in self.load.down or not res.can_run(o.variant)
-                or not self.s.constraints.permits(node, option_of)
+                or not self.s.constraints.permits(node, option_of, o.variant.base)
                 or option_of in self.failed.get(node, ())):
             return None
         return o

@@ -224,7 +224,8 @@ class Autoscaler:
                     why = (Cause.REGISTRY, f"{variant} is no longer registered")
                 elif variant in failed.get(node, ()):
                     why = (Cause.FAILED, f"{node} reported it cannot load {variant}")
-                elif not self.constraints.permits(node, variant):
+                elif not self.constraints.permits(node, variant,
+                                                  catalogue.variants[variant].base):
                     why = (Cause.TOPOLOGY, f"{node}'s allow/deny lists no longer let "
                            f"{variant} in")
                 elif catalogue.option(variant, res.profile_key) is None:

@@ -136,14 +136,17 @@ class Node(_Schema):
     #: Where it runs (``mesh node run``); missing = wherever ``mesh up`` puts it.
     address: NodeAddress | None = None
 
-    def allows(self, variant: str) -> bool:
+    def allows(self, variant: str, base: str = "") -> bool:
         """Whether this node's constraints let it host ``variant``: not matched by a
         ``deny_variants`` glob, and matched by a ``variants`` glob when it has an allow list.
-        What it does host is placement's choice within them (:mod:`mesh.placement`)."""
-        if any(fnmatch.fnmatchcase(variant, pattern) for pattern in self.deny_variants or ()):
+        What it does host is placement's choice within them (:mod:`mesh.placement`). A
+        private head's ``base`` is matched as well as its own name."""
+        names = (variant, base) if base else (variant,)
+        if any(fnmatch.fnmatchcase(n, pattern) for pattern in self.deny_variants or ()
+               for n in names):
             return False
-        return self.variants is None or any(fnmatch.fnmatchcase(variant, pattern)
-                                            for pattern in self.variants)
+        return self.variants is None or any(fnmatch.fnmatchcase(n, pattern)
+                                            for pattern in self.variants for n in names)
 
 
 
@@ -220,6 +223,9 @@ class Tenant(_Schema):
     quota: Quota | None = None
     #: task globs only this tenant may see or call
     private: tuple[str, ...] = ()
+    #: its private heads may share a base instance with other tenants' (false: a base
+    #: instance of its own on every node, more memory, nothing computed beside others)
+    share_base: bool = True
 
     _check_keys = field_validator("keys")(_key_hashes)
 

@@ -60,7 +60,7 @@ from mesh.variants.recipes import (
 )
 from mesh.variants.source import Source, load_source
 
-__all__ = ["SUFFIXES", "FamilyReport", "register_model", "torch_settings_restored"]
+__all__ = ["SUFFIXES", "FamilyReport", "register_model", "check_name", "torch_settings_restored"]
 
 DEFAULT_THRESHOLDS = Thresholds()
 
@@ -175,7 +175,7 @@ def _specs(source: Source, validation: Dataset, reference: list[np.ndarray],
     return inputs, outputs
 
 
-def _check_name(what: str, name: str) -> None:
+def check_name(what: str, name: str) -> None:
     if not _NAME.match(name):
         raise ValueError(f"{what} {name!r}: use 1-42 lowercase letters, digits and '-', "
                          "starting and ending with a letter or digit")
@@ -184,12 +184,12 @@ def _check_name(what: str, name: str) -> None:
 def _check_args(name: str, task: str, kind: str, max_batch: int,
                 formats: Sequence[str] | None, family: str,
                 names: Mapping[str, str]) -> set[str]:
-    _check_name("name", name)
-    _check_name("family", family)
+    check_name("name", name)
+    check_name("family", family)
     for suffix, variant_name in names.items():
         if suffix not in SUFFIXES:
             raise ValueError(f"names: unknown variant {suffix!r}; choose from {', '.join(SUFFIXES)}")
-        _check_name(f"names[{suffix!r}]", variant_name)
+        check_name(f"names[{suffix!r}]", variant_name)
     if len(set(names.values())) != len(names):
         raise ValueError(f"names: two variants would share a name ({dict(names)})")
     if not task.strip():
@@ -229,6 +229,7 @@ def register_model(
     family: str | None = None,
     names: Mapping[str, str] | None = None,
     arch: str = "original",
+    tenant: str = "",
 ) -> FamilyReport:
     """Make, check, measure and register the variants of one model (module docstring).
 
@@ -243,6 +244,7 @@ def register_model(
     ``name``) is the family the variants join and that ``replace`` replaces;
     ``names`` maps a suffix to the name its variant gets instead of
     ``NAME-SUFFIX``; ``arch`` is recorded on every variant but the student.
+    ``tenant``: the tenant that owns the family; its task is private to that tenant.
 
     Raises ``ValueError`` for a bad name, task, kind, format, dataset or
     model, or when ``name`` is already registered and ``replace`` is false;
@@ -328,7 +330,7 @@ def register_model(
                 max_batch=max_batch, build_key=build_key,
                 parent="" if variant_name == original else original,
                 quantization=plan.quantization, device=plan.device, agreement=metrics,
-                assets=asset_shas))
+                assets=asset_shas, tenant=tenant))
             bar.update()
         bar.close()
         accepted = _profile_all(accepted, store, threads_by_key, val, progress,

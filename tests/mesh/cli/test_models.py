@@ -88,3 +88,36 @@ def test_bad_input_is_one_clear_error(tmp_path: Path, files: dict[str, Path]) ->
     code, out = _mesh(tmp_path, "models", "add", "lin", "--task", "t", "--model",
                       tmp_path / "missing.onnx", "--validation", files["val"])
     assert code == 1 and "does not exist" in out
+
+
+def test_a_tenant_adds_a_private_head_on_a_shared_base(heads_home: Path, tmp_path: Path) -> None:
+    import shutil
+
+    from mesh.registry import Registry
+    from mesh.variants.topics import topic_head
+
+    home = tmp_path / "home"
+    shutil.copytree(heads_home, home)
+    head, validation = topic_head(home, ["weather", "cooking"])
+    (tmp_path / "head.onnx").write_bytes(head)
+    ids, mask = validation.inputs
+    np.savez(tmp_path / "val.npz", x0=ids, x1=mask, y=validation.labels)
+    code, out = _mesh(home, "models", "add", "mine", "--task", "mine-topics", "--base", "minilm",
+                      "--head", tmp_path / "head.onnx", "--validation", tmp_path / "val.npz",
+                      "--tenant", "acme")
+    assert code == 0, out
+    assert "mine-onnx-fp32" in out and "mine-onnx-int8-dynamic" in out
+    heads = [v for v in Registry.load(home).variants.values() if v.family == "mine"]
+    assert {(v.base, v.tenant, v.task) for v in heads} == {
+        ("minilm-onnx-fp32", "acme", "mine-topics"),
+        ("minilm-onnx-int8-dynamic", "acme", "mine-topics")}
+    assert all(v.accuracy >= 0.9 for v in heads)  # two topics, end to end
+
+    for args, said in (
+            (["--head", tmp_path / "head.onnx"], "--base and --head go together"),
+            (["--model", tmp_path / "head.onnx", "--base", "minilm", "--head",
+              tmp_path / "head.onnx"], "give --model (a whole model) or --base with --head"),
+            (["--base", "nope", "--head", tmp_path / "head.onnx"], "base 'nope'")):
+        code, out = _mesh(home, "models", "add", "other", "--task", "other",
+                          "--validation", tmp_path / "val.npz", *args)
+        assert code != 0 and said in out and "Traceback" not in out, out

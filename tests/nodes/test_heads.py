@@ -1,0 +1,204 @@
+"""Private heads on a shared base, on a real node: each tenant gets its own head's answers,
+the base is loaded once and runs once per batch for every tenant that shares it, a tenant
+that will not share gets its own base, and nobody else can see a tenant's head."""
+
+from __future__ import annotations
+
+import asyncio
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+
+from mesh.errors import UnknownTask
+from mesh.registry import Registry
+from mesh.store import ArtifactStore
+from mesh.tenants import new_key
+from mesh.topology import parse_topology
+from mesh.variants.dataset import Dataset
+from mesh.variants.recipes import run_artifact
+from mesh.variants.sentences import SentenceTokenizer
+from mesh.variants.topics import load_topics
+from mesh.wire import SLO, InferRequest
+from nodes.agent import AgentConfig
+from tests.conftest import HEAD_TOPICS
+
+KEYS = {name: new_key() for name in ("acme", "globex", "initech")}
+
+
+def _config(home: Path, *, share: dict[str, bool] | None = None,
+            variants: list[str] | None = None) -> AgentConfig:
+    share = share or {}
+    topology = parse_topology({
+        "name": "heads",
+        "hardware": {"box": {"kind": "cpu", "threads": 1, "memory_mb": 2048}},
+        "nodes": [{"name": "solo-1", "tier": "core", "hardware": "box",
+                   "variants": variants or ["minilm-onnx-fp32"]}],
+        "tenants": [{"name": n, "keys": [KEYS[n][1]], "share_base": share.get(n, True)}
+                    for n in KEYS]})
+    return AgentConfig(node="solo-1", topology=topology, home=home, mesh_key=b"m" * 32)
+
+
+def _auth(tenant: str) -> str:
+    return f"Bearer {KEYS[tenant][0]}"
+
+
+def _sentences(home: Path, tenant: str) -> tuple[list[np.ndarray], np.ndarray]:
+    topics = HEAD_TOPICS[tenant]
+    rows = [(s, topics.index(t)) for s, t in load_topics() if t in topics]
+    ids, mask = SentenceTokenizer.from_home(home).encode([s for s, _ in rows])
+    return [ids, mask], np.array([y for _, y in rows])
+
+
+async def _ask(agent: Any, tenant: str, task: str, tensors: list[np.ndarray]) -> np.ndarray:
+    req = InferRequest(task=task, tensors=[t.copy() for t in tensors],
+                       slo=SLO(min_accuracy=0.8))
+    reply = await agent.infer(req, from_client=True, authorization=_auth(tenant))
+    return reply.outputs[0]
+
+
+async def test_two_tenants_share_one_base_and_each_gets_its_own_head(
+        heads_home: Path, serving: Any) -> None:
+    registry = Registry.load(heads_home)
+    async with serving(_config(heads_home)) as (agent, _server):
+        asks = []
+        truth = {}
+        for tenant in ("acme", "globex"):
+            (ids, mask), labels = _sentences(heads_home, tenant)
+            truth[tenant] = labels
+            # one query per sentence, both tenants at once: they share the base's batches
+            asks += [_ask(agent, tenant, f"{tenant}-topics", [ids[i:i + 1], mask[i:i + 1]])
+                     for i in range(len(labels))]
+        # and the base's own public task, embeddings, from a third tenant meanwhile
+        (ids, mask), _ = _sentences(heads_home, "acme")
+        asks += [_ask(agent, "initech", "sentence-embedding", [ids[i:i + 1], mask[i:i + 1]])
+                 for i in range(4)]
+        answers = await asyncio.gather(*asks)
+        embeddings = np.concatenate(answers[-4:])
+        answers = answers[:-4]
+        n_acme = len(truth["acme"])
+        for tenant, got in (("acme", answers[:n_acme]), ("globex", answers[n_acme:])):
+            logits = np.concatenate(got)
+            # its own head: its number of topics, and its topics right
+            assert logits.shape == (len(truth[tenant]), len(HEAD_TOPICS[tenant]))
+            assert np.mean(logits.argmax(1) == truth[tenant]) >= 0.85
+
+        models = agent.models
+        (key, shared), = models.shared.items()  # one base instance for everyone
+        assert key == ("minilm-onnx-fp32", "") and shared.heads == [
+            "acme-topics-onnx-fp32", "globex-topics-onnx-fp32", "minilm-onnx-fp32"]
+        # the base ran once per batch: fewer runs than queries, some batches held both heads
+        assert shared.rows == {"acme-topics-onnx-fp32": n_acme,
+                               "globex-topics-onnx-fp32": len(answers) - n_acme,
+                               "minilm-onnx-fp32": 4}
+        assert shared.batches < len(answers) and shared.mixed >= 1
+        # the base's own queries came from the same instance, as the base alone answers them
+        base = registry.get("minilm-onnx-fp32")
+        alone = run_artifact(ArtifactStore(heads_home / "store").path(base.sha256), "onnx",
+                             Dataset((ids[:4], mask[:4]), None), 4)[0]
+        np.testing.assert_allclose(embeddings, alone, atol=1e-5)
+        # memory: the base once, plus each head's own
+        heads = [models.loaded[h] for h in shared.heads]
+        assert models.memory_used == shared.memory_bytes + sum(h.memory_bytes for h in heads)
+        assert all(h.memory_bytes < shared.memory_bytes / 10 for h in heads)
+
+        # the last head unloaded takes the base with it
+        for head in shared.heads:
+            assert await models.unload(head)
+        assert not models.shared and models.memory_used == 0
+
+
+async def test_nobody_else_sees_a_tenants_head(heads_home: Path, serving: Any) -> None:
+    (ids, mask), _ = _sentences(heads_home, "acme")
+    async with serving(_config(heads_home)) as (agent, _server):
+        with pytest.raises(UnknownTask) as private:
+            await _ask(agent, "globex", "acme-topics", [ids[:1], mask[:1]])
+        with pytest.raises(UnknownTask) as missing:
+            await _ask(agent, "globex", "no-such-topics", [ids[:1], mask[:1]])
+        assert private.value.message == missing.value.message.replace("no-such-topics",
+                                                                      "acme-topics")
+        assert "acme" not in private.value.message.split("known tasks")[1]
+        assert agent.tenancy.visible_tasks("globex", agent.registry.tasks()) == [
+            "globex-topics", "sentence-embedding"]
+        # the owner's own query still works, and its usage is its own
+        await _ask(agent, "acme", "acme-topics", [ids[:1], mask[:1]])
+        usage = agent.status()["tenants"]
+        assert usage["acme"]["queries"] == 1 and usage["acme"]["compute_s"] > 0
+        assert usage.get("globex", {}).get("compute_s", 0) == 0  # it ran nothing
+
+
+async def test_a_tenant_that_will_not_share_gets_a_base_of_its_own(
+        heads_home: Path, serving: Any) -> None:
+    from mesh.variants.heads import register_head
+    from mesh.variants.topics import topic_head
+
+    home = heads_home.parent / "heads-initech"
+    if not home.exists():
+        import shutil
+
+        shutil.copytree(heads_home, home)
+        head, validation = topic_head(home, ("weather", "cooking", "sport"))
+        register_head(home, "initech-topics", task="initech-topics", base="minilm-onnx-fp32",
+                      head=head, validation=validation, tenant="initech", progress=False,
+                      profile_options={"warmup": 1, "min_repeats": 3, "budget_s": 0.01,
+                                       "memory": False})
+    (ids, mask), _ = _sentences(home, "acme")
+    async with serving(_config(home, share={"initech": False})) as (agent, _server):
+        await asyncio.gather(*(
+            _ask(agent, tenant, f"{tenant}-topics", [ids[i:i + 1], mask[i:i + 1]])
+            for i in range(6) for tenant in ("acme", "globex", "initech")))
+        shared = agent.models.shared
+        assert set(shared) == {("minilm-onnx-fp32", ""), ("minilm-onnx-fp32", "initech")}
+        own = shared[("minilm-onnx-fp32", "initech")]
+        # its base ran only its queries; the others shared theirs
+        assert own.heads == ["initech-topics-onnx-fp32"] and own.rows == {
+            "initech-topics-onnx-fp32": 6}
+        assert set(shared[("minilm-onnx-fp32", "")].rows) == {"acme-topics-onnx-fp32",
+                                                              "globex-topics-onnx-fp32"}
+        assert agent.models.memory_used >= 2 * own.memory_bytes
+
+
+async def test_an_edge_pulls_its_heads_and_their_base_and_serves_them_there(
+        heads_home: Path, live_mesh: Any, tmp_path: Path) -> None:
+    import shutil
+    import time
+
+    home = tmp_path / "core"
+    shutil.copytree(heads_home, home)
+    topology = parse_topology({
+        "name": "pair",
+        "hardware": {"box": {"kind": "cpu", "threads": 1, "memory_mb": 1024}},
+        "nodes": [{"name": "core-1", "tier": "core", "hardware": "box",
+                   "variants": ["minilm-onnx-fp32"]},
+                  {"name": "edge-1", "tier": "edge", "hardware": "box",
+                   "variants": ["minilm-onnx-int8-dynamic"]}],
+        "links": [{"between": ["edge-1", "core-1"], "latency_ms": 1, "bandwidth_mbps": 1000}],
+        "membership": {"heartbeat_interval_s": 0.05, "missed_heartbeats": 10,
+                       "stale_after_s": 2.0, "startup_grace_s": 1.0},
+        "tenants": [{"name": n, "keys": [KEYS[n][1]]} for n in KEYS]})
+    (ids, mask), labels = _sentences(heads_home, "acme")
+    async with live_mesh(topology, home) as mesh:
+        edge = mesh.agents["edge-1"]
+        # placement puts each head where its base's globs let the base go
+        assert edge.planner.hosting.allows("edge-1", "acme-topics-onnx-int8-dynamic")
+        assert not edge.planner.hosting.allows("edge-1", "acme-topics-onnx-fp32")
+        deadline = time.monotonic() + 30
+        while "acme-topics-onnx-int8-dynamic" not in edge.models.loaded:
+            assert time.monotonic() < deadline, edge.models.unavailable
+            await asyncio.sleep(0.05)
+        req = InferRequest(task="acme-topics", tensors=[ids[:8], mask[:8]],
+                           slo=SLO(latency_ms=5_000))
+        reply = await edge.infer(req, from_client=True, authorization=_auth("acme"))
+        assert reply.served_by.node == "edge-1"
+        assert reply.served_by.variant == "acme-topics-onnx-int8-dynamic"
+        assert np.mean(reply.outputs[0].argmax(1) == labels[:8]) >= 0.75
+        # the edge pulled the head and the int8 base through its parent, nothing else
+        registry = Registry.load(home)
+        store = ArtifactStore(tmp_path / "home-edge-1" / "store")
+        for name in ("acme-topics-onnx-int8-dynamic", "minilm-onnx-int8-dynamic"):
+            assert store.has(registry.get(name).sha256)
+        assert not store.has(registry.get("minilm-onnx-fp32").sha256)
+        # to another tenant the head does not exist at the edge either
+        with pytest.raises(UnknownTask):
+            await _ask(edge, "globex", "acme-topics", [ids[:1], mask[:1]])
