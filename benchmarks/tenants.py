@@ -187,7 +187,7 @@ def main(argv: list[str] | None = None) -> int:
                         default=Path(os.environ.get("TIERMESH_HOME", ".tiermesh")))
     parser.add_argument("--seconds", type=float, default=8.0)
     parser.add_argument("--concurrency", type=int, default=2, help="connections per tenant")
-    parser.add_argument("--rounds", type=int, default=2)
+    parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--tenants", default="2,4")
     parser.add_argument("--out", type=Path, default=RESULTS / "tenants.json")
     args = parser.parse_args(argv)
@@ -213,9 +213,10 @@ def main(argv: list[str] | None = None) -> int:
                 rs = runs[mode]
                 case[mode] = {
                     "rss_mb": round(statistics.median(x["rss_bytes"] for x in rs) / 2**20, 1),
-                    "p50_ms": statistics.median(x["p50_ms"] for x in rs),
-                    "p99_ms": statistics.median(x["p99_ms"] for x in rs),
-                    "throughput_rps": statistics.median(x["throughput_rps"] for x in rs),
+                    "p50_ms": round(statistics.median(x["p50_ms"] for x in rs), 2),
+                    "p99_ms": round(statistics.median(x["p99_ms"] for x in rs), 2),
+                    "throughput_rps": round(statistics.median(x["throughput_rps"] for x in rs),
+                                            1),
                     "errors": sum(x["errors"] for x in rs), "runs": rs}
             s, c = case["shared"], case["copies"]
             case["ratios_copies_over_shared"] = {

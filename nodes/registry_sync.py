@@ -178,6 +178,17 @@ def routes(agent: NodeAgent) -> list[web.RouteDef]:
             raise InvalidInput(f"variants {', '.join(missing)}: their artifacts are not in this "
                                "node's store (PUT /v1/artifacts/SHA256 first)")
         registry = Registry.load(agent.config.home)
+        coming = {v.name for v in variants}
+        orphans = [f"{v.name} (base {v.base})" for v in variants
+                   if v.base and v.base not in registry.variants and v.base not in coming]
+        if orphans:
+            raise InvalidInput(f"variants {', '.join(orphans)}: private heads whose base is not "
+                               "registered here; register the base first")
+        tenants = agent.config.topology.tenants
+        strangers = sorted({v.tenant for v in variants if v.tenant and v.tenant not in tenants})
+        if strangers:
+            raise InvalidInput(f"tenant {', '.join(map(repr, strangers))}: not a tenant of this "
+                               f"mesh's topology ({', '.join(sorted(tenants)) or 'none declared'})")
         for variant in variants:
             registry.add(variant)
         registry.save(agent.config.home)

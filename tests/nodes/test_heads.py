@@ -5,6 +5,7 @@ that will not share gets its own base, and nobody else can see a tenant's head."
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 from pathlib import Path
 from typing import Any
 
@@ -200,5 +201,59 @@ async def test_an_edge_pulls_its_heads_and_their_base_and_serves_them_there(
             assert store.has(registry.get(name).sha256)
         assert not store.has(registry.get("minilm-onnx-fp32").sha256)
         # to another tenant the head does not exist at the edge either
+        with pytest.raises(UnknownTask):
+            await _ask(edge, "globex", "acme-topics", [ids[:1], mask[:1]])
+
+
+async def test_a_head_added_on_a_running_mesh_is_served_without_a_restart(
+        heads_home: Path, live_mesh: Any, tmp_path: Path) -> None:
+    import shutil
+    import time
+
+    from mesh.errors import MeshError
+    from mesh.peers import PeerKey
+    from mesh.remote import push_variants
+
+    home = tmp_path / "core"
+    shutil.copytree(heads_home, home)
+    bare = Registry.load(home)
+    bare.remove_family("acme-topics")
+    bare.save(home)
+    heads = [v for v in Registry.load(heads_home).variants.values()
+             if v.family == "acme-topics"]
+    topology = parse_topology({
+        "name": "pair",
+        "hardware": {"box": {"kind": "cpu", "threads": 1, "memory_mb": 1024}},
+        "nodes": [{"name": "core-1", "tier": "core", "hardware": "box",
+                   "variants": ["minilm-onnx-fp32"]},
+                  {"name": "edge-1", "tier": "edge", "hardware": "box",
+                   "variants": ["minilm-onnx-int8-dynamic"]}],
+        "links": [{"between": ["edge-1", "core-1"], "latency_ms": 1, "bandwidth_mbps": 1000}],
+        "membership": {"heartbeat_interval_s": 0.05, "missed_heartbeats": 10,
+                       "stale_after_s": 2.0, "startup_grace_s": 1.0},
+        "tenants": [{"name": n, "keys": [KEYS[n][1]]} for n in ("acme", "globex")]})
+    (ids, mask), labels = _sentences(heads_home, "acme")
+    async with live_mesh(topology, home) as mesh:
+        edge = mesh.agents["edge-1"]
+        url = f"http://127.0.0.1:{mesh.ports['core-1']}"
+        store = ArtifactStore(heads_home / "store")
+        key = PeerKey(b"k" * 32)
+        # a head of a tenant the mesh does not know, or without its base, is refused
+        stranger = [dataclasses.replace(h, tenant="initech") for h in heads]
+        with pytest.raises(MeshError, match="400: tenant 'initech': not a tenant"):
+            await asyncio.to_thread(push_variants, url, stranger, store, key)
+        orphan = [dataclasses.replace(heads[0], base="minilm-gone")]
+        with pytest.raises(MeshError, match="400: variants .*base minilm-gone"):
+            await asyncio.to_thread(push_variants, url, orphan, store, key)
+        sent = await asyncio.to_thread(push_variants, url, heads, store, key)
+        assert sorted(sent["registered"]) == sorted(h.name for h in heads)
+        deadline = time.monotonic() + 30
+        while "acme-topics-onnx-int8-dynamic" not in edge.models.loaded:
+            assert time.monotonic() < deadline, edge.models.unavailable
+            await asyncio.sleep(0.05)
+        reply = await edge.infer(InferRequest(task="acme-topics", tensors=[ids[:4], mask[:4]]),
+                                 from_client=True, authorization=_auth("acme"))
+        assert reply.outputs[0].shape == (4, len(HEAD_TOPICS["acme"]))
+        assert np.mean(reply.outputs[0].argmax(1) == labels[:4]) >= 0.75
         with pytest.raises(UnknownTask):
             await _ask(edge, "globex", "acme-topics", [ids[:1], mask[:1]])
