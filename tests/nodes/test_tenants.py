@@ -337,3 +337,63 @@ async def test_an_unmodified_triton_client_passes_its_key_as_a_header(
             with pytest.raises(InferenceServerException) as refused:
                 await asyncio.to_thread(infer, headers)
             assert status in str(refused.value.status()) or status in str(refused.value)
+
+
+async def test_quotas_hold_under_concurrent_load_and_spare_the_other_tenants(
+        heads_home: Path, serving: Any) -> None:
+    """Two tenants at once over HTTP: acme may have 2 queries in progress and 3 a second
+    (burst 6); what it sends beyond is refused 429 with Retry-After, while globex, with no
+    quota, is answered every time. Artifacts and the device routes stay closed to both."""
+    from mesh.variants.sentences import SentenceTokenizer
+    from mesh.wire import decode_response, encode_request
+
+    keys = {n: new_key() for n in ("acme", "globex")}
+    topology = parse_topology({
+        "name": "quota",
+        "hardware": {"box": {"kind": "cpu", "threads": 1, "memory_mb": 2048}},
+        "nodes": [{"name": "solo-1", "tier": "core", "hardware": "box",
+                   "variants": ["minilm-onnx-fp32"]}],
+        "tenants": [{"name": "acme", "keys": [keys["acme"][1]],
+                     "quota": {"rps": 3, "burst": 6, "concurrent": 2}},
+                    {"name": "globex", "keys": [keys["globex"][1]]}]})
+    # 16 sentences a query (~0.1 s of compute): a wave's queries all arrive while the first
+    # two still run
+    ids, mask = SentenceTokenizer.from_home(heads_home).encode(["Will it snow tonight?"] * 16)
+    config = AgentConfig(node="solo-1", topology=topology, home=heads_home, mesh_key=b"m" * 32)
+    async with serving(config) as (agent, server), aiohttp.ClientSession() as http:
+        url = str(server.make_url("")).rstrip("/")
+
+        async def ask(tenant: str, i: int) -> tuple[int, str | None]:
+            body = encode_request(InferRequest(task=f"{tenant}-topics", tensors=[ids, mask],
+                                               request_id=f"{tenant}-{i}"))
+            async with http.post(url + "/v1/infer", data=body, headers={
+                    "Content-Type": "application/msgpack",
+                    "Authorization": f"Bearer {keys[tenant][0]}"}) as resp:
+                if resp.status == 200:
+                    assert decode_response(await resp.read()).outputs[0].shape[0] == 16
+                return resp.status, resp.headers.get("Retry-After")
+
+        # in waves of 8 at once: at most 2 of acme's each time, and never more than the bucket
+        acme: list[tuple[int, str | None]] = []
+        globex: list[tuple[int, str | None]] = []
+        for wave in range(3):
+            got = await asyncio.gather(*(ask("acme", wave * 8 + i) for i in range(8)),
+                                       *(ask("globex", wave * 8 + i) for i in range(4)))
+            acme += got[:8]
+            globex += got[8:]
+            assert sum(status == 200 for status, _ in got[:8]) <= 2
+        ok = sum(status == 200 for status, _ in acme)
+        assert 2 <= ok <= 6
+        refused = [retry for status, retry in acme if status != 200]
+        assert len(refused) == 24 - ok and all(
+            status in (200, 429) for status, _ in acme)
+        assert all(retry is not None and float(retry) > 0 for retry in refused)
+        assert [status for status, _ in globex] == [200] * 12  # untouched by acme's quota
+        usage = agent.status()["tenants"]
+        assert usage["acme"]["queries"] == ok and usage["acme"]["refused"] == 24 - ok
+
+        sha = agent.registry.get("acme-topics-onnx-fp32").sha256
+        for path, status in ((f"/v1/artifacts/{sha}", 403), ("/v1/device/acme-topics", 404)):
+            async with http.get(url + path, headers={
+                    "Authorization": f"Bearer {keys['globex'][0]}"}) as resp:
+                assert resp.status == status, (path, await resp.text())
