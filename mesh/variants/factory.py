@@ -60,7 +60,8 @@ from mesh.variants.recipes import (
 )
 from mesh.variants.source import Source, load_source
 
-__all__ = ["SUFFIXES", "FamilyReport", "register_model", "check_name", "torch_settings_restored"]
+__all__ = ["SUFFIXES", "FamilyReport", "register_model", "check_name", "save_family",
+           "torch_settings_restored"]
 
 DEFAULT_THRESHOLDS = Thresholds()
 
@@ -336,14 +337,21 @@ def register_model(
         accepted = _profile_all(accepted, store, threads_by_key, val, progress,
                                 dict(profile_options or {}))
 
-    registry = Registry.load(home)  # re-read: keep whatever others registered meanwhile
+    save_family(home, family, accepted, rejected)
+    return FamilyReport(name, task, accepted, rejected, skipped)
+
+
+def save_family(home: Path, family: str, accepted: Sequence[Variant],
+                rejected: Sequence[Rejection]) -> None:
+    """Replace ``family`` in the registry at ``home`` with ``accepted`` and ``rejected``,
+    re-read first: whatever others registered meanwhile is kept."""
+    registry = Registry.load(home)
     registry.remove_family(family)
     for variant in accepted:
         registry.add(variant)
     for rejection in rejected:
         registry.reject(rejection)
     registry.save(home)
-    return FamilyReport(name, task, accepted, rejected, skipped)
 
 
 def _profile_all(variants: list[Variant], store: ArtifactStore, threads_by_key: dict[str, int],

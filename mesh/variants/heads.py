@@ -128,7 +128,7 @@ def register_head(
     already registered (without ``replace``).
     """
     from mesh.variants.build import DEFAULT_PROFILE_THREADS, check_profile_keys
-    from mesh.variants.factory import FamilyReport, check_name
+    from mesh.variants.factory import FamilyReport, check_name, save_family
 
     check_name("name", name)
     if tenant != tenant.strip() or (tenant and not tenant.isprintable()):
@@ -207,13 +207,7 @@ def register_head(
                                    max(b.max_batch for b, _ in accepted) if accepted else 32,
                                    dict(profile_options or {}))
     variants = [_with_profiles(v, b, head_alone) for b, v in accepted]
-    registry = Registry.load(home)
-    registry.remove_family(name)
-    for variant in variants:
-        registry.add(variant)
-    for rejection in rejected:
-        registry.reject(rejection)
-    registry.save(home)
+    save_family(home, name, variants, rejected)
     return FamilyReport(name, task, variants, rejected)
 
 

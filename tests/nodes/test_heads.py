@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
+import time
 from pathlib import Path
 from typing import Any
 
@@ -57,6 +58,29 @@ async def _ask(agent: Any, tenant: str, task: str, tensors: list[np.ndarray]) ->
                        slo=SLO(min_accuracy=0.8))
     reply = await agent.infer(req, from_client=True, authorization=_auth(tenant))
     return reply.outputs[0]
+
+
+def _pair(*tenants: str) -> Any:
+    """core-1 with the fp32 encoder, edge-1 with the int8 one (heads follow their base)."""
+    return parse_topology({
+        "name": "pair",
+        "hardware": {"box": {"kind": "cpu", "threads": 1, "memory_mb": 1024}},
+        "nodes": [{"name": "core-1", "tier": "core", "hardware": "box",
+                   "variants": ["minilm-onnx-fp32"]},
+                  {"name": "edge-1", "tier": "edge", "hardware": "box",
+                   "variants": ["minilm-onnx-int8-dynamic"]}],
+        "links": [{"between": ["edge-1", "core-1"], "latency_ms": 1, "bandwidth_mbps": 1000}],
+        "membership": {"heartbeat_interval_s": 0.05, "missed_heartbeats": 10,
+                       "stale_after_s": 2.0, "startup_grace_s": 1.0},
+        "tenants": [{"name": n, "keys": [KEYS[n][1]]} for n in tenants]})
+
+
+async def _loaded(agent: Any, variant: str, timeout_s: float = 30.0) -> None:
+    """Until ``agent`` has ``variant`` loaded (it pulls and loads in the background)."""
+    deadline = time.monotonic() + timeout_s
+    while variant not in agent.models.loaded:
+        assert time.monotonic() < deadline, agent.models.unavailable
+        await asyncio.sleep(0.05)
 
 
 async def test_two_tenants_share_one_base_and_each_gets_its_own_head(
@@ -163,31 +187,17 @@ async def test_a_tenant_that_will_not_share_gets_a_base_of_its_own(
 async def test_an_edge_pulls_its_heads_and_their_base_and_serves_them_there(
         heads_home: Path, live_mesh: Any, tmp_path: Path) -> None:
     import shutil
-    import time
 
     home = tmp_path / "core"
     shutil.copytree(heads_home, home)
-    topology = parse_topology({
-        "name": "pair",
-        "hardware": {"box": {"kind": "cpu", "threads": 1, "memory_mb": 1024}},
-        "nodes": [{"name": "core-1", "tier": "core", "hardware": "box",
-                   "variants": ["minilm-onnx-fp32"]},
-                  {"name": "edge-1", "tier": "edge", "hardware": "box",
-                   "variants": ["minilm-onnx-int8-dynamic"]}],
-        "links": [{"between": ["edge-1", "core-1"], "latency_ms": 1, "bandwidth_mbps": 1000}],
-        "membership": {"heartbeat_interval_s": 0.05, "missed_heartbeats": 10,
-                       "stale_after_s": 2.0, "startup_grace_s": 1.0},
-        "tenants": [{"name": n, "keys": [KEYS[n][1]]} for n in KEYS]})
+    topology = _pair(*KEYS)
     (ids, mask), labels = _sentences(heads_home, "acme")
     async with live_mesh(topology, home) as mesh:
         edge = mesh.agents["edge-1"]
         # placement puts each head where its base's globs let the base go
         assert edge.planner.hosting.allows("edge-1", "acme-topics-onnx-int8-dynamic")
         assert not edge.planner.hosting.allows("edge-1", "acme-topics-onnx-fp32")
-        deadline = time.monotonic() + 30
-        while "acme-topics-onnx-int8-dynamic" not in edge.models.loaded:
-            assert time.monotonic() < deadline, edge.models.unavailable
-            await asyncio.sleep(0.05)
+        await _loaded(edge, "acme-topics-onnx-int8-dynamic")
         req = InferRequest(task="acme-topics", tensors=[ids[:8], mask[:8]],
                            slo=SLO(latency_ms=5_000))
         reply = await edge.infer(req, from_client=True, authorization=_auth("acme"))
@@ -208,7 +218,6 @@ async def test_an_edge_pulls_its_heads_and_their_base_and_serves_them_there(
 async def test_a_head_added_on_a_running_mesh_is_served_without_a_restart(
         heads_home: Path, live_mesh: Any, tmp_path: Path) -> None:
     import shutil
-    import time
 
     from mesh.errors import MeshError
     from mesh.peers import PeerKey
@@ -221,17 +230,7 @@ async def test_a_head_added_on_a_running_mesh_is_served_without_a_restart(
     bare.save(home)
     heads = [v for v in Registry.load(heads_home).variants.values()
              if v.family == "acme-topics"]
-    topology = parse_topology({
-        "name": "pair",
-        "hardware": {"box": {"kind": "cpu", "threads": 1, "memory_mb": 1024}},
-        "nodes": [{"name": "core-1", "tier": "core", "hardware": "box",
-                   "variants": ["minilm-onnx-fp32"]},
-                  {"name": "edge-1", "tier": "edge", "hardware": "box",
-                   "variants": ["minilm-onnx-int8-dynamic"]}],
-        "links": [{"between": ["edge-1", "core-1"], "latency_ms": 1, "bandwidth_mbps": 1000}],
-        "membership": {"heartbeat_interval_s": 0.05, "missed_heartbeats": 10,
-                       "stale_after_s": 2.0, "startup_grace_s": 1.0},
-        "tenants": [{"name": n, "keys": [KEYS[n][1]]} for n in ("acme", "globex")]})
+    topology = _pair("acme", "globex")
     (ids, mask), labels = _sentences(heads_home, "acme")
     async with live_mesh(topology, home) as mesh:
         edge = mesh.agents["edge-1"]
@@ -247,10 +246,7 @@ async def test_a_head_added_on_a_running_mesh_is_served_without_a_restart(
             await asyncio.to_thread(push_variants, url, orphan, store, key)
         sent = await asyncio.to_thread(push_variants, url, heads, store, key)
         assert sorted(sent["registered"]) == sorted(h.name for h in heads)
-        deadline = time.monotonic() + 30
-        while "acme-topics-onnx-int8-dynamic" not in edge.models.loaded:
-            assert time.monotonic() < deadline, edge.models.unavailable
-            await asyncio.sleep(0.05)
+        await _loaded(edge, "acme-topics-onnx-int8-dynamic")
         reply = await edge.infer(InferRequest(task="acme-topics", tensors=[ids[:4], mask[:4]]),
                                  from_client=True, authorization=_auth("acme"))
         assert reply.outputs[0].shape == (4, len(HEAD_TOPICS["acme"]))
