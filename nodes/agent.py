@@ -61,6 +61,7 @@ from mesh.errors import (
 )
 from mesh.health import Ejection, OutlierDetector, RetryBudget
 from mesh.placement import Hosting, LoadMeter, Placement, PlacementDecision, VariantLoad
+from mesh.placement.machines import Machine
 from mesh.placement.resources import NodeResources
 from mesh.plan import Detour, Plan
 from mesh.planner import Decision, Planner
@@ -87,6 +88,7 @@ from nodes.batching import BatchSettings
 from nodes.cascade import run_cascade
 from nodes.forward import HopFailed, Neighbours
 from nodes.identity import Callers
+from nodes.machine import measure_machine
 from nodes.membership import LocalLoad
 from nodes.metrics import NodeMetrics, outcome_of
 from nodes.models import ModelConfig, ModelManager, RuntimeLookup
@@ -201,11 +203,13 @@ class NodeAgent:
     def __init__(self, config: AgentConfig, *, clock: Callable[[], float] = time.monotonic,
                  transports: Mapping[str, Transport] | None = None,
                  runtimes: RuntimeLookup = runtime_for,
-                 placement_clock: Callable[[], float] = time.time) -> None:
+                 placement_clock: Callable[[], float] = time.time,
+                 machine: Machine | None = None) -> None:
         """``transports``: how to reach some neighbours (tests: in-memory ones to other
         agents); the others from their URLs. ``runtimes``: format -> runtime (tests wrap
         the real ones). ``placement_clock``: the time placement rounds are decided at (the
-        wall clock: forecasts learn the day; tests: one they move)."""
+        wall clock: forecasts learn the day; tests: one they move). ``machine``: the CPUs
+        and host this node reports to placement (default: measured here, :mod:`nodes.machine`)."""
         self.config = config
         self.name = config.node
         self.spec = config.topology.nodes[config.node]
@@ -220,6 +224,9 @@ class NodeAgent:
         # different variants run side by side where the hardware allows; each variant still
         # runs one batch at a time (its Batcher).
         self.compute_workers = NodeResources.of(self.hardware).slots
+        #: the CPUs this node really has and the host it shares them on, for placement
+        #: (the declared class says ``cores``; several nodes may share one machine)
+        self.machine = machine if machine is not None else measure_machine()
         self._executor = ThreadPoolExecutor(max_workers=self.compute_workers,
                                             thread_name_prefix=f"compute-{self.name}")
         self._http: aiohttp.ClientSession | None = None
@@ -1137,6 +1144,11 @@ class NodeAgent:
             "tier": self.spec.tier,
             "hardware": self.spec.hardware,
             "compute_workers": self.compute_workers,
+            #: what the class declares beside what this node measured (its usable CPUs, and
+            #: the host it shares them on: nodes on one machine report one host)
+            "machine": {"declared_cores": self.hardware.cores or self.hardware.threads,
+                        "cpus": self.machine.cpus,
+                        "host": self.machine.host},
             "address": address,
             "stream_address": stream_address,
             "topology": self.config.topology.name,
