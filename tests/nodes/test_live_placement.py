@@ -5,12 +5,14 @@ clock is the test's, so an hour of cool-down takes no time."""
 from __future__ import annotations
 
 import asyncio
+import os
 import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import numpy as np
+import pytest
 
 from mesh.errors import CannotMeetDeadline, Overloaded
 from mesh.topology import parse_topology
@@ -162,3 +164,50 @@ async def test_a_restarted_node_rejoins_and_gets_its_live_placement_back(
         r = await edge.infer(InferRequest(task="digits", tensors=[images[:1]],
                                           slo=SLO(latency_ms=50)), from_client=True)
         assert r.served_by.node == "edge-1"
+
+
+async def test_nodes_on_one_machine_get_no_more_workers_together_than_its_cpus(
+        digits_home: Path, heldout: Any, live_mesh: Any) -> None:
+    # The edge's class declares 4 cores and the core's 8; both agents run in this process,
+    # on this machine. Pinned to two of its CPUs, that is what they measure.
+    allowed = os.sched_getaffinity(0)
+    if len(allowed) < 2:
+        pytest.skip("needs a machine with two CPUs to pin the nodes to")
+    images = heldout[0].astype(np.float32)
+    clock = Clock()
+    os.sched_setaffinity(0, set(sorted(allowed)[:2]))
+    try:
+        async with live_mesh(_topology(), digits_home, clock) as mesh:
+            core, edge = mesh.agents["core-1"], mesh.agents["edge-1"]
+            machines = [a.status()["machine"] for a in (core, edge)]
+            assert [(m["declared_cores"], m["cpus"]) for m in machines] == [(8, 2), (4, 2)]
+            assert machines[0]["host"] == machines[1]["host"]  # one machine, one host
+            await until(lambda: set(core.placement.load().machines) == {"core-1", "edge-1"},
+                        "the root knows both nodes' machines from their reports")
+
+            # Load far beyond what 4 workers carry: the edge gets the machine's 2 CPUs, and
+            # the decision says why it stops there.
+            assert await load(edge, images, 3.0, SLO(latency_ms=50)) > 100
+            added = await until(lambda: decisions(core, "add-workers", "edge-1"),
+                                "the root adds workers on the edge")
+            hot = added[0]["variant"]
+            assert added[0]["workers"] == 2
+            assert "edge-1 has 2 CPUs on host" in added[0]["reason"]
+            assert "(shared with core-1), all in use" in added[0]["reason"]
+            await until(lambda: edge.models.workers(hot) == 2, "the edge runs 2 workers")
+
+            # Still as much once the hold has passed: nothing more fits on this machine, and
+            # a replica on the core would share its CPUs, so no worker is added anywhere.
+            clock.now += TUNING["hold_s"] + 1
+            rounds = core.placement.rounds
+            assert await load(edge, images, 3.0, SLO(latency_ms=50)) > 100
+            await until(lambda: core.placement.rounds > rounds + 3, "rounds under that load")
+            assert [d["workers"] for d in decisions(core, "add-workers")] == [2]
+            assert not decisions(core, "replicate")
+            # Whatever the classes declare, the variants that served queries on the two
+            # nodes together have no more workers than the machine has CPUs.
+            busy = [(a.name, v["name"], v["workers"]) for a in (core, edge)
+                    for v in a.status()["variants"] if v.get("served") and v.get("loaded")]
+            assert busy and sum(w for _, _, w in busy) <= 2, busy
+    finally:
+        os.sched_setaffinity(0, allowed)
