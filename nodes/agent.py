@@ -37,6 +37,7 @@ import collections
 import hashlib
 import logging
 import time
+import weakref
 from collections.abc import Awaitable, Callable, Mapping
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field, replace
@@ -91,7 +92,7 @@ from nodes.identity import Callers
 from nodes.machine import measure_machine
 from nodes.membership import LocalLoad
 from nodes.metrics import NodeMetrics, outcome_of
-from nodes.models import ModelConfig, ModelManager, RuntimeLookup
+from nodes.models import LoadedVariant, ModelConfig, ModelManager, RuntimeLookup
 from nodes.peers import PeerKey
 from nodes.placement import PlacementControl
 from nodes.registry_sync import RegistrySync
@@ -271,6 +272,9 @@ class NodeAgent:
         #: a variant loading in the background because queries would prefer it warm
         self._warming: asyncio.Task[None] | None = None
         self._warm_checked: dict[str, float] = {}  # task -> when it was last looked at
+        #: loads already counted as cold starts hidden (the placement's preload and a
+        #: query's background warm-up may both wait for one load)
+        self._counted_ahead: weakref.WeakSet[LoadedVariant] = weakref.WeakSet()
         #: queries in progress on this node (one alone needs no batching)
         self._active = 0
         self._reported_depth = -1  # the own queue depth last put in the view, and when
@@ -412,7 +416,13 @@ class NodeAgent:
         give each loaded variant the workers the placement says."""
         try:
             await self._profile_missing()
+            had, paid = set(self.models.loaded), dict(self.metrics.cold_starts)
             await self.models.preload(v.name for v in self.planner.hosted(self.name))
+            for name in sorted(set(self.models.loaded) - had):
+                if self.metrics.cold_starts.get(name, 0) == paid.get(name, 0):
+                    # loaded before any query waited for it (placed ahead of a forecast
+                    # rise, or a replica): a cold start the mesh hid
+                    self._loaded_ahead(name)
             await self._sync_workers()
         except Exception:  # the node keeps serving what it had
             log.exception("%s: loading the variants the mesh places here failed", self.name)
@@ -852,7 +862,15 @@ class NodeAgent:
         except MeshError as exc:  # the node keeps serving with what it has
             log.warning("%s: loading %s ahead failed: %s", self.name, variant, exc.message)
             return
-        self.metrics.warmed(variant)
+        self._loaded_ahead(variant)
+
+    def _loaded_ahead(self, variant: str) -> None:
+        """``variant`` was loaded in the background, ahead of the queries that want it: one
+        cold start hidden per load, however many background tasks waited for that load."""
+        entry = self.models.loaded.get(variant)
+        if entry is not None and entry not in self._counted_ahead:
+            self._counted_ahead.add(entry)
+            self.metrics.warmed(variant)
 
     def _served_plan(self, response: InferResponse, plan: Plan, req: InferRequest
                      ) -> InferResponse:
