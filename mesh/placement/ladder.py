@@ -4,13 +4,15 @@ For a **hot** variant (utilisation above ``scale_up_util`` now, or at the
 forecast's peak within the preload horizon), in this order, stopping at
 the first step that absorbs the load:
 
-1. more compute workers on its node, up to what the node's cores, the
-   CPU time its other variants use, and its memory allow, aiming at
-   ``target_util``;
-2. a replica on a nearby node with room: first the children whose subtree
-   sends this task the most (closer to the load), then the parent, then
-   the siblings, least busy first; a copy already on one of them that is
-   not overloaded takes the overflow as it is;
+1. more compute workers on its node, up to what the node's cores (or its
+   real CPUs, when fewer), the CPU time its other variants use, the CPUs
+   its machine has left beside the other nodes on it
+   (:class:`~mesh.placement.machines.CpuBudget`), and its memory allow,
+   aiming at ``target_util``;
+2. a replica on a nearby node with room, on another machine: first the
+   children whose subtree sends this task the most (closer to the load),
+   then the parent, then the siblings, least busy first; a copy already on
+   one of them that is not overloaded takes the overflow as it is;
 3. a faster variant of the same task beside it on its node (the most
    accurate one with more throughput, meeting the queries' ``min_accuracy``
    when they said it), evicting cold variants of other tasks there if
