@@ -64,18 +64,25 @@ def mesh_status(home: Path) -> list[dict[str, Any]]:
 
 
 def status_table(rows: list[dict[str, Any]]) -> Table:
-    """One row per node: tier, address, up or down, variants loaded (``xN``: N compute
-    workers), queue, requests, latencies."""
+    """One row per node: tier, hardware (the class, the cores it declares and the CPUs the
+    node really has; the host when nodes share one), address, up or down, variants loaded
+    (``xN``: N compute workers), queue, requests, latencies."""
     table = Table(title="mesh status")
-    for col in ("node", "tier", "address", "state", "variants", "queue", "requests",
+    hosts: dict[str, int] = {}
+    for row in rows:
+        host = (row.get("machine") or {}).get("host") if row.get("up") else None
+        if host:
+            hosts[host] = hosts.get(host, 0) + 1
+    shared = sorted(h for h, n in hosts.items() if n > 1)
+    for col in ("node", "tier", "hardware", "address", "state", "variants", "queue", "requests",
                 "served here", "p50 ms", "p99 ms"):
         table.add_column(col, justify="right" if col in (
             "queue", "requests", "served here", "p50 ms", "p99 ms") else "left")
     order = {"core": 0, "intermediate": 1, "edge": 2}
     for row in sorted(rows, key=lambda r: (order.get(r.get("tier", ""), 3), r["node"])):
         if not row["up"]:
-            table.add_row(row["node"], row.get("tier", "?"), row.get("address", ""),
-                          "[red]down[/red]", "", "", "", "", "", "")
+            table.add_row(row["node"], row.get("tier", "?"), row.get("hardware", ""),
+                          row.get("address", ""), "[red]down[/red]", "", "", "", "", "", "")
             continue
         loaded = [v["name"] + (f" x{v['workers']}" if v.get("workers", 1) > 1 else "")
                   + (f" (on {v['base']})" if v.get("base") else "")
@@ -94,10 +101,24 @@ def status_table(rows: list[dict[str, Any]]) -> Table:
         unreachable = row.get("unreachable") or []
         state = "[green]up[/green]" + (
             f" [yellow](cannot reach {', '.join(unreachable)})[/yellow]" if unreachable else "")
-        table.add_row(row["node"], row["tier"], row["address"], state,
+        table.add_row(row["node"], row["tier"], _hardware(row, shared), row["address"], state,
                       variants or "-", str(row["queue_depth"]), str(row["requests"]),
                       str(row["served_local"]), fmt_ms(lat.get("p50")), fmt_ms(lat.get("p99")))
     return table
+
+
+def _hardware(row: dict[str, Any], shared: list[str]) -> str:
+    """``edge-cpu: 4 cores, 2 CPUs real (host 90090c7d, shared)``: the class and what it
+    declares, beside the CPUs the node measured and, when nodes share a machine, which one
+    (as the placement's decisions name it)."""
+    text = str(row.get("hardware", ""))
+    machine = row.get("machine")
+    if not isinstance(machine, dict) or machine.get("cpus") is None:
+        return text  # an older node: only its class
+    text += f": {machine.get('declared_cores', '?')} cores, {machine['cpus']:g} CPUs real"
+    if machine.get("host") in shared:
+        text += f" (host {str(machine['host'])[:8]}, shared)"
+    return text
 
 
 def decisions_table(rows: list[dict[str, Any]], *, last: int = 12) -> Table | None:

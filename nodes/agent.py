@@ -37,6 +37,7 @@ import collections
 import hashlib
 import logging
 import time
+import weakref
 from collections.abc import Awaitable, Callable, Mapping
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field, replace
@@ -61,6 +62,7 @@ from mesh.errors import (
 )
 from mesh.health import Ejection, OutlierDetector, RetryBudget
 from mesh.placement import Hosting, LoadMeter, Placement, PlacementDecision, VariantLoad
+from mesh.placement.machines import Machine
 from mesh.placement.resources import NodeResources
 from mesh.plan import Detour, Plan
 from mesh.planner import Decision, Planner
@@ -87,9 +89,10 @@ from nodes.batching import BatchSettings
 from nodes.cascade import run_cascade
 from nodes.forward import HopFailed, Neighbours
 from nodes.identity import Callers
+from nodes.machine import measure_machine
 from nodes.membership import LocalLoad
 from nodes.metrics import NodeMetrics, outcome_of
-from nodes.models import ModelConfig, ModelManager, RuntimeLookup
+from nodes.models import LoadedVariant, ModelConfig, ModelManager, RuntimeLookup
 from nodes.peers import PeerKey
 from nodes.placement import PlacementControl
 from nodes.registry_sync import RegistrySync
@@ -201,11 +204,13 @@ class NodeAgent:
     def __init__(self, config: AgentConfig, *, clock: Callable[[], float] = time.monotonic,
                  transports: Mapping[str, Transport] | None = None,
                  runtimes: RuntimeLookup = runtime_for,
-                 placement_clock: Callable[[], float] = time.time) -> None:
+                 placement_clock: Callable[[], float] = time.time,
+                 machine: Machine | None = None) -> None:
         """``transports``: how to reach some neighbours (tests: in-memory ones to other
         agents); the others from their URLs. ``runtimes``: format -> runtime (tests wrap
         the real ones). ``placement_clock``: the time placement rounds are decided at (the
-        wall clock: forecasts learn the day; tests: one they move)."""
+        wall clock: forecasts learn the day; tests: one they move). ``machine``: the CPUs
+        and host this node reports to placement (default: measured here, :mod:`nodes.machine`)."""
         self.config = config
         self.name = config.node
         self.spec = config.topology.nodes[config.node]
@@ -220,6 +225,9 @@ class NodeAgent:
         # different variants run side by side where the hardware allows; each variant still
         # runs one batch at a time (its Batcher).
         self.compute_workers = NodeResources.of(self.hardware).slots
+        #: the CPUs this node really has and the host it shares them on, for placement
+        #: (the declared class says ``cores``; several nodes may share one machine)
+        self.machine = machine if machine is not None else measure_machine()
         self._executor = ThreadPoolExecutor(max_workers=self.compute_workers,
                                             thread_name_prefix=f"compute-{self.name}")
         self._http: aiohttp.ClientSession | None = None
@@ -268,6 +276,9 @@ class NodeAgent:
         #: a variant loading in the background because queries would prefer it warm
         self._warming: asyncio.Task[None] | None = None
         self._warm_checked: dict[str, float] = {}  # task -> when it was last looked at
+        #: loads already counted as cold starts hidden (the placement's preload and a
+        #: query's background warm-up may both wait for one load)
+        self._counted_ahead: weakref.WeakSet[LoadedVariant] = weakref.WeakSet()
         #: queries in progress on this node (one alone needs no batching)
         self._active = 0
         self._reported_depth = -1  # the own queue depth last put in the view, and when
@@ -410,7 +421,13 @@ class NodeAgent:
         give each loaded variant the workers the placement says."""
         try:
             await self._profile_missing()
+            had, paid = set(self.models.loaded), dict(self.metrics.cold_starts)
             await self.models.preload(v.name for v in self.planner.hosted(self.name))
+            for name in sorted(set(self.models.loaded) - had):
+                if self.metrics.cold_starts.get(name, 0) == paid.get(name, 0):
+                    # loaded before any query waited for it (placed ahead of a forecast
+                    # rise, or a replica): a cold start the mesh hid
+                    self._loaded_ahead(name)
             await self._sync_workers()
         except Exception:  # the node keeps serving what it had
             log.exception("%s: loading the variants the mesh places here failed", self.name)
@@ -851,7 +868,15 @@ class NodeAgent:
         except MeshError as exc:  # the node keeps serving with what it has
             log.warning("%s: loading %s ahead failed: %s", self.name, variant, exc.message)
             return
-        self.metrics.warmed(variant)
+        self._loaded_ahead(variant)
+
+    def _loaded_ahead(self, variant: str) -> None:
+        """``variant`` was loaded in the background, ahead of the queries that want it: one
+        cold start hidden per load, however many background tasks waited for that load."""
+        entry = self.models.loaded.get(variant)
+        if entry is not None and entry not in self._counted_ahead:
+            self._counted_ahead.add(entry)
+            self.metrics.warmed(variant)
 
     def _served_plan(self, response: InferResponse, plan: Plan, req: InferRequest
                      ) -> InferResponse:
@@ -1150,6 +1175,11 @@ class NodeAgent:
                               "memory_bytes": sb.memory_bytes, "batches": sb.batches,
                               "mixed_batches": sb.mixed}
                              for key, sb in sorted(self.models.shared.items())],
+            #: what the class declares beside what this node measured (its usable CPUs, and
+            #: the host it shares them on: nodes on one machine report one host)
+            "machine": {"declared_cores": self.hardware.cores or self.hardware.threads,
+                        "cpus": self.machine.cpus,
+                        "host": self.machine.host},
             "address": address,
             "stream_address": stream_address,
             "topology": self.config.topology.name,

@@ -41,7 +41,7 @@ from aiohttp import web
 
 from mesh.certs import with_tls
 from mesh.errors import Forbidden, InvalidInput
-from mesh.placement import LoadReport, VariantLoad
+from mesh.placement import LoadReport, Machine, VariantLoad
 from mesh.state import FailureDetector, LoadEntry, MeshView, RateMeter, Subtree, apply_entries
 from mesh.topology import Topology
 from mesh.wire import pack, unpack
@@ -82,16 +82,19 @@ class Membership:
                  callers: Callers | None = None, ssl: _ssl.SSLContext | None = None,
                  own_load: Callable[[float], tuple[Mapping[str, VariantLoad],
                                                    Mapping[str, float]]] | None = None,
-                 placement: PlacementControl | None = None) -> None:
+                 placement: PlacementControl | None = None,
+                 machine: Machine | None = None) -> None:
         """``callers``: who a heartbeat comes from (certificates or tokens); ``peers``, a
         mesh key alone, stands for ``Callers`` without TLS. With either, only a child's own
         proven heartbeat counts. ``ssl``: heartbeats to the parent over TLS (the node's
         client context). ``own_load``: this node's measurements for placement (per variant
         served, per task entering) at each heartbeat; ``placement``: the node's
         :class:`~nodes.placement.PlacementControl`, whose placement heartbeat answers carry
-        down (and, at the root, whose rounds read the tree's load from here)."""
+        down (and, at the root, whose rounds read the tree's load from here); ``machine``:
+        the CPUs and host this node reports with its load."""
         self.node = node
         self.own_load = own_load
+        self.machine = machine
         self.placement = placement
         self._own_report: tuple[Mapping[str, VariantLoad], Mapping[str, float]] = ({}, {})
         #: child -> (when, its subtree's load report)
@@ -143,7 +146,8 @@ class Membership:
                    registry_version=lambda: agent.registry.version,
                    on_registry=agent.registry_sync.parent_has,
                    callers=agent.callers, ssl=agent.tls_client,
-                   own_load=agent.placement_load, placement=agent.placement)
+                   own_load=agent.placement_load, placement=agent.placement,
+                   machine=agent.machine)
 
     # ------------------------------------------------------------------ lifecycle
     async def __aenter__(self) -> Membership:
@@ -207,7 +211,8 @@ class Membership:
             fresh = got is not None and now - got[0] <= self.spec.stale_after_s
             reports.append(got[1] if fresh and got is not None else LoadReport())
         served, demand = self._own_report
-        return LoadReport.of_subtree(self.node, served, demand, reports, list(children))
+        return LoadReport.of_subtree(self.node, served, demand, reports, list(children),
+                                     own_machine=self.machine)
 
     def _beyond(self, child: str) -> list[str]:
         """What becomes unreachable from here when ``child`` is down."""

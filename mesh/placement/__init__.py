@@ -10,6 +10,8 @@ Parts::
     constraints.py  allow (``variants:``) and deny (``deny_variants:``) globs per node:
                     constraints the placement chooses within, not the placement
     resources.py    a hardware class's memory, accelerator memory and worker slots
+    machines.py     Machine (the CPUs a node really has, the host it shares), CpuBudget:
+                    the workers of one host's nodes within that host's CPUs
     base.py         the base placement: tiers (light at the edge, accurate inward, largest
                     on accelerators in the core), coverage of every task from every entry
                     node, tenants
@@ -39,6 +41,7 @@ from mesh.placement.constraints import Constraints, HostRule
 from mesh.placement.forecast import ArrivalForecast, Forecaster
 from mesh.placement.hosting import Hosting
 from mesh.placement.inputs import LoadReport, LoadSnapshot, VariantLoad
+from mesh.placement.machines import CpuBudget, Machine
 from mesh.placement.meter import LoadMeter
 from mesh.placement.model import Cause, DecisionKind, Placement, PlacementDecision, Round
 from mesh.placement.resources import NodeResources, variant_memory_bytes
@@ -53,6 +56,7 @@ __all__ = [
     "Catalogue",
     "Cause",
     "Constraints",
+    "CpuBudget",
     "DecisionKind",
     "Forecaster",
     "HostRule",
@@ -60,6 +64,7 @@ __all__ = [
     "LoadMeter",
     "LoadReport",
     "LoadSnapshot",
+    "Machine",
     "NodeResources",
     "Option",
     "Placement",

@@ -2,7 +2,8 @@
 
 * :class:`VariantLoad` -- what one hosted (node, variant) served since the last round.
 * :class:`LoadSnapshot` -- those, the arrivals per (task, subtree), and what failed where.
-* :class:`LoadReport` -- a subtree's part of it, as it travels up the tree in heartbeats.
+* :class:`LoadReport` -- a subtree's part of it, as it travels up the tree in heartbeats,
+  with the :class:`~mesh.placement.machines.Machine` each node measured it runs on.
 
 Agents (or the simulator) fill these from heartbeats; nothing here reads a clock.
 """
@@ -13,6 +14,8 @@ import math
 from collections.abc import Collection, Mapping
 from dataclasses import dataclass, field
 from typing import Any
+
+from mesh.placement.machines import Machine
 
 __all__ = ["VariantLoad", "LoadSnapshot", "LoadReport"]
 
@@ -64,13 +67,16 @@ class LoadSnapshot:
     nothing. ``failed`` maps a node to the variants it could not load; they
     are dropped there and not placed there again while reported. Nodes in
     ``down`` keep what they host (for when they come back) but receive no
-    replica or faster variant meanwhile.
+    replica or faster variant meanwhile. ``machines`` maps a node to the CPUs it
+    really has and the host it shares them on; a node missing from it is trusted to
+    have what its hardware class declares.
     """
 
     demand: Mapping[tuple[str, str], float] = field(default_factory=dict)
     served: Mapping[tuple[str, str], VariantLoad] = field(default_factory=dict)
     failed: Mapping[str, frozenset[str]] = field(default_factory=dict)
     down: frozenset[str] = frozenset()
+    machines: Mapping[str, Machine] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         for key, rate in self.demand.items():
@@ -83,32 +89,43 @@ class LoadSnapshot:
 class LoadReport:
     """What a subtree reports up for placement, in every heartbeat: per node, what each
     variant it hosts served, and the demand per task entering the mesh in the subtree below
-    (and at) that node. The root turns the whole tree's report into a :class:`LoadSnapshot`.
+    (and at) that node, and the machine each node runs on. The root turns the whole tree's
+    report into a :class:`LoadSnapshot`.
+
+    On the wire ``machines`` is a key of its own, left out when empty: a parent of an older
+    version ignores it, and a report without it leaves every node unknown (its declared
+    hardware class trusted).
     """
 
     served: Mapping[str, Mapping[str, VariantLoad]] = field(default_factory=dict)
     #: node -> task -> queries per second entering in that node's subtree
     demand: Mapping[str, Mapping[str, float]] = field(default_factory=dict)
+    #: node -> the CPUs it measured and the host it runs on
+    machines: Mapping[str, Machine] = field(default_factory=dict)
 
     @classmethod
     def of_subtree(cls, node: str, own_served: Mapping[str, VariantLoad],
                    own_demand: Mapping[str, float], children: list[LoadReport],
-                   child_names: list[str]) -> LoadReport:
+                   child_names: list[str], own_machine: Machine | None = None) -> LoadReport:
         """``node``'s report: its own measurements plus its children's reports
         (``children[i]`` is ``child_names[i]``'s; a missing child reports nothing)."""
         served: dict[str, Mapping[str, VariantLoad]] = {}
         demand: dict[str, Mapping[str, float]] = {}
+        machines: dict[str, Machine] = {}
         total = dict(own_demand)
         for child, report in zip(child_names, children, strict=True):
             served.update(report.served)
             demand.update(report.demand)
+            machines.update(report.machines)
             for task, rate in report.demand.get(child, {}).items():
                 total[task] = total.get(task, 0.0) + rate
         if own_served:
             served[node] = dict(own_served)
         if total:
             demand[node] = total
-        return cls(served, demand)
+        if own_machine is not None:
+            machines[node] = own_machine
+        return cls(served, demand, machines)
 
     def snapshot(self, *, failed: Mapping[str, frozenset[str]] | None = None,
                  down: frozenset[str] = frozenset()) -> LoadSnapshot:
@@ -117,10 +134,10 @@ class LoadReport:
                     for task, rate in tasks.items()},
             served={(node, variant): vl for node, variants in self.served.items()
                     for variant, vl in variants.items()},
-            failed=dict(failed or {}), down=down)
+            failed=dict(failed or {}), down=down, machines=dict(self.machines))
 
     def to_wire(self) -> dict[str, Any]:
-        return {
+        wire: dict[str, Any] = {
             "served": {n: {v: [round(vl.rate_qps, 4), round(vl.busy or 0.0, 5),
                                round(vl.rows_per_query, 3), vl.queue_depth,
                                round(vl.slo_miss_frac, 4), vl.latency_target_ms, vl.min_accuracy,
@@ -129,6 +146,9 @@ class LoadReport:
             "demand": {n: {t: round(r, 4) for t, r in ts.items()}
                        for n, ts in self.demand.items()},
         }
+        if self.machines:
+            wire["machines"] = {n: m.to_wire() for n, m in self.machines.items()}
+        return wire
 
     @classmethod
     def from_wire(cls, obj: Any, *, nodes: Collection[str], where: str = "load") -> LoadReport:
@@ -175,4 +195,13 @@ class LoadReport:
                     raise ValueError(f"{where}.demand[{node!r}]: task -> a finite rate >= 0")
                 clean[task] = float(rate)
             demand[node] = clean
-        return cls(served, demand)
+        machines_in = obj.get("machines", {})
+        if not isinstance(machines_in, dict):
+            raise ValueError(f"{where}.machines must be a map of node -> [cpus, host]")
+        machines: dict[str, Machine] = {}
+        for node, machine in machines_in.items():
+            if node not in nodes:
+                raise ValueError(f"{where}.machines: {str(node)[:64]!r} is not a node of the "
+                                 "sender's subtree")
+            machines[node] = Machine.from_wire(machine, where=f"{where}.machines[{node!r}]")
+        return cls(served, demand, machines)

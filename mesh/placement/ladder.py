@@ -4,13 +4,15 @@ For a **hot** variant (utilisation above ``scale_up_util`` now, or at the
 forecast's peak within the preload horizon), in this order, stopping at
 the first step that absorbs the load:
 
-1. more compute workers on its node, up to what the node's cores, the
-   CPU time its other variants use, and its memory allow, aiming at
-   ``target_util``;
-2. a replica on a nearby node with room: first the children whose subtree
-   sends this task the most (closer to the load), then the parent, then
-   the siblings, least busy first; a copy already on one of them that is
-   not overloaded takes the overflow as it is;
+1. more compute workers on its node, up to what the node's cores (or its
+   real CPUs, when fewer), the CPU time its other variants use, the CPUs
+   its machine has left beside the other nodes on it
+   (:class:`~mesh.placement.machines.CpuBudget`), and its memory allow,
+   aiming at ``target_util``;
+2. a replica on a nearby node with room, on another machine: first the
+   children whose subtree sends this task the most (closer to the load),
+   then the parent, then the siblings, least busy first; a copy already on
+   one of them that is not overloaded takes the overflow as it is;
 3. a faster variant of the same task beside it on its node (the most
    accurate one with more throughput, meeting the queries' ``min_accuracy``
    when they said it), evicting cold variants of other tasks there if
@@ -40,6 +42,7 @@ from typing import Any
 from mesh.placement.base import BasePlan
 from mesh.placement.catalogue import Catalogue, Option
 from mesh.placement.inputs import LoadSnapshot, VariantLoad
+from mesh.placement.machines import CpuBudget
 from mesh.placement.model import Cause, DecisionKind, Pair, PlacementDecision
 from mesh.placement.resources import MIB, hosted_bytes
 
@@ -98,6 +101,9 @@ class Ladder:
         self.node_busy: dict[str, float] = defaultdict(float)
         for (node, _), m in measured.items():
             self.node_busy[node] += max(m.busy, m.busy_soon)
+        self.cpu = CpuBudget(scaler.resources, load.machines,
+                             {n: scaler.hosted(n) for n in load.machines},
+                             [p for p, m in measured.items() if max(m.busy, m.busy_soon) > 0])
 
     # ------------------------------------------------------------------ the round
     def run(self) -> None:
@@ -137,6 +143,7 @@ class Ladder:
     def _decide(self, kind: DecisionKind, pair: Pair, workers: int, cause: Cause,
                 reason: str) -> None:
         if kind not in (DecisionKind.BLOCKED, DecisionKind.UNCOVERED):
+            self.cpu.set(pair, workers)
             self.s.set_workers(pair, workers, self.now)
             self.touched.add(pair)
         self.out.append(PlacementDecision(kind, pair[0], pair[1], workers, cause, reason,
@@ -155,15 +162,25 @@ class Ladder:
     # ------------------------------------------------------------------ hot
     def _scale_up(self, pair: Pair, m: Measured, busy: float, cause: Cause, prefix: str) -> None:
         node, variant = pair
-        res, o, w, t = self.s.resources[node], m.option, m.workers, self.t
+        o, w, t = m.option, m.workers, self.t
         need = need_workers(busy, t.target_util)
         other = self.node_busy[node] - max(m.busy, m.busy_soon)
-        limits = [f"{res.slots} worker slot(s)"]
-        most = res.slots
-        cpu = round(res.slots - other)  # worker slots its other variants leave, to the nearest
+        slots = self.cpu.slots(node)
+        real = slots < self.s.resources[node].slots  # its real CPUs are fewer than declared
+        limits = [f"{slots} worker slot(s)" + (
+            f" (its {self.cpu.machines[node].cpus:g} real CPUs)" if real else "")]
+        most = slots
+        cpu = round(slots - other)  # worker slots its other variants leave, to the nearest
         if cpu < most:
-            most, limits = max(w, cpu), [f"its other variants busy on {other:.1f} of its "
-                                         f"{res.slots} worker slot(s)"]
+            most, limits, real = max(w, cpu), [f"its other variants busy on {other:.1f} of "
+                                               f"its {slots} worker slot(s)"], False
+        by_host = self.cpu.most(pair)
+        # (a machine shared with other nodes is named even when it allows what the node does)
+        by_machine = by_host is not None and (by_host < most
+                                              or by_host == most and self.cpu.shared(node))
+        if by_machine:
+            # Nodes sharing a machine share its CPUs: workers beyond them only take turns.
+            most, limits, real = max(w, by_host or 0), [""], True  # said once decided
         slow = m.load.slowdown >= t.contended_slowdown
         starved = m.load.cpu_share < t.contended_cpu_share
         contended = slow or starved
@@ -172,34 +189,42 @@ class Ladder:
         if contended and w < most:
             # The CPU is shared with something else and spent: more workers here would add
             # no capacity, only more to share it.
-            most, limits = w, [f"{why} (the CPU is contended; more workers would add no "
-                               "capacity)"]
+            most, limits, real, by_machine = w, [
+                f"{why} (the CPU is contended; more workers would add no capacity)"], False, False
         extra = o.memory_bytes * t.worker_memory_frac
         if extra > 0:
             by_memory = w + max(0, math.floor(self.s.free_bytes(node, o, self.catalogue) / extra))
             if by_memory < most:
                 most, limits = max(w, by_memory), [f"memory for {by_memory} worker(s)"]
+                real = by_machine = False
         new = max(w, min(need, most))
         verb = "will be" if cause is Cause.FORECAST else "is"
         state = f"{prefix}{variant} on {node} {verb} {busy / w:.0%} busy over {w} worker(s)"
         if contended:
             state += f", {why} (the CPU is contended)"
+
+        def limit() -> str:  # the host's CPUs as they are once this pair has its workers
+            return self.cpu.describe(node) if by_machine else limits[0]
+
         if new > w:
-            short = f" (it needs {need}; {node} has {limits[0]})" if new < need else ""
+            self.cpu.set(pair, new)
+            short = f" (it needs {need}; {node} has {limit()})" if new < need else ""
             self._decide(DecisionKind.ADD_WORKERS, pair, new, cause,
                          f"{state}; {new} worker(s) bring it to about {busy / new:.0%}{short}")
         excess = busy - t.target_util * new
         if excess <= 1e-9:
             return
-        if self._replicate(pair, m, excess, cause, state, need, new):
+        # what stopped it adding workers, when that is the machine's real CPUs
+        capped = f" ({node} has {limit()})" if new < need and real else ""
+        if self._replicate(pair, m, excess, cause, state + capped, need, new):
             return
         if new > w:
             return  # it grew here; the next round looks again
-        if self._faster_variant(pair, m, excess, cause, state):
+        if self._faster_variant(pair, m, excess, cause, state + capped):
             return
         self._blocked(pair, w, cause, f"{state} and nothing can take more: {node} has "
-                      f"{limits[0]}, no node near it has room for a replica, and no faster "
-                      f"variant of {o.variant.task} fits here")
+                      f"{limit()}, no node near it has room for a replica on another machine, "
+                      f"and no faster variant of {o.variant.task} fits here")
 
     def _replicate(self, pair: Pair, m: Measured, excess: float, cause: Cause, state: str,
                    need: int, here: int) -> bool:
@@ -218,23 +243,27 @@ class Ladder:
         if parent is not None:
             candidates.append((parent, "its parent"))
             siblings = [s for s in topo.children[parent] if s != node]
-            siblings.sort(key=lambda s: (self.node_busy[s] / self.s.resources[s].slots, s))
+            siblings.sort(key=lambda s: (self.node_busy[s] / self.cpu.slots(s), s))
             candidates += [(s, "a sibling") for s in siblings]
         for target, where in candidates:
-            res = self.s.resources[target]
-            if target in self.load.down:
-                continue
+            slots = self.cpu.slots(target)
+            if target in self.load.down or self.cpu.same_host(node, target):
+                continue  # a replica on the same machine would share the same CPUs
             if self.s.workers(target, variant):
-                if self.node_busy[target] / res.slots <= self.t.scale_up_util:
+                if self.node_busy[target] / slots <= self.t.scale_up_util:
                     return True  # a copy nearby with room takes the overflow (and scales itself)
                 continue
             if not self._free_to_act((target, variant)):
                 continue
             o = self._may_host(target, variant)
-            if o is None or self.node_busy[target] / res.slots > self.t.scale_up_util:
+            if o is None or self.node_busy[target] / slots > self.t.scale_up_util:
                 continue
+            by_host = self.cpu.most((target, variant))
+            if by_host is not None and by_host < 1:
+                continue  # its machine's CPUs are all in use
             busy = excess * o.service_ms / max(m.option.service_ms, 1e-9)  # on its hardware
-            workers = min(need_workers(busy, self.t.target_util), res.slots)
+            workers = min(need_workers(busy, self.t.target_util), slots,
+                          by_host if by_host is not None else slots)
             free = self.s.free_bytes(target, o, self.catalogue)
             while workers > 1 and hosted_bytes(o.memory_bytes, workers,
                                                self.t.worker_memory_frac) > free:
@@ -266,8 +295,12 @@ class Ladder:
         options = [u for u in faster if u.name not in here and self._may_host(node, u.name)
                    and self._free_to_act((node, u.name))]
         for u in sorted(options, key=lambda u: (-u.accuracy, u.service_ms, u.name)):
+            by_host = self.cpu.most((node, u.name))  # what the host's CPUs leave it
+            # Its first worker even on a full machine: each of its queries takes less CPU
+            # than the hot variant's, so the queries it takes over free CPU time.
             workers = min(need_workers(excess * u.service_ms / o.service_ms, self.t.target_util),
-                          res.slots)
+                          self.cpu.slots(node), max(1, by_host if by_host is not None
+                                                    else self.cpu.slots(node)))
             # Never make room by evicting a faster variant of the same task: that is churn.
             if not self._make_room(node, u, hosted_bytes(u.memory_bytes, 1,
                                                          self.t.worker_memory_frac),

@@ -36,6 +36,8 @@ class NodeResources:
     slots: int
     #: it has an accelerator (or is a cuda class): where the largest variants go
     accelerated: bool
+    #: intra-op threads (CPUs) each worker runs with
+    threads: int = 1
 
     @classmethod
     def of(cls, hardware: HardwareClass) -> NodeResources:
@@ -43,7 +45,8 @@ class NodeResources:
         accel = sum(a.count * a.memory_mb for a in hardware.accelerators) * MIB
         return cls(profile_key=hardware.profile_key, memory_bytes=hardware.memory_mb * MIB,
                    accelerator_bytes=accel, slots=max(1, cores // hardware.threads),
-                   accelerated=bool(hardware.accelerators) or hardware.kind == "cuda")
+                   accelerated=bool(hardware.accelerators) or hardware.kind == "cuda",
+                   threads=max(1, hardware.threads))
 
     def can_run(self, variant: Variant) -> bool:
         """A cuda variant needs an accelerated node; anything else runs anywhere."""

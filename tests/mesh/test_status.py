@@ -82,3 +82,22 @@ def test_one_tenants_usage_on_every_node_and_in_all() -> None:
     assert "99" not in text  # nothing of another tenant
     total = next(line for line in text.splitlines() if "all" in line)
     assert "5" in total and "0.25" in total and "0.002" in total
+
+
+def test_each_node_shows_its_real_cpus_beside_its_class_and_the_host_it_shares() -> None:
+    rows = [_row("core-1", "core", "v", root=True), _row("edge-1", "edge", "v"),
+            _row("edge-2", "edge", "v"), _row("old-1", "edge", "v")]
+    for row, (hw, cores, cpus, host) in zip(rows, [
+            ("core-cpu", 64, 2.0, "aaaaaaaa11"), ("edge-cpu", 4, 2.0, "aaaaaaaa11"),
+            ("edge-cpu", 4, 1.5, "bbbbbbbb22"), ("edge-cpu", 4, None, None)], strict=True):
+        row["hardware"] = hw
+        if cpus is not None:
+            row["machine"] = {"declared_cores": cores, "cpus": cpus, "host": host}
+    text = _text(status_table(rows))
+    # two nodes on one 2-CPU machine, whatever their classes declare: both say so
+    assert "core-cpu: 64 cores, 2 CPUs real (host aaaaaaaa, shared)" in text
+    assert "edge-cpu: 4 cores, 2 CPUs real (host aaaaaaaa, shared)" in text
+    # a node alone on its machine: no host to point out
+    assert "edge-cpu: 4 cores, 1.5 CPUs real" in text and "bbbbbbbb" not in text
+    # a node of an older version reports no machine: its class alone
+    assert text.count("edge-cpu") == 3

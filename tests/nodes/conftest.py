@@ -14,6 +14,7 @@ import numpy as np
 import pytest
 from aiohttp.test_utils import TestServer, unused_port
 
+from mesh.placement import Machine
 from mesh.registry import Registry
 from mesh.runtimes import runtime_for
 from mesh.runtimes.onnx import OnnxRuntime
@@ -182,8 +183,12 @@ def memory_mesh() -> Callable[..., contextlib.AbstractAsyncContextManager[dict[s
 class LiveMesh:
     """Real agents with real membership on loopback HTTP; each node can be restarted."""
 
-    def __init__(self, topology: Any, home: Path, clock: Callable[[], float]) -> None:
+    def __init__(self, topology: Any, home: Path, clock: Callable[[], float],
+                 machines: dict[str, Machine] | None = None) -> None:
         self.topology, self.home, self.clock = topology, home, clock
+        #: what some nodes report as their machine (nodes standing for separate machines);
+        #: the others measure this one
+        self.machines = machines or {}
         self.ports = {n: unused_port() for n in topology.nodes}
         self.agents: dict[str, NodeAgent] = {}
         self._stacks: dict[str, contextlib.AsyncExitStack] = {}
@@ -198,7 +203,8 @@ class LiveMesh:
         config = AgentConfig(node=name, topology=self.topology, home=home,
                              neighbours=neighbours, mesh_key=b"k" * 32)
         stack = contextlib.AsyncExitStack()
-        agent = await stack.enter_async_context(NodeAgent(config, placement_clock=self.clock))
+        agent = await stack.enter_async_context(NodeAgent(config, placement_clock=self.clock,
+                                                          machine=self.machines.get(name)))
         membership = await stack.enter_async_context(Membership.for_agent(agent))
         app = make_app(agent, address=f"http://127.0.0.1:{self.ports[name]}")
         membership.add_routes(app)
@@ -220,12 +226,13 @@ class LiveMesh:
 @pytest.fixture
 def live_mesh() -> Callable[..., contextlib.AbstractAsyncContextManager[LiveMesh]]:
     """``async with live_mesh(topology, home, clock) as mesh``: core-1, then edge-1, as
-    real agents with membership on loopback HTTP (``clock``: the placement's time)."""
+    real agents with membership on loopback HTTP (``clock``: the placement's time;
+    ``machines``: node -> the machine it reports, for nodes standing for other machines)."""
 
     @contextlib.asynccontextmanager
-    async def run(topology: Any, home: Path, clock: Callable[[], float] = time.time
-                  ) -> AsyncIterator[LiveMesh]:
-        mesh = LiveMesh(topology, home, clock)
+    async def run(topology: Any, home: Path, clock: Callable[[], float] = time.time,
+                  machines: dict[str, Machine] | None = None) -> AsyncIterator[LiveMesh]:
+        mesh = LiveMesh(topology, home, clock, machines)
         try:
             for name in ("core-1", "edge-1"):  # the parent first: the edge copies its registry
                 await mesh.start(name)
