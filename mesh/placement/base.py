@@ -75,20 +75,29 @@ def entry_nodes(topology: Topology) -> list[str]:
 
 @dataclass(slots=True)
 class _Fill:
-    """Memory left on one node while it is being filled."""
+    """Memory left on one node while it is being filled. A base instance that private heads
+    (and the base's own task) share is counted once (:meth:`Catalogue.shared_part`)."""
 
     host: float
     accel: float
+    catalogue: Catalogue
+    shared: set[str] = field(default_factory=set)
 
-    def take(self, o: Option, res: NodeResources) -> bool:
+    def take(self, o: Option, res: NodeResources, *, hosted: bool = False) -> bool:
+        """Take ``o``'s memory if it fits (``hosted``: it is on the node already; take it
+        whether it fits or not)."""
+        name, shared_bytes = self.catalogue.shared_part(o)
+        need = o.memory_bytes - (shared_bytes if name and name in self.shared else 0)
         if res.on_accelerator(o.variant):
-            if o.memory_bytes > self.accel:
+            if need > self.accel and not hosted:
                 return False
-            self.accel -= o.memory_bytes
-            return True
-        if o.memory_bytes > self.host:
-            return False
-        self.host -= o.memory_bytes
+            self.accel -= need
+        else:
+            if need > self.host and not hosted:
+                return False
+            self.host -= need
+        if name:
+            self.shared.add(name)
         return True
 
 
@@ -157,7 +166,7 @@ def _tier_choices(tier: str, root: bool, res: NodeResources, rule: HostRule,
         ranked.append([(o, f"{why} ({o.describe()}{_dominator_barred(o, in_front)})")
                        for o in window])
     fill = _Fill(res.memory_bytes * tuning.base_memory_frac,
-                 res.accelerator_bytes * tuning.base_memory_frac)
+                 res.accelerator_bytes * tuning.base_memory_frac, catalogue)
     chosen: dict[str, tuple[Cause, str]] = {}
     for rank in range(max((len(r) for r in ranked), default=0)):
         for options in ranked:  # tasks take turns
@@ -232,16 +241,12 @@ class _Coverage:
 
     def _free(self, node: str) -> _Fill:
         res = self.resources[self.topology.nodes[node].hardware]
-        host, accel = float(res.memory_bytes), float(res.accelerator_bytes)
-        for name in self.hosts[node]:
+        fill = _Fill(float(res.memory_bytes), float(res.accelerator_bytes), self.catalogue)
+        for name in sorted(self.hosts[node]):
             o = self.catalogue.option(name, res.profile_key)
-            if o is None:
-                continue
-            if res.on_accelerator(o.variant):
-                accel -= o.memory_bytes
-            else:
-                host -= o.memory_bytes
-        return _Fill(host, accel)
+            if o is not None:
+                fill.take(o, res, hosted=True)
+        return fill
 
     def _smallest(self, node: str, task: str) -> Option | None:
         res = self.resources[self.topology.nodes[node].hardware]

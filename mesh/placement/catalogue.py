@@ -85,6 +85,8 @@ class Catalogue:
         self.by_task = by_task
         self.tasks: tuple[str, ...] = tuple(sorted(by_task))
         self.fingerprint = fingerprint(self.variants.values())
+        #: variants with private heads on them (mesh.variants.heads)
+        self.bases: frozenset[str] = frozenset(v.base for v in self.variants.values() if v.base)
         self._options: dict[tuple[str, str], tuple[Option, ...]] = {}
         self._fronts: dict[tuple[str, str, frozenset[str]], tuple[Option, ...]] = {}
         self._by_name: dict[tuple[str, str], Option] = {}
@@ -121,6 +123,19 @@ class Catalogue:
         for o in found:
             self._by_name[(o.name, profile_key)] = o
         return found
+
+    def shared_part(self, o: Option) -> tuple[str, int]:
+        """The base instance ``o`` runs on, shared with the other variants on it on one node,
+        and the memory of that instance (counted once per node): for a private head, its
+        base (its memory is the base's plus its own); for a base with heads, itself; else
+        ("", 0)."""
+        v = o.variant
+        if v.base:
+            own = variant_memory_bytes(v, v.head_profile, self.tuning.size_factor)
+            return v.base, max(o.memory_bytes - own, 0)
+        if v.name in self.bases:
+            return v.name, o.memory_bytes
+        return "", 0
 
     def front(self, task: str, profile_key: str) -> tuple[Option, ...]:
         """The options of ``task`` no other option dominates, lightest first."""

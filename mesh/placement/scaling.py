@@ -179,15 +179,28 @@ class Autoscaler:
         return self._hosts.get(node, {})
 
     def free_bytes(self, node: str, option: Option, catalogue: Catalogue) -> int:
-        """Memory left on ``node`` in the pool ``option``'s variant would use."""
+        """Memory left on ``node`` for ``option``, in the pool its variant would use: a base
+        instance that private heads and their base share counts once, and is not needed
+        again for another variant on it (:meth:`Catalogue.shared_part`)."""
         res = self.resources[node]
         accel = res.on_accelerator(option.variant)
         used = 0
-        for name, workers in self.hosted(node).items():
+        shared: set[str] = set()  # base instances counted (heads and their base share one)
+        hosted = self.hosted(node)
+        for name, workers in sorted(hosted.items()):
             o = catalogue.option(name, res.profile_key)
             if o is not None and res.on_accelerator(o.variant) == accel:
                 used += hosted_bytes(o.memory_bytes, workers, self.tuning.worker_memory_frac)
-        return (res.accelerator_bytes if accel else res.memory_bytes) - used
+                base, base_bytes = catalogue.shared_part(o)
+                if base in shared:
+                    used -= base_bytes
+                if base:
+                    shared.add(base)
+        free = (res.accelerator_bytes if accel else res.memory_bytes) - used
+        base, base_bytes = catalogue.shared_part(option)
+        if base in shared and option.name not in hosted:
+            free += base_bytes  # ``option`` would run on the base instance already there
+        return free
 
     def is_base(self, pair: Pair) -> bool:
         return pair in self._base_pairs

@@ -294,3 +294,32 @@ def test_memory_is_the_profiled_peak_else_size_times_three() -> None:
         k: Profile(p.batch_ms, p.cold_start_ms) for k, p in DIGITS[0].profiles.items()})
     catalogue = Catalogue([unprofiled])
     assert catalogue.option("digits-tiny", "cpu-1t").memory_bytes == 30 * MIB
+
+
+def test_private_heads_count_their_shared_base_once() -> None:
+    """Three tenants' heads on one 200 MB encoder: each head's own profile says base + head
+    (what a node without the encoder would need), but a node holds the encoder once for all
+    of them, and placement counts it so: all three fit where one full copy each would not."""
+    encoder = make_variant("enc-onnx-fp32", "sentence-embedding", 0.999, 8.0, 200.0)
+    heads = [replace(make_variant(f"t{i}-topics-onnx-fp32", f"t{i}-topics", 0.95, 8.1, 205.0),
+                     base=encoder.name, tenant=f"t{i}",
+                     head_profile=Profile({1: 0.1}, peak_memory_bytes=5 * MIB))
+             for i in range(3)]
+    registry = registry_of(encoder, *heads)
+    topology = parse_topology({
+        "name": "one", "hardware": {"box": {"kind": "cpu", "threads": 1, "memory_mb": 600}},
+        "nodes": [{"name": "core-1", "tier": "core", "hardware": "box"}]})
+    round_, _ = _first_round(topology, registry)
+    hosted = set(round_.placement.variants("core-1"))
+    assert hosted == {encoder.name, *(h.name for h in heads)}, round_.decisions
+    # a fourth head would need only its own 5 MB on a node that holds the encoder
+    scaler = Autoscaler(topology)
+    scaler.step(registry, None, 0.0)
+    catalogue = Catalogue(registry.variants.values())
+    fourth = replace(heads[0], name="t3-topics-onnx-fp32", task="t3-topics", tenant="t3")
+    more = Catalogue([*registry.variants.values(), fourth])
+    option = more.option(fourth.name, "cpu-1t")
+    free = scaler.free_bytes("core-1", option, more)
+    assert free == 600 * MIB - 200 * MIB - 3 * 5 * MIB + 200 * MIB  # the encoder is there
+    assert catalogue.shared_part(catalogue.option(encoder.name, "cpu-1t")) == (
+        encoder.name, 200 * MIB)
