@@ -937,7 +937,9 @@ class NodeAgent:
             response = await self._serve_local(req.request_id, req.route.variant, req.tensors,
                                                left_ms, offline=req.slo.offline)
             t = response.timing
-            self.tenancy.account(req.tenant, compute_s=t["compute_ms"] / 1000.0)
+            # a batch shared with other queries (other tenants' too) is charged by rows
+            share = req.rows / max(t["batch_rows"], req.rows)
+            self.tenancy.account(req.tenant, compute_s=t["compute_ms"] * share / 1000.0)
             self.meter.served(req.route.variant, req.rows,
                               budget_ms=left_ms, min_accuracy=req.slo.min_accuracy,
                               spent_ms=t["queue_ms"] + t["compute_ms"] + t.get("cold_start_ms", 0.0))

@@ -99,7 +99,9 @@ async def test_two_tenants_share_one_base_and_each_gets_its_own_head(
         (ids, mask), _ = _sentences(heads_home, "acme")
         asks += [_ask(agent, "initech", "sentence-embedding", [ids[i:i + 1], mask[i:i + 1]])
                  for i in range(4)]
+        started = time.perf_counter()
         answers = await asyncio.gather(*asks)
+        elapsed_s = time.perf_counter() - started
         embeddings = np.concatenate(answers[-4:])
         answers = answers[:-4]
         n_acme = len(truth["acme"])
@@ -123,6 +125,12 @@ async def test_two_tenants_share_one_base_and_each_gets_its_own_head(
         alone = run_artifact(ArtifactStore(heads_home / "store").path(base.sha256), "onnx",
                              Dataset((ids[:4], mask[:4]), None), 4)[0]
         np.testing.assert_allclose(embeddings, alone, atol=1e-5)
+        # each tenant is charged its rows' share of the batches it shared: on one compute
+        # thread, all the charges together fit in the time it all took
+        usage = agent.status()["tenants"]
+        charged = sum(usage[t]["compute_s"] for t in ("acme", "globex", "initech"))
+        assert 0 < charged <= elapsed_s
+        assert all(usage[t]["compute_s"] > 0 for t in ("acme", "globex", "initech"))
         # memory: the base once, plus each head's own
         heads = [models.loaded[h] for h in shared.heads]
         assert models.memory_used == shared.memory_bytes + sum(h.memory_bytes for h in heads)
