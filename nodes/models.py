@@ -374,6 +374,11 @@ class ModelManager:
         key = (base.name, "") if identity else instance_key(variant,
                                                              self.config.isolated_tenants)
         shared = await self._shared_instance(name, key, base)
+        plain = self.loaded.get(base.name)
+        if not key[1] and plain is not None and not isinstance(plain.batcher, HeadPool):
+            # the base was loaded on its own before heads were registered on it: once idle,
+            # its own queries move onto the shared instance (loaded again there, at no cost)
+            await self.unload(base.name)
         need = 0 if identity else variant_memory_bytes(variant, variant.head_profile,
                                                        self.config.size_factor)
         runtime: ModelRuntime | None = None

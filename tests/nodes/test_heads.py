@@ -261,3 +261,31 @@ async def test_a_head_added_on_a_running_mesh_is_served_without_a_restart(
         assert np.mean(reply.outputs[0].argmax(1) == labels[:4]) >= 0.75
         with pytest.raises(UnknownTask):
             await _ask(edge, "globex", "acme-topics", [ids[:1], mask[:1]])
+
+
+async def test_a_base_loaded_before_its_heads_moves_onto_their_shared_instance(
+        heads_home: Path, serving: Any, tmp_path: Path) -> None:
+    import shutil
+
+    home = tmp_path / "home"
+    shutil.copytree(heads_home, home)
+    bare = Registry.load(home)
+    for family in ("acme-topics", "globex-topics"):
+        bare.remove_family(family)
+    bare.save(home)
+    (ids, mask), _ = _sentences(heads_home, "acme")
+    async with serving(_config(home)) as (agent, _server):
+        models = agent.models
+        await _ask(agent, "acme", "sentence-embedding", [ids[:1], mask[:1]])
+        assert "minilm-onnx-fp32" in models.loaded and not models.shared  # on its own
+        await agent.adopt_registry(Registry.load(heads_home))  # heads registered meanwhile
+        deadline = time.monotonic() + 30  # the next placement round places them here
+        while not agent.planner.hosting.allows("solo-1", "acme-topics-onnx-fp32"):
+            assert time.monotonic() < deadline
+            await asyncio.sleep(0.05)
+        await _ask(agent, "acme", "acme-topics", [ids[:1], mask[:1]])
+        await _ask(agent, "acme", "sentence-embedding", [ids[:1], mask[:1]])
+        (shared,) = models.shared.values()
+        assert "minilm-onnx-fp32" in shared.heads  # one encoder for the heads and the base
+        assert models.memory_used == shared.memory_bytes + sum(
+            models.loaded[h].memory_bytes for h in shared.heads)
