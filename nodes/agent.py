@@ -62,7 +62,7 @@ from mesh.errors import (
 )
 from mesh.health import Ejection, OutlierDetector, RetryBudget
 from mesh.placement import Hosting, LoadMeter, Placement, PlacementDecision, VariantLoad
-from mesh.placement.machines import Machine
+from mesh.placement.machines import Machine, node_slots
 from mesh.placement.resources import NodeResources
 from mesh.plan import Detour, Plan
 from mesh.planner import Decision, Planner
@@ -221,13 +221,13 @@ class NodeAgent:
         self.planner = self._planner(self.registry, None)
         self.view = MeshView()
         self.metrics = NodeMetrics()
-        # One compute worker per `threads` of the class's cores (at least one): batches of
-        # different variants run side by side where the hardware allows; each variant still
-        # runs one batch at a time (its Batcher).
-        self.compute_workers = NodeResources.of(self.hardware).slots
         #: the CPUs this node really has and the host it shares them on, for placement
         #: (the declared class says ``cores``; several nodes may share one machine)
         self.machine = machine if machine is not None else measure_machine()
+        # One compute worker per `threads` of the class's cores, capped by the CPUs the node
+        # really has (at least one): batches of different variants run side by side where the
+        # hardware allows; each variant still runs one batch at a time (its Batcher).
+        self.compute_workers = node_slots(NodeResources.of(self.hardware), self.machine)
         self._executor = ThreadPoolExecutor(max_workers=self.compute_workers,
                                             thread_name_prefix=f"compute-{self.name}")
         self._http: aiohttp.ClientSession | None = None

@@ -33,7 +33,15 @@ from dataclasses import dataclass
 
 from mesh.placement.resources import NodeResources
 
-__all__ = ["Machine", "CpuBudget"]
+__all__ = ["Machine", "CpuBudget", "node_slots"]
+
+
+def node_slots(res: NodeResources, machine: Machine | None) -> int:
+    """Compute workers a node runs at once: its class's ``cores // threads``, capped by the
+    CPUs it really has (``machine``; None: the class is trusted). At least one."""
+    if machine is None:
+        return res.slots
+    return max(1, min(res.slots, math.floor(machine.cpus / res.threads + 1e-9)))
 
 
 @dataclass(frozen=True, slots=True)
@@ -108,11 +116,7 @@ class CpuBudget:
 
     def slots(self, node: str) -> int:
         """Workers ``node`` may run at once: its class's slots, capped by its real CPUs."""
-        res = self.resources[node]
-        machine = self.machines.get(node)
-        if machine is None:
-            return res.slots
-        return max(1, min(res.slots, math.floor(machine.cpus / res.threads + 1e-9)))
+        return node_slots(self.resources[node], self.machines.get(node))
 
     def most(self, pair: tuple[str, str]) -> int | None:
         """The most workers ``pair`` (hosted or not) may have, carrying load, within its

@@ -159,7 +159,11 @@ async def test_a_node_whose_hardware_allows_runs_batches_of_two_variants_side_by
     cnn = Registry.load(digits_home).get("digits-cnn")
     config = solo_config(["digits-mlp", "digits-cnn"], hardware={"cores": 4},
                          options={"batching": BatchSettings(inline_max_ms=0.0)})
-    async with NodeAgent(config, runtimes=onnx_probe.lookup) as agent:
+    from mesh.placement.machines import Machine
+
+    # a machine with the 4 CPUs the class declares (a node runs no more workers than it has)
+    async with NodeAgent(config, runtimes=onnx_probe.lookup,
+                         machine=Machine(4.0, "four-cpus")) as agent:
         assert agent.compute_workers == 4
         onnx_probe.only = {str(ArtifactStore(digits_home / "store").path(cnn.sha256))}
         onnx_probe.gate.clear()  # every CNN run now waits, holding its worker
@@ -184,3 +188,16 @@ async def test_a_variant_a_new_registry_no_longer_places_here_is_unloaded(
         assert "digits-mlp" not in agent.loaded
         assert "digits-mlp" not in {v["name"] for v in agent.status()["variants"]}
         assert {"digits-linear", "digits-cnn"} <= set(agent.loaded)
+
+
+async def test_a_node_runs_no_more_compute_workers_than_the_cpus_it_really_has(
+        solo_config: Any) -> None:
+    from mesh.placement.machines import Machine
+
+    config = solo_config(["digits-mlp"], hardware={"cores": 8})
+    async with NodeAgent(config, machine=Machine(2.0, "two-cpus")) as agent:
+        assert agent.compute_workers == 2  # the class says 8; the machine has 2
+        assert agent.status()["machine"] == {"declared_cores": 8, "cpus": 2.0,
+                                             "host": "two-cpus"}
+    async with NodeAgent(config, machine=Machine(1.5, "a-quota")) as agent:
+        assert agent.compute_workers == 1  # a container quota of 1.5 CPUs: one worker
