@@ -75,6 +75,18 @@ def _pair(*tenants: str) -> Any:
         "tenants": [{"name": n, "keys": [KEYS[n][1]]} for n in tenants]})
 
 
+def _without(source: Path, home: Path, *families: str) -> Path:
+    """A copy of the home ``source`` at ``home`` whose registry lacks ``families``."""
+    import shutil
+
+    shutil.copytree(source, home)
+    registry = Registry.load(home)
+    for family in families:
+        registry.remove_family(family)
+    registry.save(home)
+    return home
+
+
 async def _loaded(agent: Any, variant: str, timeout_s: float = 30.0) -> None:
     """Until ``agent`` has ``variant`` loaded (it pulls and loads in the background)."""
     deadline = time.monotonic() + timeout_s
@@ -225,17 +237,12 @@ async def test_an_edge_pulls_its_heads_and_their_base_and_serves_them_there(
 
 async def test_a_head_added_on_a_running_mesh_is_served_without_a_restart(
         heads_home: Path, live_mesh: Any, tmp_path: Path) -> None:
-    import shutil
 
     from mesh.errors import MeshError
     from mesh.peers import PeerKey
     from mesh.remote import push_variants
 
-    home = tmp_path / "core"
-    shutil.copytree(heads_home, home)
-    bare = Registry.load(home)
-    bare.remove_family("acme-topics")
-    bare.save(home)
+    home = _without(heads_home, tmp_path / "core", "acme-topics")
     heads = [v for v in Registry.load(heads_home).variants.values()
              if v.family == "acme-topics"]
     topology = _pair("acme", "globex")
@@ -265,14 +272,8 @@ async def test_a_head_added_on_a_running_mesh_is_served_without_a_restart(
 
 async def test_a_base_loaded_before_its_heads_moves_onto_their_shared_instance(
         heads_home: Path, serving: Any, tmp_path: Path) -> None:
-    import shutil
 
-    home = tmp_path / "home"
-    shutil.copytree(heads_home, home)
-    bare = Registry.load(home)
-    for family in ("acme-topics", "globex-topics"):
-        bare.remove_family(family)
-    bare.save(home)
+    home = _without(heads_home, tmp_path / "home", "acme-topics", "globex-topics")
     (ids, mask), _ = _sentences(heads_home, "acme")
     async with serving(_config(home)) as (agent, _server):
         models = agent.models
