@@ -38,7 +38,7 @@ status:
 	$(BIN)/mesh --home $(HOME_DIR) status
 
 # Each benchmark writes benchmarks/results/<name>.json; run them on a quiet machine.
-BENCHMARKS := planner variants overhead batching prediction overload frozen_entry fuzz limits placement profile_path autoscale chaos security
+BENCHMARKS := planner variants overhead batching prediction overload frozen_entry fuzz limits placement profile_path autoscale chaos security tenants
 bench: variants
 	for b in $(BENCHMARKS); do TIERMESH_HOME=$(abspath $(HOME_DIR)) $(BIN)/python benchmarks/$$b.py || exit 1; done
 
