@@ -269,6 +269,7 @@ class NodeAgent:
             bases=lambda name: self.registry.variants.get(name),
             heads_on=lambda name: any(v.base == name for v in self.registry.variants.values()))
         self.metrics.watch(self.models.gauges, lambda: self.models.config.budget_bytes)
+        self.metrics.tenant_usage = lambda: self.tenancy.usage
         self.registry_sync = RegistrySync(
             self, parent_url=self.artifacts.parent_url,  # https:// with TLS
             session=lambda: self._http)

@@ -15,6 +15,11 @@ several agents in one process (tests, benchmarks) never mix their series::
     tiermesh_variant_loaded{variant}                            gauge (1 loaded, 0 not)
     tiermesh_variant_memory_bytes{variant}                      gauge (estimated, loaded only)
     tiermesh_model_memory_budget_bytes                          gauge
+    tiermesh_tenant_queries_total{tenant}                       counter (admitted at this entry)
+    tiermesh_tenant_refused_total{tenant}                       counter (over quota)
+    tiermesh_tenant_compute_seconds_total{tenant}               counter (its rows' share, here)
+    tiermesh_tenant_bytes_total{tenant,direction}               counter (in / out, at the entry)
+    tiermesh_tenant_cost_total{tenant}                          counter (the plans' price)
 
 ``variant`` and ``tier`` name what served the query (empty when it failed
 before a variant was chosen); ``outcome`` is ``ok`` or the error class in
@@ -115,6 +120,8 @@ class NodeMetrics:
         self.artifact_fetches: dict[str, int] = {}
         self._snapshot: Callable[[], Mapping[str, VariantGauge]] = dict
         self._budget: Callable[[], int] = lambda: 0
+        #: tenant -> its usage on this node (mesh.tenants.Usage), read at every scrape
+        self.tenant_usage: Callable[[], Mapping[str, Any]] = dict
         self.registry.register(_Collector(self))
 
     def watch(self, snapshot: Callable[[], Mapping[str, VariantGauge]],
@@ -253,6 +260,23 @@ class _Collector(Collector):
         yield memory
         yield GaugeMetricFamily("tiermesh_model_memory_budget_bytes",
                                 "Memory this node may spend on loaded variants.", value=m._budget())
+        usage = sorted(m.tenant_usage().items())
+        for field, doc in (("queries", "Queries a tenant sent that this entry admitted."),
+                           ("refused", "Queries of a tenant refused over its quota here."),
+                           ("compute_seconds", "Compute time spent here on a tenant's rows."),
+                           ("cost", "What a tenant's answers cost, by the plans' price.")):
+            family = CounterMetricFamily(f"tiermesh_tenant_{field}", doc, labels=["tenant"])
+            for tenant, u in usage:
+                family.add_metric([tenant], getattr(u, "compute_s" if field ==
+                                                    "compute_seconds" else field))
+            yield family
+        sent = CounterMetricFamily("tiermesh_tenant_bytes", "Tensor bytes of a tenant's "
+                                   "queries (in) and answers (out) at this entry.",
+                                   labels=["tenant", "direction"])
+        for tenant, u in usage:
+            sent.add_metric([tenant, "in"], u.bytes_in)
+            sent.add_metric([tenant, "out"], u.bytes_out)
+        yield sent
 
 
 def _counter(name: str, doc: str, labels: list[str], values: Mapping[tuple[str, ...], int]

@@ -391,6 +391,17 @@ async def test_quotas_hold_under_concurrent_load_and_spare_the_other_tenants(
         assert [status for status, _ in globex] == [200] * 12  # untouched by acme's quota
         usage = agent.status()["tenants"]
         assert usage["acme"]["queries"] == ok and usage["acme"]["refused"] == 24 - ok
+        # the same figures in the metrics, for operators (here: the mesh key's operator)
+        async with http.get(url + "/metrics", headers=agent.peers.headers(OPERATOR)) as resp:
+            scraped = {line.rsplit(" ", 1)[0]: float(line.rsplit(" ", 1)[1])
+                       for line in (await resp.text()).splitlines()
+                       if line.startswith("tiermesh_tenant_")}
+        assert scraped['tiermesh_tenant_queries_total{tenant="acme"}'] == ok
+        assert scraped['tiermesh_tenant_refused_total{tenant="acme"}'] == 24 - ok
+        assert scraped['tiermesh_tenant_queries_total{tenant="globex"}'] == 12
+        assert scraped['tiermesh_tenant_compute_seconds_total{tenant="globex"}'] > 0
+        assert scraped['tiermesh_tenant_bytes_total{direction="in",tenant="globex"}'] == \
+            12 * (ids.nbytes + mask.nbytes)
 
         sha = agent.registry.get("acme-topics-onnx-fp32").sha256
         for path, status in ((f"/v1/artifacts/{sha}", 403), ("/v1/device/acme-topics", 404)):
