@@ -29,6 +29,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import math
 import ssl as _ssl
 import time
 import uuid
@@ -99,6 +100,11 @@ class Membership:
         self._own_report: tuple[Mapping[str, VariantLoad], Mapping[str, float]] = ({}, {})
         #: child -> (when, its subtree's load report)
         self._child_loads: dict[str, tuple[float, LoadReport]] = {}
+        #: the subtree's load goes up once per placement round (a report grows with the
+        #: subtree; the root reads it once a round), and often enough to stay fresh
+        self.load_every_s = min(topology.placement.interval_s, topology.membership.stale_after_s / 2)
+        self._load_sent_at = -math.inf
+        self.loads_sent = 0
         self._subtree_of = {c: frozenset(topology.subtree(c)) for c in topology.children[node]}
         if placement is not None:
             placement.load = self.subtree_load
@@ -224,7 +230,8 @@ class Membership:
         url = self.neighbours.get(self.parent)
         body = {"node": self.node, "epoch": self._known[0], "version": self._known[1],
                 "entries": [e.to_wire() for e in self.subtree.report_up(self._own, now)]}
-        if self.own_load is not None:
+        with_load = self.own_load is not None and now - self._load_sent_at >= self.load_every_s
+        if with_load:
             body["load"] = self.subtree_load().to_wire()
         if self.placement is not None:
             body["placement"] = self.placement.version
@@ -246,6 +253,8 @@ class Membership:
                                     resp.status)
             except (TimeoutError, aiohttp.ClientError, InvalidInput):
                 pass
+        if with_load and isinstance(reply, dict):
+            self._load_sent_at, self.loads_sent = now, self.loads_sent + 1
         now = self.clock()
         if not isinstance(reply, dict):
             self.heartbeats_failed += 1

@@ -150,3 +150,41 @@ async def test_a_childs_load_report_counts_only_for_its_own_subtree(mesh) -> Non
                           "load": {"served": {"edge-1": {"digits-linear": "hot"}}}})
     assert "edge-2" not in mid.subtree_load().served
     assert mid.subtree_load().served["edge-1"]["digits-linear"].rate_qps == 20.0
+
+
+async def test_the_subtree_load_goes_up_once_a_placement_round_not_every_heartbeat() -> None:
+    """Heartbeats every 0.05 s, placement rounds every 0.5 s: the load report (which grows
+    with the subtree) rides one heartbeat in ten, and the parent has it fresh each round."""
+    import aiohttp
+
+    from mesh.placement import VariantLoad
+
+    data = yaml.safe_load((ROOT / "topologies" / "local.yaml").read_text())
+    data["membership"] = {"heartbeat_interval_s": INTERVAL_S, "missed_heartbeats": MISSED,
+                          "stale_after_s": 2.0, "startup_grace_s": 0.5}
+    data["placement"] = {"interval_s": 0.5}
+    topology = parse_topology(data)
+    ports = {n: unused_port() for n in topology.nodes}
+    parent = _Node("mid-1", topology, ports)
+    await parent.start()
+    now = [100.0]
+    child = Membership("edge-1", topology, MeshView(),
+                       neighbours={"mid-1": f"http://127.0.0.1:{ports['mid-1']}"},
+                       local_load=lambda: LocalLoad(0, frozenset(), frozenset(), 0),
+                       clock=lambda: now[0],
+                       own_load=lambda t: ({"digits-linear": VariantLoad(rate_qps=7.0)},
+                                           {"digits": 7.0}))
+    child._http = aiohttp.ClientSession()
+    try:
+        for _ in range(40):  # two seconds of heartbeats on the child's clock
+            child._tick()
+            await child._heartbeat()
+            now[0] += INTERVAL_S
+        assert child.heartbeats_sent == 40 and child.heartbeats_failed == 0
+        assert child.loads_sent == 4  # at 0, 0.5, 1.0 and 1.5 s
+        got = parent.membership.subtree_load()
+        assert got.served["edge-1"]["digits-linear"].rate_qps == 7.0
+        assert got.demand["mid-1"]["digits"] == 7.0
+    finally:
+        await child._http.close()
+        await parent.stop()
