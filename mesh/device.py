@@ -77,8 +77,9 @@ class DeviceVariantRefused(ClientError):
 
 def eligible(variant: Variant, *, formats: Iterable[str] = DEVICE_FORMATS,
              max_bytes: int = MAX_DEVICE_BYTES) -> bool:
-    """Whether a device may be given ``variant``: a format it runs, for a CPU, small enough."""
-    return (variant.format in formats and variant.device == "cpu"
+    """Whether a device may be given ``variant``: a whole model (a private head's artifact
+    is only the head: it needs its base), in a format it runs, for a CPU, small enough."""
+    return (not variant.base and variant.format in formats and variant.device == "cpu"
             and variant.size_bytes <= min(max_bytes, MAX_DEVICE_BYTES))
 
 

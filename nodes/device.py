@@ -72,8 +72,9 @@ def routes(agent: NodeAgent) -> list[web.RouteDef]:
         chosen = choose(variants, formats=formats, max_bytes=max_bytes)
         if chosen is None:
             raise ArtifactNotFound(
-                f"task {task!r} has no variant a device can run: none is in "
-                f"{' or '.join(formats)}, for a CPU, and at most {max_bytes} bytes")
+                f"task {task!r} has no variant a device can run: none is a whole model (not "
+                f"a head on a shared base) in {' or '.join(formats)}, for a CPU, and at most "
+                f"{max_bytes} bytes")
         return web.json_response(DeviceVariant.of(chosen).to_json())
 
     async def artifact(request: web.Request) -> web.FileResponse:

@@ -166,6 +166,13 @@ async def test_nobody_else_sees_a_tenants_head(heads_home: Path, serving: Any) -
         assert "acme" not in private.value.message.split("known tasks")[1]
         assert agent.tenancy.visible_tasks("globex", agent.registry.tasks()) == [
             "globex-topics", "sentence-embedding"]
+        # a device cannot be given a head (its artifact needs the base): a clear 404
+        import aiohttp
+
+        url = str(_server.make_url("")).rstrip("/")
+        async with aiohttp.ClientSession() as http, http.get(
+                url + "/v1/device/acme-topics", headers={"Authorization": _auth("acme")}) as r:
+            assert r.status == 404 and "not a head on a shared base" in await r.text()
         # the owner's own query still works, and its usage is its own
         await _ask(agent, "acme", "acme-topics", [ids[:1], mask[:1]])
         usage = agent.status()["tenants"]
