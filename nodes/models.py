@@ -374,27 +374,27 @@ class ModelManager:
         key = (base.name, "") if identity else instance_key(variant,
                                                              self.config.isolated_tenants)
         shared = await self._shared_instance(name, key, base)
-        plain = self.loaded.get(base.name)
-        if not key[1] and plain is not None and not isinstance(plain.batcher, HeadPool):
-            # the base was loaded on its own before heads were registered on it: once idle,
-            # its own queries move onto the shared instance (loaded again there, at no cost)
-            await self.unload(base.name)
         need = 0 if identity else variant_memory_bytes(variant, variant.head_profile,
                                                        self.config.size_factor)
         runtime: ModelRuntime | None = None
         session: Any = None
-        if not identity:
-            shared.pending += 1
-            try:
+        shared.pending += 1  # from here on, no other head's unloading closes the instance
+        try:
+            plain = self.loaded.get(base.name)
+            if not key[1] and plain is not None and not isinstance(plain.batcher, HeadPool):
+                # the base was loaded on its own before heads were registered on it: once
+                # idle, its own queries move onto the shared instance (at no cost there)
+                await self.unload(base.name)
+            if not identity:
                 features = TensorSpec("features", "float32", base.outputs[0].shape)
                 runtime, _path, session = await self._open_session(name, variant, need,
                                                                    warm=(features,))
-            except BaseException:
-                shared.pending -= 1
-                if shared.remove_head(name):
-                    await self._close_shared(shared)
-                raise
+        except BaseException:
             shared.pending -= 1
+            if shared.remove_head(name):
+                await self._close_shared(shared)
+            raise
+        shared.pending -= 1
         width = variant.outputs[0].shape[-1]
         index = shared.add_head(name, runtime, session, width)
         entry = LoadedVariant(variant, HeadPool(shared, name, index, width), need)
