@@ -301,6 +301,22 @@ class Registry:
         self._changes.append(("remove_family", family))
         return gone
 
+    def remove_model(self, family: str) -> list[str]:
+        """Remove model ``family`` (:meth:`remove_family`), refusing with ``ValueError``
+        one that is not registered or that tenants' private heads still sit on."""
+        if not any(v.family == family for v in (*self.variants.values(),
+                                                 *self.rejected.values())):
+            families = sorted({v.family for v in self.variants.values()})
+            raise ValueError(f"model {family!r} is not registered (models: "
+                             f"{', '.join(families) or 'none'})")
+        mine = {n for n, v in self.variants.items() if v.family == family}
+        heads = sorted({v.family for v in self.variants.values()
+                        if v.base in mine and v.family != family})
+        if heads:
+            raise ValueError(f"model {family!r} is the base of private heads ("
+                             f"{', '.join(heads)}): remove them first")
+        return self.remove_family(family)
+
     def add_key(self, key_hash: str, tenant: str) -> None:
         """An API key (its hash) for ``tenant``; a revoked hash stays revoked."""
         self._apply("add_key", (key_hash, tenant))

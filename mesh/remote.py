@@ -21,14 +21,14 @@ import ssl as _ssl
 from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
-from urllib.parse import urlsplit
+from urllib.parse import quote, urlsplit
 
 from mesh.errors import MeshError
 from mesh.peers import PeerKey
 from mesh.registry import Variant
 from mesh.store import ArtifactStore
 
-__all__ = ["push_variants", "manage_key", "mesh_variants", "key_from", "tls_from", "OPERATOR"]
+__all__ = ["push_variants", "remove_model", "manage_key", "mesh_variants", "key_from", "tls_from", "OPERATOR"]
 
 #: The name an operator's requests are signed with.
 OPERATOR = "operator"
@@ -89,6 +89,15 @@ def push_variants(url: str, variants: Iterable[Variant], store: ArtifactStore,
     body = json.dumps([v.to_json() for v in variants]).encode()
     return _request(url, "POST", "/v1/registry/variants", body,
                     {**headers, "Content-Type": "application/json"}, ssl=ssl)
+
+
+def remove_model(url: str, family: str, key: PeerKey | None, *,
+                 ssl: _ssl.SSLContext | None = None) -> dict[str, Any]:
+    """Remove model ``family`` from the running mesh at ``url`` (the core): every node
+    drops its variants with the next registry it copies."""
+    headers = key.headers(OPERATOR) if key is not None else {}
+    return _request(url, "DELETE", f"/v1/registry/models/{quote(family, safe='')}", None,
+                    headers, ssl=ssl)
 
 
 def manage_key(url: str, body: dict[str, str], key: PeerKey | None, *,

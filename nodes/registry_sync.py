@@ -196,6 +196,20 @@ def routes(agent: NodeAgent) -> list[web.RouteDef]:
         return web.json_response({"version": registry.version,
                                   "registered": [v.name for v in variants]})
 
+    async def remove(request: web.Request) -> web.Response:
+        """Remove a model (every variant of one family) from the running mesh: here, and
+        from here down the tree with the registry; nodes unload its variants once idle."""
+        _require_node(request, agent)
+        family = request.match_info["family"]
+        registry = Registry.load(agent.config.home)
+        try:
+            gone = registry.remove_model(family)
+        except ValueError as exc:
+            raise InvalidInput(str(exc)) from None
+        registry.save(agent.config.home)
+        await agent.adopt_registry(registry)
+        return web.json_response({"version": registry.version, "removed": gone})
+
     async def keys(request: web.Request) -> web.Response:
         """Add a tenant's API key (its hash) or revoke one, on the running mesh: at the core,
         and from there down the tree with the registry. For nodes and operators only."""
@@ -233,6 +247,7 @@ def routes(agent: NodeAgent) -> list[web.RouteDef]:
 
     return [web.get(REGISTRY_PATH, read), web.post(REGISTRY_PATH + "/variants", register),
             web.post(REGISTRY_PATH + "/keys", keys),
+            web.delete(REGISTRY_PATH + "/models/{family}", remove),
             web.put("/v1/artifacts/{sha256}", upload)]
 
 

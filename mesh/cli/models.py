@@ -122,3 +122,43 @@ def models_add(ctx: click.Context, name: str, task: str, model: str | None, base
         console.print(f"registered at {mesh_url}: {', '.join(sent.get('registered', []))} "
                       f"(registry version {sent.get('version')}); the nodes load what they "
                       "host within a few heartbeats")
+
+
+@models.command("remove")
+@click.argument("name")
+@click.option("--mesh", "mesh_url", default=None,
+              help="Remove it from this running mesh (the core's http://HOST:PORT) instead: "
+                   "every node drops its variants with the next registry it copies.")
+@click.option("--mesh-key", default=None, type=click.Path(dir_okay=False),
+              help="The mesh key to sign with (default: <home>/mesh.key, the core's).")
+@click.option("--tls-dir", default=None, type=click.Path(file_okay=False),
+              help="For a mesh on TLS: a node's ca.pem, node.pem, node-key.pem (the core's).")
+@click.pass_context
+def models_remove(ctx: click.Context, name: str, mesh_url: str | None, mesh_key: str | None,
+                  tls_dir: str | None) -> None:
+    """Remove model NAME (every variant of its family), here or from a running mesh.
+
+    A model that tenants' private heads sit on is refused until they are removed.
+    """
+    from mesh.errors import MeshError
+    from mesh.registry import Registry
+    from mesh.remote import key_from, remove_model, tls_from
+
+    if mesh_url is not None:
+        tls = tls_from(tls_dir) if tls_dir else None
+        key = key_from(home_of(ctx), mesh_key) if tls is None else None
+        try:
+            done = remove_model(mesh_url, name, key, ssl=tls)
+        except MeshError as exc:
+            raise click.ClickException(exc.message) from None
+        console.print(f"removed from {mesh_url}: {', '.join(done.get('removed', []))} "
+                      f"(registry version {done.get('version')}); the nodes unload them within "
+                      "a few heartbeats")
+        return
+    registry = Registry.load(home_of(ctx))
+    try:
+        gone = registry.remove_model(name)
+    except ValueError as exc:
+        raise click.ClickException(str(exc)) from None
+    registry.save(home_of(ctx))
+    console.print(f"removed {name}: {', '.join(gone)}")

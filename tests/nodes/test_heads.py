@@ -247,7 +247,7 @@ async def test_a_head_added_on_a_running_mesh_is_served_without_a_restart(
 
     from mesh.errors import MeshError
     from mesh.peers import PeerKey
-    from mesh.remote import push_variants
+    from mesh.remote import push_variants, remove_model
 
     home = _without(heads_home, tmp_path / "core", "acme-topics")
     heads = [v for v in Registry.load(heads_home).variants.values()
@@ -275,6 +275,19 @@ async def test_a_head_added_on_a_running_mesh_is_served_without_a_restart(
         assert np.mean(reply.outputs[0].argmax(1) == labels[:4]) >= 0.75
         with pytest.raises(UnknownTask):
             await _ask(edge, "globex", "acme-topics", [ids[:1], mask[:1]])
+
+        # and removed again, without a restart: the edge drops it, the task is gone
+        with pytest.raises(MeshError, match="400: model 'minilm' is the base of private"):
+            await asyncio.to_thread(remove_model, url, "minilm", key)
+        done = await asyncio.to_thread(remove_model, url, "acme-topics", key)
+        assert sorted(done["removed"]) == sorted(h.name for h in heads)
+        deadline = time.monotonic() + 30
+        while "acme-topics-onnx-int8-dynamic" in edge.models.loaded \
+                or "acme-topics" in edge.registry.tasks():
+            assert time.monotonic() < deadline
+            await asyncio.sleep(0.05)
+        with pytest.raises(UnknownTask):
+            await _ask(edge, "acme", "acme-topics", [ids[:1], mask[:1]])
 
 
 async def test_a_base_loaded_before_its_heads_moves_onto_their_shared_instance(

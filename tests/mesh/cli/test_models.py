@@ -112,6 +112,14 @@ def test_a_tenant_adds_a_private_head_on_a_shared_base(heads_home: Path, tmp_pat
         ("minilm-onnx-fp32", "acme", "mine-topics"),
         ("minilm-onnx-int8-dynamic", "acme", "mine-topics")}
     assert all(v.accuracy >= 0.9 for v in heads)  # two topics, end to end
+    # a base with heads on it cannot be removed; the heads can, and then are gone
+    code, out = _mesh(home, "models", "remove", "minilm")
+    assert code == 1 and "is the base of private heads (acme-topics, globex-topics, mine)" in out
+    code, out = _mesh(home, "models", "remove", "mine")
+    assert code == 0 and "mine-onnx-fp32" in out
+    assert "mine" not in {v.family for v in Registry.load(home).variants.values()}
+    code, out = _mesh(home, "models", "remove", "mine")
+    assert code == 1 and "model 'mine' is not registered" in out and "Traceback" not in out
 
     for args, said in (
             (["--head", tmp_path / "head.onnx"], "--base and --head go together"),
