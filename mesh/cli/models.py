@@ -5,7 +5,14 @@ from __future__ import annotations
 import click
 from rich.table import Table
 
-from mesh.cli.app import cli, console, home_of
+from mesh.cli.app import (
+    cli,
+    console,
+    home_of,
+    mesh_key_option,
+    operator_credentials,
+    tls_dir_option,
+)
 from mesh.cli.variants import rejected_table, variants_table
 
 __all__ = ["models"]
@@ -45,10 +52,8 @@ def models() -> None:
               help="Also register the accepted variants at this running node (the core's "
                    "http://HOST:PORT): every node copies them down the tree and loads what "
                    "it hosts, without a restart.")
-@click.option("--mesh-key", default=None, type=click.Path(dir_okay=False),
-              help="The mesh key to sign with (default: <home>/mesh.key, the core's).")
-@click.option("--tls-dir", default=None, type=click.Path(file_okay=False),
-              help="For a mesh on TLS: a node's ca.pem, node.pem, node-key.pem (the core's).")
+@mesh_key_option
+@tls_dir_option
 @click.pass_context
 def models_add(ctx: click.Context, name: str, task: str, model: str | None, base: str | None,
                head: str | None, tenant: str, weights: str | None,
@@ -61,8 +66,6 @@ def models_add(ctx: click.Context, name: str, task: str, model: str | None, base
     variant of the base, each measured end to end; nodes load the base once for every
     tenant's head on it (a tenant with share_base: false gets its own).
     """
-    from mesh.remote import key_from, tls_from
-
     if (base is None) != (head is None):
         raise click.UsageError("--base and --head go together (a head on a shared base)")
     if (model is None) == (head is None):
@@ -73,8 +76,7 @@ def models_add(ctx: click.Context, name: str, task: str, model: str | None, base
                                "head gets one variant per variant of its base")
 
     # what --mesh needs is checked before anything is built
-    tls = tls_from(tls_dir) if mesh_url and tls_dir else None
-    key = key_from(home_of(ctx), mesh_key) if mesh_url and tls is None else None
+    key, tls = operator_credentials(ctx, mesh_key, tls_dir) if mesh_url else (None, None)
     from mesh.variants.factory import register_model
     from mesh.variants.heads import register_head
 
@@ -129,10 +131,8 @@ def models_add(ctx: click.Context, name: str, task: str, model: str | None, base
 @click.option("--mesh", "mesh_url", default=None,
               help="Remove it from this running mesh (the core's http://HOST:PORT) instead: "
                    "every node drops its variants with the next registry it copies.")
-@click.option("--mesh-key", default=None, type=click.Path(dir_okay=False),
-              help="The mesh key to sign with (default: <home>/mesh.key, the core's).")
-@click.option("--tls-dir", default=None, type=click.Path(file_okay=False),
-              help="For a mesh on TLS: a node's ca.pem, node.pem, node-key.pem (the core's).")
+@mesh_key_option
+@tls_dir_option
 @click.pass_context
 def models_remove(ctx: click.Context, name: str, mesh_url: str | None, mesh_key: str | None,
                   tls_dir: str | None) -> None:
@@ -142,12 +142,11 @@ def models_remove(ctx: click.Context, name: str, mesh_url: str | None, mesh_key:
     """
     from mesh.errors import MeshError
     from mesh.registry import Registry
-    from mesh.remote import key_from, remove_model, tls_from
+    from mesh.remote import remove_model
 
     if mesh_url is not None:
-        tls = tls_from(tls_dir) if tls_dir else None
-        key = key_from(home_of(ctx), mesh_key) if tls is None else None
         try:
+            key, tls = operator_credentials(ctx, mesh_key, tls_dir)
             done = remove_model(mesh_url, name, key, ssl=tls)
         except MeshError as exc:
             raise click.ClickException(exc.message) from None

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import click
 
-from mesh.cli.app import cli, console, home_of
+from mesh.cli.app import cli, console, mesh_key_option, operator_credentials, tls_dir_option
 
 __all__: list[str] = []  # commands register themselves on the cli group
 
@@ -43,20 +43,15 @@ def key_group() -> None:
 
 _MESH = click.option("--mesh", "mesh_url", required=True,
                      help="The running core's http://HOST:PORT (or https:// with --tls-dir).")
-_MESH_KEY = click.option("--mesh-key", default=None, type=click.Path(dir_okay=False),
-                         help="The mesh key to sign with (default: <home>/mesh.key, the core's).")
-_TLS = click.option("--tls-dir", default=None, type=click.Path(file_okay=False),
-                    help="For a mesh on TLS: a node's ca.pem, node.pem, node-key.pem.")
 
 
 def _send(ctx: click.Context, mesh_url: str, mesh_key: str | None, tls_dir: str | None,
           body: dict[str, str]) -> dict[str, object]:
     from mesh.errors import MeshError
-    from mesh.remote import key_from, manage_key, tls_from
+    from mesh.remote import manage_key
 
     try:
-        tls = tls_from(tls_dir) if tls_dir else None
-        key = key_from(home_of(ctx), mesh_key) if tls is None else None
+        key, tls = operator_credentials(ctx, mesh_key, tls_dir)
         return manage_key(mesh_url, body, key, ssl=tls)
     except MeshError as exc:
         raise click.ClickException(exc.message) from None
@@ -65,8 +60,8 @@ def _send(ctx: click.Context, mesh_url: str, mesh_key: str | None, tls_dir: str 
 @key_group.command("add")
 @click.argument("tenant")
 @_MESH
-@_MESH_KEY
-@_TLS
+@mesh_key_option
+@tls_dir_option
 @click.pass_context
 def key_add(ctx: click.Context, tenant: str, mesh_url: str, mesh_key: str | None,
             tls_dir: str | None) -> None:
@@ -84,8 +79,8 @@ def key_add(ctx: click.Context, tenant: str, mesh_url: str, mesh_key: str | None
 @key_group.command("revoke")
 @click.argument("key_hash")
 @_MESH
-@_MESH_KEY
-@_TLS
+@mesh_key_option
+@tls_dir_option
 @click.pass_context
 def key_revoke(ctx: click.Context, key_hash: str, mesh_url: str, mesh_key: str | None,
                tls_dir: str | None) -> None:

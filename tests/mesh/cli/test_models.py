@@ -129,3 +129,12 @@ def test_a_tenant_adds_a_private_head_on_a_shared_base(heads_home: Path, tmp_pat
         code, out = _mesh(home, "models", "add", "other", "--task", "other",
                           "--validation", tmp_path / "val.npz", *args)
         assert code != 0 and said in out and "Traceback" not in out, out
+
+
+def test_removing_a_model_from_a_mesh_that_is_not_there_is_a_clear_error(tmp_path: Path) -> None:
+    (tmp_path / "mesh.key").write_text("ab" * 32)
+    code, out = _mesh(tmp_path, "models", "remove", "mine", "--mesh", "http://127.0.0.1:9")
+    assert code == 1 and "cannot reach http://127.0.0.1:9" in out and "Traceback" not in out
+    code, out = _mesh(tmp_path / "empty", "models", "remove", "mine", "--mesh",
+                      "http://127.0.0.1:9")
+    assert code == 1 and "no mesh key at" in out and "Traceback" not in out
