@@ -267,11 +267,6 @@ class Registry:
         """Task -> the tenant that owns it, for the tasks of tenants' private variants."""
         return {v.task: v.tenant for v in self.variants.values() if v.tenant}
 
-    def heads_of(self, base: str) -> list[Variant]:
-        """The private heads registered on base variant ``base``."""
-        return sorted((v for v in self.variants.values() if v.base == base),
-                      key=lambda v: v.name)
-
     def for_task(self, task: str) -> list[Variant]:
         found = [v for v in self.variants.values() if v.task == task]
         if not found:

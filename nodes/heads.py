@@ -72,7 +72,6 @@ class SharedBase:
         self.memory_bytes = memory_bytes
         #: index -> head; replaced whole on every change (the compute threads read it)
         self._heads: dict[int, _Head] = {}
-        self._index: dict[str, int] = {}
         self._next = 0
         #: heads being loaded onto it: it is not closed while one is
         self.pending = 0
@@ -87,22 +86,19 @@ class SharedBase:
 
     @property
     def heads(self) -> list[str]:
-        return sorted(self._index)
+        return sorted(h.name for h in self._heads.values())
 
     def add_head(self, name: str, runtime: ModelRuntime | None, session: Any, width: int) -> int:
         """A head (``runtime`` None: the base's own queries, answered with its features)."""
         index = self._next
         self._next += 1
         self._heads = {**self._heads, index: _Head(name, runtime, session, width)}
-        self._index[name] = index
         return index
 
     def remove_head(self, name: str) -> bool:
         """Take ``name`` off; True when no head (loaded or loading) is left on it."""
-        index = self._index.pop(name, None)
-        if index is not None:
-            self._heads = {i: h for i, h in self._heads.items() if i != index}
-        return not self._index and not self.pending
+        self._heads = {i: h for i, h in self._heads.items() if h.name != name}
+        return not self._heads and not self.pending
 
     def make_run(self, runtime: ModelRuntime, session: Any, observe: HeadObserver | None
                  ) -> tuple[Callable[[list[np.ndarray]], list[np.ndarray]],

@@ -139,7 +139,17 @@ class NodeMetrics:
             series = self.requests[key] = _Series(LATENCY_BUCKETS_S)
         series.observe(seconds)
 
+    def batch(self, variant: str, rows: int, compute_ms: float) -> None:
+        """One batch of ``variant`` (or a private head's share of a shared batch)."""
+        series = self.batch_rows.get(variant)
+        if series is None:
+            self.batch_observer(variant)(rows, compute_ms)  # its first: make its series
+            return
+        series.observe(rows)
+        self.batch_compute[variant].observe(compute_ms / 1000.0)
+
     def batch_observer(self, variant: str) -> Callable[[int, float], None]:
+        """What a batcher calls after each batch of ``variant``: its series looked up once."""
         rows = self.batch_rows.setdefault(variant, _Series(BATCH_BUCKETS))
         compute = self.batch_compute.setdefault(variant, _Series(LATENCY_BUCKETS_S))
 

@@ -441,7 +441,7 @@ class ModelManager:
     def _head_batch(self, name: str, rows: int, compute_ms: float) -> None:
         """A head's share of a shared batch, told to whoever watches batches."""
         if self._metrics is not None:
-            self._metrics.batch_observer(name)(rows, compute_ms)
+            self._metrics.batch(name, rows, compute_ms)
         if self._on_batch is not None:
             self._on_batch(name, compute_ms / 1000.0)
 

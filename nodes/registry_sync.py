@@ -256,8 +256,3 @@ def _key_hash(value: Any, field: str) -> str:
         raise InvalidInput(f"{field}: an API key's hash ('sha256:' and 64 hex digits; "
                            "`mesh tenants new-key` prints one), never the key itself")
     return value
-
-
-def registry_version_of(reply: dict[str, Any]) -> int | None:
-    version = reply.get("registry")
-    return version if isinstance(version, int) and not isinstance(version, bool) else None

@@ -17,10 +17,10 @@ costs one glob match per (distinct rule, variant).
 
 from __future__ import annotations
 
-import fnmatch
 from dataclasses import dataclass, field
 
 from mesh.topology import Topology
+from mesh.topology.schema import host_refusal
 
 __all__ = ["HostRule", "Constraints"]
 
@@ -44,14 +44,7 @@ class HostRule:
 
     def refusal(self, variant: str, base: str = "") -> str | None:
         """Why ``variant`` may not be hosted under this rule; None when it may."""
-        names = (variant, base) if base else (variant,)
-        denied = next((p for p in self.deny for n in names if fnmatch.fnmatchcase(n, p)), None)
-        if denied is not None:
-            return f"denied by {denied!r}"
-        if self.allow is not None and not any(fnmatch.fnmatchcase(n, p)
-                                              for p in self.allow for n in names):
-            return f"not in the allow list {list(self.allow)}"
-        return None
+        return host_refusal(self.allow, self.deny, variant, base)
 
     @property
     def key(self) -> tuple[tuple[str, ...] | None, tuple[str, ...]]:

@@ -14,6 +14,7 @@ from typing import Annotated, Literal
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 __all__ = [
+    "host_refusal",
     "TIERS",
     "TIER_RANK",
     "Tier",
@@ -44,6 +45,20 @@ NAME_PATTERN = r"^[a-z0-9]([a-z0-9-]*[a-z0-9])?$"
 
 class _Schema(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+def host_refusal(allow: tuple[str, ...] | list[str] | None, deny: tuple[str, ...] | list[str],
+                 variant: str, base: str = "") -> str | None:
+    """Why a node with ``allow`` globs (None: no allow list) and ``deny`` globs may not host
+    ``variant``; None when it may. Deny wins; an allow list must match. A private head's
+    ``base`` is matched as well as its own name (a head may go where its base may)."""
+    names = (variant, base) if base else (variant,)
+    denied = next((p for p in deny for n in names if fnmatch.fnmatchcase(n, p)), None)
+    if denied is not None:
+        return f"denied by {denied!r}"
+    if allow is not None and not any(fnmatch.fnmatchcase(n, p) for p in allow for n in names):
+        return f"not in the allow list {list(allow)}"
+    return None
 
 
 class Accelerator(_Schema):
@@ -137,16 +152,9 @@ class Node(_Schema):
     address: NodeAddress | None = None
 
     def allows(self, variant: str, base: str = "") -> bool:
-        """Whether this node's constraints let it host ``variant``: not matched by a
-        ``deny_variants`` glob, and matched by a ``variants`` glob when it has an allow list.
-        What it does host is placement's choice within them (:mod:`mesh.placement`). A
-        private head's ``base`` is matched as well as its own name."""
-        names = (variant, base) if base else (variant,)
-        if any(fnmatch.fnmatchcase(n, pattern) for pattern in self.deny_variants or ()
-               for n in names):
-            return False
-        return self.variants is None or any(fnmatch.fnmatchcase(n, pattern)
-                                            for pattern in self.variants for n in names)
+        """Whether this node's constraints let it host ``variant`` (:func:`host_refusal`).
+        What it does host is placement's choice within them (:mod:`mesh.placement`)."""
+        return host_refusal(self.variants, self.deny_variants or (), variant, base) is None
 
 
 
