@@ -123,6 +123,8 @@ class Tenancy:
                 self._by_hash[h] = rules.name
         self._buckets: dict[str, TokenBucket] = {}
         self._running: dict[str, int] = {}
+        #: task -> the tenants it is private to (none: public), as :meth:`visible` found it
+        self._claimants: dict[str, frozenset[str]] = {}
         self.usage: dict[str, Usage] = {}
         #: whether any tenant has private tasks (else every task is public): read per query
         self.private = bool(self.owners) or any(rules.private for rules in self.tenants.values())
@@ -188,13 +190,20 @@ class Tenancy:
     # ------------------------------------------------------------------ what
     def visible(self, tenant: str | None, task: str) -> bool:
         """Whether ``tenant`` (None: an open mesh's caller) may see and call ``task``."""
+        claimants = self._claimants.get(task)
+        if claimants is None:
+            claimants = self._claim(task)
+        return not claimants or claimants == {tenant}
+
+    def _claim(self, task: str) -> frozenset[str]:
+        """The tenants ``task`` is private to (its head's owner, or the tenants whose
+        ``private`` globs match it), worked out once per task (read on every query)."""
         owner = self.owners.get(task)
-        if owner is not None:
-            return owner == tenant
-        for rules in self.tenants.values():
-            if rules.private and rules.owns(task) and rules.name != tenant:
-                return False
-        return True
+        found = frozenset({owner}) if owner is not None else frozenset(
+            rules.name for rules in self.tenants.values() if rules.private and rules.owns(task))
+        if len(self._claimants) < 100_000:  # tasks asked about are registered ones: bounded
+            self._claimants[task] = found
+        return found
 
     def visible_tasks(self, tenant: str | None, tasks: Iterable[str]) -> list[str]:
         return [t for t in tasks if self.visible(tenant, t)]
