@@ -41,6 +41,19 @@ def _solo(home: Path, **tenants: Any) -> AgentConfig:
     return AgentConfig(node="solo-1", topology=topology, home=home, mesh_key=b"m" * 32)
 
 
+def _pair(variants: dict[str, list[str]], **extra: Any) -> Any:
+    """core-1 above edge-1 (1 ms apart), with the clinic and the school; ``variants``: a
+    node's allow list (none: the mesh places freely); ``extra``: more top-level sections."""
+    return parse_topology({
+        "name": "pair",
+        "hardware": {"box": {"kind": "cpu", "threads": 1, "memory_mb": 512}},
+        "nodes": [{"name": n, "tier": tier, "hardware": "box",
+                   **({"variants": variants[n]} if n in variants else {})}
+                  for n, tier in (("core-1", "core"), ("edge-1", "edge"))],
+        "links": [{"between": ["edge-1", "core-1"], "latency_ms": 1, "bandwidth_mbps": 1000}],
+        "tenants": _tenants(), **extra})
+
+
 def bearer(name: str) -> dict[str, str]:
     return {"Authorization": f"Bearer {KEYS[name][0]}"}
 
@@ -191,16 +204,7 @@ async def test_a_quota_is_enforced_at_the_entry_with_retry_after(
 async def test_the_tenant_travels_to_the_node_that_serves_and_is_counted_there(
         digits_home: Path, memory_mesh: Any, heldout: Any) -> None:
     images, _ = heldout
-    topology = parse_topology({
-        "name": "pair",
-        "hardware": {"box": {"kind": "cpu", "threads": 1, "memory_mb": 512}},
-        "nodes": [{"name": "core-1", "tier": "core", "hardware": "box",
-                   "variants": ["digits-cnn"]},
-                  {"name": "edge-1", "tier": "edge", "hardware": "box",
-                   "variants": ["digits-linear"]}],
-        "links": [{"between": ["edge-1", "core-1"], "latency_ms": 1, "bandwidth_mbps": 1000}],
-        "tenants": _tenants(),
-    })
+    topology = _pair({"core-1": ["digits-cnn"], "edge-1": ["digits-linear"]})
     async with memory_mesh(topology, digits_home) as agents:
         req = InferRequest(task="digits", tensors=[images[:3].astype(np.float32)],
                            slo=SLO(min_accuracy=0.99))
@@ -221,17 +225,9 @@ async def test_keys_added_and_revoked_at_the_core_hold_everywhere_without_a_rest
     from mesh.remote import OPERATOR
 
     images, _ = heldout
-    topology = parse_topology({
-        "name": "pair",
-        "hardware": {"box": {"kind": "cpu", "threads": 1, "memory_mb": 512}},
-        "nodes": [{"name": "core-1", "tier": "core", "hardware": "box"},
-                  {"name": "edge-1", "tier": "edge", "hardware": "box"}],
-        "links": [{"between": ["edge-1", "core-1"], "latency_ms": 1, "bandwidth_mbps": 1000}],
-        "membership": {"heartbeat_interval_s": 0.05, "missed_heartbeats": 10,
-                       "stale_after_s": 2.0, "startup_grace_s": 1.0},
-        "tenants": _tenants(),
-        "operators": {"keys": [KEYS["ops"][1]]},
-    })
+    topology = _pair({}, membership={"heartbeat_interval_s": 0.05, "missed_heartbeats": 10,
+                                     "stale_after_s": 2.0, "startup_grace_s": 1.0},
+                     operators={"keys": [KEYS["ops"][1]]})
     async with live_mesh(topology, digits_home) as mesh:
         core, edge = mesh.agents["core-1"], mesh.agents["edge-1"]
         fresh, fresh_hash = new_key()

@@ -272,6 +272,25 @@ async def test_a_slow_target_pushes_back_instead_of_buffering_everything() -> No
     assert client_backlog > 0
 
 
+@contextlib.asynccontextmanager
+async def _emulator(spec: Path, *args: str) -> AsyncIterator[asyncio.StreamReader]:
+    """``python -m mesh.testbed.links SPEC ARGS`` as its own process, yielding its stdout;
+    afterwards it must stop cleanly on SIGTERM (exit status 0). Killed if the test failed."""
+    proc = await asyncio.create_subprocess_exec(
+        sys.executable, "-m", "mesh.testbed.links", str(spec), *args, cwd=REPO_ROOT,
+        stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE)
+    try:
+        assert proc.stdout is not None
+        yield proc.stdout
+        proc.send_signal(signal.SIGTERM)
+        _, stderr = await asyncio.wait_for(proc.communicate(), 5.0)
+        assert proc.returncode == 0, stderr.decode()
+    finally:
+        if proc.returncode is None:
+            proc.kill()
+            await proc.wait()
+
+
 async def test_cli_runs_a_spec_until_sigterm(tmp_path: Path) -> None:
     async with _TcpServer(_echo) as server:
         listen_port = _free_port()
@@ -280,21 +299,10 @@ async def test_cli_runs_a_spec_until_sigterm(tmp_path: Path) -> None:
             "name": "edge-1--mid-1", "listen_port": listen_port, "target_host": "127.0.0.1",
             "target_port": server.port, "latency_ms": 10, "bandwidth_mbps": 100,
         }]))
-        proc = await asyncio.create_subprocess_exec(
-            sys.executable, "-m", "mesh.testbed.links", str(spec), cwd=REPO_ROOT,
-            stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE)
-        try:
-            assert proc.stdout is not None
-            first_line = await asyncio.wait_for(proc.stdout.readline(), 10.0)
+        async with _emulator(spec) as stdout:
+            first_line = await asyncio.wait_for(stdout.readline(), 10.0)
             assert first_line == b"ready\n"
             assert await _round_trip_s(listen_port) >= 0.020
-            proc.send_signal(signal.SIGTERM)
-            _, stderr = await asyncio.wait_for(proc.communicate(), 5.0)
-            assert proc.returncode == 0, stderr.decode()
-        finally:
-            if proc.returncode is None:
-                proc.kill()
-                await proc.wait()
 
 
 def test_cli_rejects_an_invalid_spec(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
@@ -473,20 +481,15 @@ async def test_control_channel_cuts_heals_and_sets_a_topology_link(tmp_path: Pat
              "bandwidth_mbps": 100} for suffix, port in (("", listen[0]), (" stream", listen[1]))]
             + [{"name": "other", "listen_port": 0, "target_host": "127.0.0.1",
                 "target_port": server.port, "latency_ms": 1, "bandwidth_mbps": 100}]))
-        proc = await asyncio.create_subprocess_exec(
-            sys.executable, "-m", "mesh.testbed.links", str(spec),
-            "--control-port", str(control_port), cwd=REPO_ROOT,
-            stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE)
         address = f"127.0.0.1:{control_port}"
 
         def ask(**body: object) -> dict:
             return request(address, dict(body))
 
-        try:
-            assert proc.stdout is not None
-            assert await asyncio.wait_for(proc.stdout.readline(), 10.0) == \
+        async with _emulator(spec, "--control-port", str(control_port)) as stdout:
+            assert await asyncio.wait_for(stdout.readline(), 10.0) == \
                 f"control {address}\n".encode()
-            assert await asyncio.wait_for(proc.stdout.readline(), 10.0) == b"ready\n"
+            assert await asyncio.wait_for(stdout.readline(), 10.0) == b"ready\n"
             listed = await asyncio.to_thread(ask, op="list")
             assert [link["name"] for link in listed["links"]] == ["edge-1--mid-1", "other"]
             cut = await asyncio.to_thread(ask, op="cut", link="edge-1--mid-1")
@@ -510,13 +513,6 @@ async def test_control_channel_cuts_heals_and_sets_a_topology_link(tmp_path: Pat
                 await asyncio.to_thread(ask, op="set", link="other", settings={})
             with pytest.raises(LinkControlError, match="op: expected one of"):
                 await asyncio.to_thread(ask, op="explode")
-            proc.send_signal(signal.SIGTERM)
-            _, stderr = await asyncio.wait_for(proc.communicate(), 5.0)
-            assert proc.returncode == 0, stderr.decode()
-        finally:
-            if proc.returncode is None:
-                proc.kill()
-                await proc.wait()
     with pytest.raises(LinkControlError, match="does not answer"):
         request(address, {"op": "list"}, timeout_s=1.0)
 
