@@ -40,7 +40,7 @@ of ten; coverage is two passes per scope: O(nodes x tasks).
 from __future__ import annotations
 
 import math
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 
 from mesh.placement.catalogue import Catalogue, Option
@@ -110,6 +110,18 @@ def _usable(task: str, key: str, res: NodeResources, rule: HostRule, failed: fro
                      and o.name not in failed)
 
 
+def _accuracy_levels(options: Sequence[Option], tie: float) -> list[tuple[float, float]]:
+    """The distinct accuracies of ``options`` (sorted by accuracy), those within ``tie`` of
+    a level's lowest counting as that level: (lowest, highest) of each level."""
+    levels: list[tuple[float, float]] = []
+    for o in options:
+        if levels and o.accuracy <= levels[-1][0] + tie:
+            levels[-1] = (levels[-1][0], max(levels[-1][1], o.accuracy))
+        else:
+            levels.append((o.accuracy, o.accuracy))
+    return levels
+
+
 def _dominator_barred(o: Option, in_front: set[str]) -> str:
     """A note for a variant placed because what dominates it may not be placed here."""
     if o.dominated_by and o.name in in_front:
@@ -136,14 +148,17 @@ def _tier_choices(tier: str, root: bool, res: NodeResources, rule: HostRule,
         front = catalogue.front_among(task, key, usable)
         in_front = {o.name for o in front}
         k = len(whole)
+        # the bands are by accuracy level: variants as accurate within the tie (an fp32
+        # ONNX and an fp32 TFLite export of one model) are one level, not two halves
+        levels = _accuracy_levels(whole, tie)
         where = f"{task}'s {k} useful variants on {key}"
         if role == "edge":
-            ceiling = whole[math.ceil(k / 2) - 1].accuracy + tie if k else -math.inf
+            ceiling = levels[math.ceil(len(levels) / 2) - 1][1] + tie if k else -math.inf
             window = sorted((o for o in front if o.accuracy <= ceiling),
                             key=lambda o: (o.memory_bytes, o.latency_ms, o.name))
             why = f"edge: in the lighter half of {where}, smallest first"
         elif role == "intermediate":
-            floor = whole[k // 3].accuracy - tie if k else math.inf
+            floor = levels[len(levels) // 3][0] - tie if k else math.inf
             window = sorted((o for o in front if o.accuracy >= floor),
                             key=lambda o: (-o.accuracy, o.latency_ms, o.name))
             why = f"intermediate: in the more accurate two thirds of {where}"

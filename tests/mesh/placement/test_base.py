@@ -323,3 +323,25 @@ def test_private_heads_count_their_shared_base_once() -> None:
     assert free == 600 * MIB - 200 * MIB - 3 * 5 * MIB + 200 * MIB  # the encoder is there
     assert catalogue.shared_part(catalogue.option(encoder.name, "cpu-1t")) == (
         encoder.name, 200 * MIB)
+
+
+def test_exports_as_accurate_as_each_other_are_one_level_and_stay_off_the_edge() -> None:
+    """Two fp32 exports of one encoder, accurate to 1e-13 of each other and neither
+    dominating (one faster, one smaller), beside an int8 one: the edge's lighter half is the
+    int8 level, not 'int8 and the first fp32 export' (measured profiles put them either way)."""
+    variants = [
+        make_variant("enc-int8", "sentence-embedding", 0.993, 3.3, 107.0, precision="int8"),
+        make_variant("enc-tflite-fp32", "sentence-embedding", 1.0 - 4e-13, 8.8, 124.0,
+                     fmt="tflite"),
+        make_variant("enc-onnx-fp32", "sentence-embedding", 1.0 - 2e-13, 8.4, 207.0),
+    ]
+    topology = parse_topology({
+        "name": "two",
+        "hardware": {"small": {"kind": "cpu", "threads": 1, "memory_mb": 2048},
+                     "big": {"kind": "cpu", "threads": 1, "memory_mb": 8192}},
+        "nodes": [{"name": "core-1", "tier": "core", "hardware": "big"},
+                  {"name": "edge-1", "tier": "edge", "hardware": "small"}],
+        "links": [{"between": ["edge-1", "core-1"], "latency_ms": 5, "bandwidth_mbps": 100}]})
+    round_, _ = _first_round(topology, registry_of(*variants))
+    assert set(round_.placement.variants("edge-1")) == {"enc-int8"}
+    assert {"enc-tflite-fp32", "enc-onnx-fp32"} <= set(round_.placement.variants("core-1"))
